@@ -1,0 +1,4 @@
+from lrsweep.cli import main
+
+
+main()

@@ -1,0 +1,179 @@
+"""The command line: a thin layer over find, sweep, report and export.
+
+Heavy imports (torch, transformers, optuna) happen inside the commands, so ``--help`` is fast.
+A user error prints one line and exits with code 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from lrsweep.errors import LrsweepError
+
+
+STUDY = click.argument("study", required=False, type=click.Path(dir_okay=False, path_type=Path))
+SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                   help="Override one key of the study file (repeatable).")
+QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+@click.group()
+@click.version_option(package_name="lrsweep")
+@click.option("--verbose", "-v", is_flag=True, help="Log what happens (to stderr).")
+def cli(verbose: bool) -> None:
+    """Learning-rate range test and schedule sweep for LoRA fine-tuning."""
+    _setup_logging(verbose)
+
+
+@cli.command()
+@STUDY
+@SET
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default runs/find-<timestamp>).")
+@QUIET
+def find(study: Path | None, overrides: tuple[str, ...], out: Path | None, quiet: bool) -> None:
+    """Run the LR range test and recommend a peak LR.
+
+    STUDY is a TOML study file (default: the bundled SmolLM2-135M on the stdlib corpus).
+    Writes rangetest.parquet, rangetest.png and suggestion.json to --out.
+    """
+    from lrsweep import config as config_mod
+    from lrsweep.find import find_lr
+    from lrsweep.report import format_suggestion, format_trainer_snippet
+
+    cfg = config_mod.load(study, overrides)
+    out = out or Path("runs") / time.strftime("find-%Y%m%d-%H%M%S")
+    result = find_lr(cfg, out=out, progress=not quiet)
+    click.echo(format_suggestion(result.suggestion, len(result.curve.lrs),
+                                 result.curve.stop_reason))
+    click.echo(f"\nWrote {out}/rangetest.parquet, rangetest.png, suggestion.json")
+    if result.recommended_lr is not None:
+        click.echo("\nIn your own Trainer:\n" + format_trainer_snippet(
+            result.recommended_lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.seed))
+
+
+def _duration(text: str | None) -> float | None:
+    """'8h', '90m', '45s' or plain seconds -> seconds."""
+    if text is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except (ValueError, IndexError):
+        raise LrsweepError(f"--timeout {text}: expected a duration like 8h, 90m or 3600") from None
+
+
+@cli.command()
+@STUDY
+@SET
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("runs/sweep"), show_default=True,
+              help="Output folder: the study's journal, its results and plots.")
+@click.option("--trials", type=click.IntRange(min=1),
+              help="Finished trials the whole study aims for (default sweep.trials).")
+@click.option("--timeout", help="Start no trial after this long, e.g. 8h or 90m.")
+@click.option("--dry-run", is_flag=True, help="Print the time estimate only.")
+@QUIET
+def sweep(study: Path | None, overrides: tuple[str, ...], out: Path, trials: int | None,
+          timeout: str | None, dry_run: bool, quiet: bool) -> None:
+    """Run (or resume) the Optuna sweep over peak LR, warmup and min_lr.
+
+    Running it again with the same --out resumes the study; without STUDY it takes the
+    config stored in the study. Ctrl-C stops it (exit code 130) and loses no finished trial.
+    """
+    from lrsweep import config as config_mod
+    from lrsweep.report import format_trials
+    from lrsweep.sweep import load_results, prepare_sweep, run_sweep
+
+    cfg = config_mod.load(study, overrides) if study or overrides else None
+    prepared = prepare_sweep(cfg, out, trials=trials, timeout=_duration(timeout),
+                             progress=not quiet, dry_run=dry_run)
+    click.echo(prepared.estimate())
+    if dry_run:
+        return
+    _stop_on_sigterm()
+    run_sweep(prepared, progress=not quiet)
+    trials_frame, _, _ = load_results(out)
+    click.echo("\n" + format_trials(trials_frame, top=5))
+    click.echo(f"\nResults in {out}: trials.parquet, curves.parquet; "
+               f"lrsweep report {out} for plots, lrsweep export {out} for the best config")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the sweep like Ctrl-C (the running trial is recorded), with exit 143."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class Terminated(KeyboardInterrupt):
+    exit_code = 143
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--top", default=10, show_default=True, help="Rows in the table.")
+def report(out: Path, top: int) -> None:
+    """Table of the best trials and plots (PNG) of a sweep in OUT."""
+    from lrsweep.find import load_find
+    from lrsweep.report import format_trials, plot_sweep
+    from lrsweep.sweep import load_results
+
+    trials, curves, _ = load_results(out)
+    click.echo(format_trials(trials, top=top))
+    found = load_find(out)
+    paths = plot_sweep(trials, curves, out, len(found.curve.lrs) if found else 0)
+    click.echo("\nPlots: " + ", ".join(str(p) for p in paths))
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["json", "python"]), default="json",
+              show_default=True)
+def export(out: Path, fmt: str) -> None:
+    """Print the best trial's schedule as TrainingArguments keyword arguments."""
+    from lrsweep import config as config_mod
+    from lrsweep.export import best_trial, to_json, to_python, training_arguments
+    from lrsweep.sweep import load_results
+
+    trials, _, meta = load_results(out)
+    best = best_trial(trials)
+    kwargs = training_arguments(best, config_mod.from_dict(meta["config"]))
+    click.echo(to_json(kwargs) if fmt == "json" else to_python(kwargs, best))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except LrsweepError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort) as err:
+        click.echo("interrupted; finished trials are kept, run the same command to resume",
+                   err=True)
+        sys.exit(getattr(err, "exit_code", 130))
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.exceptions.Exit as err:
+        sys.exit(err.exit_code)

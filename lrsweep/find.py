@@ -1,0 +1,117 @@
+"""``lrsweep find``: the range test on a fresh LoRA adapter, its suggestion and its files.
+
+Data flow: config -> context (model + data) -> rangetest -> suggest -> results -> report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lrsweep
+from lrsweep import config as config_mod
+from lrsweep.config import StudyConfig
+from lrsweep.context import Context, prepare
+from lrsweep.data import batches
+from lrsweep.models import attach_lora, detach_lora
+from lrsweep.rangetest import RangeTestCurve, run_range_test
+from lrsweep.results import read_parquet, write_json, write_parquet
+from lrsweep.suggest import Suggestion, suggest
+from lrsweep.training import make_optimizer
+
+
+logger = logging.getLogger(__name__)
+
+RANGETEST_FILE = "rangetest.parquet"
+SUGGESTION_FILE = "suggestion.json"
+PLOT_FILE = "rangetest.png"
+
+
+@dataclass
+class FindResult:
+    """What ``lrsweep find`` produces: the curve, the suggestion and the config behind them."""
+
+    curve: RangeTestCurve
+    suggestion: Suggestion
+    config: StudyConfig
+    out: Path | None = None
+
+    @property
+    def recommended_lr(self) -> float | None:
+        return self.suggestion.recommended_lr
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "version": lrsweep.__version__,
+            "config": self.config.to_dict(),
+            "suggestion": self.suggestion.to_dict(),
+            "stop_reason": self.curve.stop_reason,
+            "seconds_per_step": self.curve.seconds_per_step,
+        }
+
+    def save(self, out: Path) -> None:
+        """Write rangetest.parquet, suggestion.json and rangetest.png into ``out``."""
+        from lrsweep.report import plot_rangetest
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_parquet(self.curve.frame(), out / RANGETEST_FILE, self.metadata())
+        write_json(self.suggestion.to_dict(), out / SUGGESTION_FILE)
+        plot_rangetest(self.curve.frame(), self.suggestion, out / PLOT_FILE)
+        self.out = out
+
+
+def run_find(ctx: Context, progress: bool = True) -> FindResult:
+    """The range test on a fresh adapter over ``ctx``'s base model; the base is left clean."""
+    cfg = ctx.config
+    model = attach_lora(ctx.base, cfg.lora, cfg.seed)
+    try:
+        optimizer = make_optimizer(model, cfg.train)
+        curve = run_range_test(
+            model, optimizer, batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
+            cfg.rangetest, grad_accum=cfg.train.grad_accum,
+            max_grad_norm=cfg.train.max_grad_norm, precision=ctx.precision, progress=progress,
+        )
+    finally:
+        detach_lora(model)
+    suggestion = suggest(curve.lrs, curve.losses, diverge_factor=cfg.rangetest.diverge_factor)
+    return FindResult(curve, suggestion, cfg)
+
+
+def find_lr(
+    study: StudyConfig | str | Path | None = None,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> FindResult:
+    """Run the LR range test described by a study (a config, a TOML path, or the defaults).
+
+    With ``out``, the three result files are written there. Example::
+
+        result = lrsweep.find_lr("studies/tiny.toml", overrides=["rangetest.steps=40"])
+        print(result.recommended_lr, result.suggestion.interval)
+    """
+    cfg = study if isinstance(study, StudyConfig) else config_mod.load(study, overrides)
+    if isinstance(study, StudyConfig) and overrides:
+        cfg = config_mod.from_dict(config_mod.apply_overrides(cfg.to_dict(), overrides))
+    result = run_find(prepare(cfg), progress=progress)
+    if out is not None:
+        result.save(Path(out))
+    return result
+
+
+def load_find(out: Path) -> FindResult | None:
+    """The range test saved in ``out``, or None when there is none."""
+    path = out / RANGETEST_FILE
+    if not path.exists():
+        return None
+    frame, meta = read_parquet(path)
+    curve = RangeTestCurve(
+        lrs=frame["lr"].tolist(), losses=frame["loss"].tolist(),
+        smoothed=frame["smoothed_loss"].tolist(), tokens=frame["tokens"].tolist(),
+        seconds=frame["seconds"].tolist(), stop_reason=meta.get("stop_reason"),
+    )
+    return FindResult(curve, Suggestion.from_dict(meta["suggestion"]),
+                      config_mod.from_dict(meta["config"]), out)

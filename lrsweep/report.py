@@ -1,0 +1,198 @@
+"""Drawing and tables: PNG plots and the terminal text people read.
+
+Only this module imports matplotlib (lazily, with the Agg backend), and it only reads data
+frames and suggestions that other modules computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from lrsweep.suggest import Suggestion
+
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(width: float = 8, height: float = 5) -> Figure:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    from lrsweep.results import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+def _fmt(lr: float | None) -> str:
+    return "-" if lr is None else f"{lr:.2e}"
+
+
+def plot_rangetest(curve: pd.DataFrame, suggestion: Suggestion, path: Path) -> None:
+    """Loss against LR (log axis), raw and smoothed, with every suggestion marked."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(curve["lr"], curve["loss"], color="0.7", lw=1, label="loss")
+    ax.plot(curve["lr"], curve["smoothed_loss"], color="C0", lw=2, label="smoothed loss")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    finite = curve["loss"][np.isfinite(curve["loss"])]
+    if len(finite):
+        low, first = finite.min(), finite.iloc[: max(1, len(finite) // 10)].median()
+        ax.set_ylim(low - 0.05 * (first - low + 1e-9), first + 0.5 * (first - low + 1e-9))
+    if suggestion.interval:
+        ax.axvspan(*suggestion.interval, color="C2", alpha=0.15, label="interval")
+    for i, (name, method) in enumerate(suggestion.methods.items()):
+        if method.lr is not None:
+            ax.axvline(method.lr, color=f"C{i + 3}", ls=":", lw=1.2,
+                       label=f"{name} {method.lr:.1e}")
+    if suggestion.recommended_lr is not None:
+        ax.axvline(suggestion.recommended_lr, color="C2", lw=2,
+                   label=f"recommended {suggestion.recommended_lr:.1e}")
+    if suggestion.divergence_lr is not None:
+        ax.axvline(suggestion.divergence_lr, color="C3", lw=1.5, ls="--",
+                   label=f"diverges {suggestion.divergence_lr:.1e}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("LR range test")
+    _save(fig, path)
+
+
+def format_suggestion(suggestion: Suggestion, steps: int, stop_reason: str | None) -> str:
+    """The table of methods and the recommendation, as the CLI prints it."""
+    lines = [f"Range test: {steps} steps" + (f", stopped: {stop_reason}" if stop_reason else ""),
+             "", f"  {'method':<9} {'lr':<10} note"]
+    for name, method in suggestion.methods.items():
+        mark = "  <- basis" if name == suggestion.basis else ""
+        lines.append(f"  {name:<9} {_fmt(method.lr):<10} {method.reason or ''}{mark}")
+    lines.append("")
+    if suggestion.recommended_lr is None:
+        lines.append(f"No recommendation: {suggestion.reason}")
+    else:
+        lo, hi = suggestion.interval or (None, None)
+        lines.append(f"Recommended peak LR: {_fmt(suggestion.recommended_lr)}"
+                     f"  (interval {_fmt(lo)} .. {_fmt(hi)})")
+    lines.append(f"Divergence LR:       {_fmt(suggestion.divergence_lr)}")
+    lines.extend(f"warning: {w}" for w in suggestion.warnings)
+    return "\n".join(lines)
+
+
+def format_trainer_snippet(lr: float, batch_size: int, grad_accum: int, seed: int) -> str:
+    """A TrainingArguments call with the recommended LR and transformers 5's schedule names."""
+    return (
+        "TrainingArguments(\n"
+        f"    learning_rate={lr:.3g},\n"
+        '    lr_scheduler_type="cosine_with_min_lr",\n'
+        '    lr_scheduler_kwargs={"min_lr_rate": 0.1},\n'
+        "    warmup_steps=0.05,  # < 1 is read as a fraction of max_steps\n"
+        f"    per_device_train_batch_size={batch_size},\n"
+        f"    gradient_accumulation_steps={grad_accum},\n"
+        "    max_grad_norm=1.0,\n"
+        f"    seed={seed},\n"
+        "    ...,\n"
+        ")"
+    )
+
+
+# ---------------------------------------------------------------- sweep report
+
+def format_trials(trials: pd.DataFrame, top: int = 10) -> str:
+    """The best trials first (complete by eval loss, then pruned by their best eval loss)."""
+    counts = trials["state"].value_counts().to_dict()
+    head = "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    if trials.empty:
+        return head
+    ranked = trials.assign(
+        _done=trials["state"] != "COMPLETE",
+        _key=trials["eval_loss"].fillna(trials["best_eval_loss"]),
+    ).sort_values(["_done", "_key", "number"]).head(top)
+    lines = [head, "", f"  {'#':>4} {'state':<9} {'eval':>7} {'best':>7} {'peak_lr':>9} "
+             f"{'warmup':>6} {'min_lr':>9} {'secs':>6}  reason"]
+    for _, t in ranked.iterrows():
+        def num(v: float, fmt: str) -> str:
+            return "-" if pd.isna(v) else format(v, fmt)
+
+        lines.append(
+            f"  {t['number']:>4} {t['state']:<9} {num(t['eval_loss'], '.4f'):>7} "
+            f"{num(t['best_eval_loss'], '.4f'):>7} {num(t['peak_lr'], '.2e'):>9} "
+            f"{num(t['warmup_steps'], 'd'):>6} {num(t['min_lr'], '.2e'):>9} "
+            f"{num(t['seconds'], '.0f'):>6}  {'' if pd.isna(t['reason']) else t['reason']}")
+    return "\n".join(lines)
+
+
+def plot_sweep(trials: pd.DataFrame, curves: pd.DataFrame, out: Path,
+               rangetest_steps: int = 0) -> list[Path]:
+    """sweep_lr.png, sweep_top5.png and sweep_progress.png in ``out``; returns their paths."""
+    paths = [out / "sweep_lr.png", out / "sweep_top5.png", out / "sweep_progress.png"]
+    _plot_lr(trials, paths[0])
+    _plot_top(trials, curves, paths[1])
+    _plot_progress(trials, curves, paths[2], rangetest_steps)
+    return paths
+
+
+def _plot_lr(trials: pd.DataFrame, path: Path) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    done = trials[trials["state"] == "COMPLETE"]
+    pruned = trials[trials["state"] == "PRUNED"]
+    vmax = max(0.01, float(trials["warmup_fraction"].max() or 0))
+    points = ax.scatter(done["peak_lr"], done["eval_loss"], c=done["warmup_fraction"],
+                        cmap="viridis", vmin=0, vmax=vmax, s=40, label="complete")
+    ax.scatter(pruned["peak_lr"], pruned["best_eval_loss"], facecolors="none",
+               edgecolors="0.5", s=40, label="pruned (best eval loss)")
+    fig.colorbar(points, ax=ax, label="warmup fraction")
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("eval loss")
+    ax.set_title("Eval loss against peak LR")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
+
+
+def _plot_top(trials: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
+    fig = _figure(11, 4.5)
+    lr_ax, eval_ax = fig.subplots(1, 2)
+    top = trials[trials["state"] == "COMPLETE"].sort_values("eval_loss").head(5)
+    for i, (_, t) in enumerate(top.iterrows()):
+        c = curves[curves["number"] == t["number"]]
+        label = f"#{t['number']} {t['eval_loss']:.4f}"
+        lr_ax.plot(c["step"], c["lr"], color=f"C{i}", label=label)
+        ev = c[c["eval_loss"].notna()]
+        eval_ax.plot(ev["step"] + 1, ev["eval_loss"], "o-", color=f"C{i}", ms=3, label=label)
+    lr_ax.set(xlabel="optimizer step", ylabel="learning rate", title="Schedules of the top 5")
+    eval_ax.set(xlabel="optimizer steps done", ylabel="eval loss", title="Eval loss")
+    for ax in (lr_ax, eval_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _plot_progress(trials: pd.DataFrame, curves: pd.DataFrame, path: Path,
+                   rangetest_steps: int) -> None:
+    fig = _figure()
+    ax = fig.add_subplot()
+    order = trials.sort_values("number")
+    steps = curves.groupby("number").size().reindex(order["number"]).fillna(0).to_numpy()
+    spent = rangetest_steps + np.cumsum(steps)
+    best = order["eval_loss"].fillna(np.inf).cummin().replace(np.inf, np.nan).to_numpy()
+    ax.step(spent, best, where="post", color="C0")
+    ax.plot(spent, best, "o", color="C0", ms=3)
+    if rangetest_steps:
+        ax.axvline(rangetest_steps, color="0.6", ls=":", label="range test")
+        ax.legend(fontsize=8)
+    ax.set(xlabel="optimizer steps spent", ylabel="best eval loss so far",
+           title="Best eval loss against compute")
+    ax.grid(alpha=0.3)
+    _save(fig, path)

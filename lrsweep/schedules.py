@@ -1,0 +1,63 @@
+"""Learning-rate schedules as pure functions of the optimizer step.
+
+The range test's ramp is lrsweep's own. The sweep's warmup + cosine schedule is transformers'
+``cosine_with_min_lr`` itself, evaluated on a throwaway optimizer, so that an exported
+TrainingArguments reproduces a trial step for step, quirks included: with warmup the first
+update uses LR 0, and the floor is approached but never reached (the last step has p < 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.optimization import get_scheduler
+
+
+def ramp(start_lr: float, end_lr: float, steps: int, mode: str = "exp") -> list[float]:
+    """LRs of a range test: ``steps`` values from ``start_lr`` to ``end_lr`` inclusive,
+    geometric (``exp``) or evenly spaced (``linear``)."""
+    if steps == 1:
+        return [start_lr]
+    t = [i / (steps - 1) for i in range(steps)]
+    if mode == "exp":
+        return [start_lr * (end_lr / start_lr) ** x for x in t]
+    return [start_lr + (end_lr - start_lr) * x for x in t]
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """Linear warmup then cosine decay to ``min_lr_ratio * peak_lr`` over ``total_steps``."""
+
+    peak_lr: float
+    total_steps: int
+    warmup_fraction: float = 0.0
+    min_lr_ratio: float = 0.0
+
+    @property
+    def warmup_steps(self) -> int:
+        # TrainingArguments.get_warmup_steps for a fraction: ceil(fraction * total).
+        return math.ceil(self.warmup_fraction * self.total_steps)
+
+    @property
+    def min_lr(self) -> float:
+        return self.min_lr_ratio * self.peak_lr
+
+    def lrs(self) -> list[float]:
+        """The LR of every optimizer step, as transformers' scheduler gives it."""
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=self.peak_lr)
+        scheduler = get_scheduler(
+            "cosine_with_min_lr",
+            optimizer,
+            num_warmup_steps=self.warmup_steps,
+            num_training_steps=self.total_steps,
+            scheduler_specific_kwargs={"min_lr_rate": self.min_lr_ratio},
+        )
+        out = []
+        for _ in range(self.total_steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out

@@ -1,0 +1,417 @@
+"""``lrsweep sweep``: an Optuna study over peak LR, warmup fraction and min_lr.
+
+Each trial attaches a fresh LoRA adapter to the base model loaded once per process, trains it
+with transformers' cosine-with-min-LR schedule, reports eval losses to the pruner, and detaches
+the adapter again. Trials run in-process: loading the base model once is what keeps a trial
+cheap. An out-of-memory error fails the trial and the study goes on; any other CUDA error can
+leave the process unusable, so the worker stops (the study resumes in a new process).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.trial import FrozenTrial, Trial, TrialState
+from tqdm.auto import tqdm
+
+import lrsweep
+from lrsweep import config as config_mod
+from lrsweep.config import StudyConfig, SweepConfig
+from lrsweep.context import Context, prepare
+from lrsweep.errors import StudyError
+from lrsweep.find import FindResult, load_find, run_find
+from lrsweep.schedules import CosineSchedule
+from lrsweep.storage import JOURNAL_FILE, Heartbeat, fail_trial, open_storage, reap_stale_trials
+from lrsweep.trial import TrialRun, free_memory, run_trial
+
+
+logger = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+DEFAULT_STUDY = "lrsweep"
+# Sections that must match between a study and a worker that joins it (sweep.trials and
+# the sampler may differ between runs).
+_PINNED = ("seed", "model", "data", "lora", "train", "search")
+
+
+# ---------------------------------------------------------------- search space (pure)
+
+def peak_lr_bounds(config: StudyConfig, found: FindResult | None) -> tuple[float, float]:
+    """The log-uniform bounds of the peak LR: the study file's, or from the range test:
+    a tenth of the recommendation up to the divergence LR (or the highest LR tested)."""
+    if config.search.peak_lr:
+        low, high = config.search.peak_lr
+        return low, high
+    if found is None or found.suggestion.recommended_lr is None:
+        reason = found.suggestion.reason if found else "no range test"
+        raise StudyError(f"search.peak_lr: the range test gave no recommendation ({reason}); "
+                         "set search.peak_lr = [low, high] in the study file")
+    low = found.suggestion.recommended_lr / 10
+    high = found.suggestion.divergence_lr or max(found.curve.lrs)
+    return low, max(high, low * 10)
+
+
+def distributions(config: StudyConfig, bounds: tuple[float, float]) -> dict[str, BaseDistribution]:
+    space: dict[str, BaseDistribution] = {
+        "peak_lr": FloatDistribution(*bounds, log=True),
+        "warmup_fraction": FloatDistribution(*config.search.warmup_fraction),
+    }
+    if config.search.min_lr == 0:
+        space["min_lr_ratio"] = FloatDistribution(*config.search.min_lr_ratio)
+    return space
+
+
+def total_steps(sweep: SweepConfig, train_blocks: int, blocks_per_step: int) -> int:
+    if sweep.epochs > 0:
+        return max(1, math.ceil(sweep.epochs * train_blocks / blocks_per_step))
+    return sweep.steps
+
+
+def schedule_of(params: dict[str, Any], config: StudyConfig, steps: int) -> CosineSchedule:
+    peak = params["peak_lr"]
+    ratio = params.get("min_lr_ratio", min(1.0, config.search.min_lr / peak))
+    return CosineSchedule(peak, steps, params["warmup_fraction"], ratio)
+
+
+def first_trial(recommended_lr: float, config: StudyConfig,
+                bounds: tuple[float, float]) -> dict[str, float]:
+    """The range test's recommendation with common schedule defaults, clipped to the space."""
+    def clip(value: float, low: float, high: float) -> float:
+        return min(max(value, low), high)
+
+    params = {"peak_lr": clip(recommended_lr, *bounds),
+              "warmup_fraction": clip(0.05, *config.search.warmup_fraction)}
+    if config.search.min_lr == 0:
+        params["min_lr_ratio"] = clip(0.1, *config.search.min_lr_ratio)
+    return params
+
+
+def worker_seed(seed: int, worker: str, trials_so_far: int) -> int:
+    """A sampler seed of its own for every worker and every (re)start, so that a resumed or
+    parallel study does not repeat the same startup parameters."""
+    return zlib.crc32(f"{seed}/{worker}/{trials_so_far}".encode())
+
+
+# ---------------------------------------------------------------- study
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            raise StudyError("sweep.sampler = 'gp' needs scipy: pip install 'lrsweep[gp]'") from None
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+
+
+def make_pruner(sweep: SweepConfig, steps: int) -> optuna.pruners.BasePruner:
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=sweep.eval_every, max_resource=steps)
+    if sweep.pruner == "none":
+        return optuna.pruners.NopPruner()
+    # The first evaluation is mostly warmup, so it never prunes.
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=sweep.eval_every)
+
+
+def pinned(config: StudyConfig) -> dict[str, Any]:
+    raw = config.to_dict()
+    return {k: raw[k] for k in _PINNED}
+
+
+def load_existing(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig | None,
+                  ) -> tuple[optuna.Study | None, StudyConfig]:
+    """Join the study ``name`` if it exists, checking that ``config`` agrees with the one
+    stored in it; with ``config`` None the stored one is used. Returns (None, config) when
+    there is no such study yet."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        if config is None:
+            raise StudyError(f"no study named {name!r} yet; give a study file") from None
+        return None, config
+    version = study.user_attrs.get("lrsweep_version")
+    if version is None:
+        raise StudyError(f"study {name!r} is incomplete (its creation was interrupted); "
+                         "remove its storage or use a new --out")
+    if version != lrsweep.__version__:
+        raise StudyError(f"study {name!r} was made by lrsweep {version}, this is "
+                         f"{lrsweep.__version__}; use the same version on every worker")
+    stored = config_mod.from_dict(study.user_attrs["config"])
+    if config is None:
+        return study, stored
+    diff = [k for k in _PINNED if pinned(config)[k] != pinned(stored)[k]]
+    if diff:
+        raise StudyError(f"study {name!r} was made with a different [{', '.join(diff)}]; "
+                         "use a new --out for a new study, or leave out the study file to "
+                         "resume with the stored config")
+    return study, stored.replace(sweep=config.sweep, rangetest=config.rangetest)
+
+
+def create_study(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig,
+                 bounds: tuple[float, float], first: dict[str, float] | None) -> optuna.Study:
+    """Create the study with its config and bounds stored in it, the range test's
+    recommendation queued as its first trial. A worker that loses the race to create it
+    joins the winner's study instead."""
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, direction="minimize")
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage)
+    study.set_user_attr("config", config.to_dict())
+    study.set_user_attr("peak_lr_bounds", list(bounds))
+    if first is not None:
+        study.enqueue_trial(first, user_attrs={"origin": "range test recommendation"})
+    # Written last: a study is complete once it has a version (see load_existing).
+    study.set_user_attr("lrsweep_version", lrsweep.__version__)
+    return study
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+# ---------------------------------------------------------------- the worker loop
+
+@dataclass
+class SweepPlan:
+    """What a worker needs besides the context: bounds, steps, budget, where to write."""
+
+    out: Path
+    study: optuna.Study
+    bounds: tuple[float, float]
+    steps: int
+    trials: int
+    deadline: float | None = None  # time.time() after which no new trial starts
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_worker(ctx: Context, plan: SweepPlan, on_finished: Callable[[FrozenTrial], None],
+               progress: bool = True) -> int:
+    """Ask, run and tell trials until the study holds ``plan.trials`` finished trials or the
+    deadline passes. Returns the number of trials this worker finished."""
+    cfg, study = ctx.config, plan.study
+    worker = worker_name()
+    grace = max(60.0, 6 * cfg.sweep.heartbeat_seconds)
+    study.sampler = make_sampler(cfg.sweep.sampler,
+                                 worker_seed(cfg.seed, worker, len(study.trials)))
+    study.pruner = make_pruner(cfg.sweep, plan.steps)
+    space = distributions(cfg, plan.bounds)
+    done = 0
+    bar = tqdm(total=plan.trials, initial=finished_count(study), desc="trials",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        while finished_count(study) < plan.trials:
+            if plan.deadline is not None and time.time() >= plan.deadline:
+                logger.warning("time limit reached; no new trial starts")
+                break
+            reap_stale_trials(study, plan.out, grace)
+            trial = study.ask(space)
+            schedule = schedule_of(trial.params, cfg, plan.steps)
+            with Heartbeat(plan.out, trial.number, cfg.sweep.heartbeat_seconds):
+                frozen = _run_and_tell(ctx, study, trial, schedule, worker, progress)
+            on_finished(frozen)
+            if frozen.state in FINISHED:
+                done += 1
+            bar.n = finished_count(study)
+            bar.refresh()
+            tqdm.write(summary_line(frozen))
+    finally:
+        bar.close()
+    return done
+
+
+def _run_and_tell(ctx: Context, study: optuna.Study, trial: Trial, schedule: CosineSchedule,
+                  worker: str, progress: bool) -> FrozenTrial:
+    seed = ctx.config.seed
+    run = TrialRun(schedule, [], 0.0, 0.0)
+    state, value = TrialState.COMPLETE, None
+    try:
+        run = run_trial(ctx, trial, schedule, progress)
+        if run.reason is not None:
+            state = TrialState.PRUNED
+        else:
+            value = run.records[-1].eval_loss
+    except torch.OutOfMemoryError:
+        free_memory(ctx.base.device)
+        state, run.reason = TrialState.FAIL, "out of memory"
+    except (KeyboardInterrupt, SystemExit) as err:
+        _record(trial, run, seed, worker, f"interrupted ({type(err).__name__})")
+        fail_trial(study, study._storage.get_trial(trial._trial_id), "interrupted")
+        raise
+    except Exception as err:
+        logger.exception("trial %d raised", trial.number)
+        state, run.reason = TrialState.FAIL, f"{type(err).__name__}: {err}"[:500]
+        if isinstance(err, torch.AcceleratorError):
+            # Not an OOM: the CUDA context may be broken; record the trial, then stop.
+            _record(trial, run, seed, worker, run.reason)
+            study.tell(trial, state=TrialState.FAIL)
+            raise StudyError(f"CUDA error in trial {trial.number} ({run.reason}); this process "
+                             "may be unusable: run the sweep again to resume") from err
+    _record(trial, run, seed, worker, run.reason)
+    return study.tell(trial, value, state=state) if state == TrialState.COMPLETE \
+        else study.tell(trial, state=state)
+
+
+def _record(trial: Trial, run: TrialRun, seed: int, worker: str, reason: str | None) -> None:
+    run.reason = reason
+    for key, value in run.attrs(seed, worker).items():
+        trial.set_user_attr(key, value)
+
+
+def summary_line(trial: FrozenTrial) -> str:
+    p = trial.params
+    value = f"{trial.value:.4f}" if trial.value is not None else "-"
+    reason = trial.user_attrs.get("reason")
+    return (f"trial {trial.number:>3} {trial.state.name:<8} eval {value:<7} "
+            f"peak_lr {p.get('peak_lr', float('nan')):.2e} "
+            f"warmup {trial.user_attrs.get('warmup_steps', '-')} steps "
+            f"min_lr {trial.user_attrs.get('min_lr', float('nan')):.1e} "
+            f"{trial.user_attrs.get('seconds', 0):.0f}s" + (f"  ({reason})" if reason else ""))
+
+
+# ---------------------------------------------------------------- the whole sweep
+
+def estimate_seconds(trials: int, steps: int, seconds_per_step: float, config: StudyConfig,
+                     ) -> float:
+    """Upper bound of the sweep's time: every trial runs to the end (pruning only cuts it).
+    An evaluation costs about a third of a step per batch (forward only)."""
+    evals = math.ceil(steps / config.sweep.eval_every)
+    eval_batches = config.data.eval_blocks / (2 * config.train.batch_size)
+    per_eval = seconds_per_step * eval_batches / (3 * config.train.grad_accum)
+    return trials * (steps * seconds_per_step + evals * per_eval)
+
+
+def _compatible(found: FindResult, config: StudyConfig) -> bool:
+    keep = ("seed", "model", "data", "lora", "train", "rangetest")
+    return all(found.config.to_dict()[k] == config.to_dict()[k] for k in keep)
+
+
+@dataclass
+class PreparedSweep:
+    ctx: Context
+    plan: SweepPlan
+    seconds_per_step: float
+
+    def estimate(self) -> str:
+        done = finished_count(self.plan.study) if self.plan.study else 0
+        left = max(0, self.plan.trials - done)
+        secs = estimate_seconds(left, self.plan.steps, self.seconds_per_step, self.ctx.config)
+        return (f"Estimate: {left} trials x {self.plan.steps} steps x "
+                f"{self.seconds_per_step:.2f} s/step (+ evals) = {secs / 3600:.2f} h at most; "
+                f"peak_lr in [{self.plan.bounds[0]:.2e}, {self.plan.bounds[1]:.2e}]")
+
+
+def prepare_sweep(config: StudyConfig | None, out: Path, *, trials: int | None = None,
+                  timeout: float | None = None, study_name: str = DEFAULT_STUDY,
+                  progress: bool = True, dry_run: bool = False) -> PreparedSweep:
+    """Join the study in ``out`` or plan a new one: load model and data and settle the search
+    bounds, running the range test first when ``out`` has none. The study is created only
+    after all that worked (and not on a dry run), so a bad input leaves no study behind."""
+    storage = open_storage(out)
+    study, cfg = load_existing(storage, study_name, config)
+    ctx = prepare(cfg)
+    found = load_find(out)
+    if found is not None and not _compatible(found, cfg):
+        found = None
+    if study is not None:
+        bounds = tuple(study.user_attrs["peak_lr_bounds"])
+    else:
+        if found is None and not cfg.search.peak_lr:
+            logger.info("no range test in %s yet: running it for the bounds", out)
+            found = run_find(ctx, progress=progress)
+            found.save(out)
+        bounds = peak_lr_bounds(cfg, found)
+    first = None
+    if study is None and found is not None and found.recommended_lr is not None:
+        first = first_trial(found.recommended_lr, cfg, bounds)  # type: ignore[arg-type]
+    if study is None and not dry_run:
+        study = create_study(storage, study_name, cfg, bounds, first)  # type: ignore[arg-type]
+    steps = total_steps(cfg.sweep, len(ctx.blocks.train),
+                        cfg.train.batch_size * cfg.train.grad_accum)
+    plan = SweepPlan(out, study, bounds, steps, trials or cfg.sweep.trials,  # type: ignore[arg-type]
+                     time.time() + timeout if timeout else None)
+    seconds_per_step = found.curve.seconds_per_step if found else _seconds_per_step(study)
+    return PreparedSweep(ctx, plan, seconds_per_step)
+
+
+def _seconds_per_step(study: optuna.Study | None) -> float:
+    if study is None:
+        return float("nan")
+    done = [t for t in study.get_trials(deepcopy=False, states=FINISHED)
+            if t.user_attrs.get("curve")]
+    steps = sum(len(t.user_attrs["curve"]["lr"]) for t in done)
+    return sum(t.user_attrs["seconds"] for t in done) / steps if steps else float("nan")
+
+
+def write_results(study: optuna.Study, out: Path, config: StudyConfig) -> None:
+    """Rebuild trials.parquet and curves.parquet from the storage."""
+    from lrsweep.results import write_sweep_results
+
+    write_sweep_results(study.get_trials(deepcopy=False), out, {
+        "version": lrsweep.__version__, "study": study.study_name,
+        "config": config.to_dict(), "peak_lr_bounds": study.user_attrs.get("peak_lr_bounds"),
+    })
+
+
+def run_sweep(prepared: PreparedSweep, progress: bool = True) -> optuna.Study:
+    """Run trials until the budget is met; results are rewritten after every trial and at
+    exit, also when interrupted."""
+    ctx, plan = prepared.ctx, prepared.plan
+    try:
+        run_worker(ctx, plan, lambda _: write_results(plan.study, plan.out, ctx.config),
+                   progress=progress)
+    finally:
+        write_results(plan.study, plan.out, ctx.config)
+    return plan.study
+
+
+def sweep(study: StudyConfig | str | Path | None, out: str | Path, *,
+          overrides: list[str] | tuple[str, ...] = (), trials: int | None = None,
+          timeout: float | None = None, progress: bool = True) -> optuna.Study:
+    """Run (or resume) the sweep in ``out`` from Python; returns the Optuna study."""
+    cfg = study if isinstance(study, StudyConfig) or study is None \
+        else config_mod.load(study, overrides)
+    prepared = prepare_sweep(cfg, Path(out), trials=trials, timeout=timeout, progress=progress)
+    return run_sweep(prepared, progress=progress)
+
+
+def load_results(out: Path, study_name: str = DEFAULT_STUDY,
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """trials.parquet, curves.parquet and their metadata; rebuilt from the storage first when
+    they lag behind it (the storage is the source of truth)."""
+    from lrsweep.results import CURVES_FILE, TRIALS_FILE, read_parquet
+
+    if (out / JOURNAL_FILE).exists():
+        study = optuna.load_study(study_name=study_name, storage=open_storage(out))
+        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
+        current: dict[int, str] = {}
+        if (out / TRIALS_FILE).exists():
+            frame, _ = read_parquet(out / TRIALS_FILE)
+            current = dict(zip(frame["number"], frame["state"], strict=True))
+        if current != states or not (out / CURVES_FILE).exists():
+            logger.info("results in %s lag the study: rebuilding them", out)
+            write_results(study, out, config_mod.from_dict(study.user_attrs["config"]))
+    elif not (out / TRIALS_FILE).exists():
+        raise StudyError(f"{out}: no sweep here (no {JOURNAL_FILE} or {TRIALS_FILE}); "
+                         "run lrsweep sweep --out there first")
+    trials, meta = read_parquet(out / TRIALS_FILE)
+    curves, _ = read_parquet(out / CURVES_FILE)
+    return trials, curves, meta

@@ -1,0 +1,171 @@
+"""The one training loop used by everything that trains: the range test and every trial.
+
+Per optimizer step: set the LR, run ``grad_accum`` micro-batches with a token-weighted loss
+(each micro-batch weighted by its share of the step's predicted tokens, as transformers'
+``num_items_in_batch``), clip, step. A non-finite loss stops the loop before the update is
+applied. Evaluation runs every ``eval_every`` steps on a fixed held-out set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from lrsweep.config import TrainConfig
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Precision:
+    """Where and in which dtype the forward pass runs; float16 adds a GradScaler."""
+
+    device: torch.device
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.dtype == torch.float16 and self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step: the LR it used, its training loss, and the eval loss after it."""
+
+    step: int
+    lr: float
+    loss: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+    eval_loss: float | None = None
+
+
+@dataclass
+class TrainResult:
+    records: list[StepRecord]
+    stop_reason: str | None = None  # None when every step ran
+
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with TrainingArguments' defaults."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params,
+        lr=0.0,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_epsilon,
+        weight_decay=train.weight_decay,
+    )
+
+
+def _predicted_tokens(batch: torch.Tensor) -> int:
+    # Causal LM: every position but the first is predicted (no padding in packed blocks).
+    return batch.shape[0] * (batch.shape[1] - 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, precision: Precision
+) -> float:
+    """Token-weighted mean loss over ``blocks`` (dropout off)."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=precision.device, dtype=torch.float64), 0
+    for i in range(0, len(blocks), batch_size):
+        batch = blocks[i : i + batch_size].to(precision.device)
+        with precision.autocast():
+            loss = model(input_ids=batch, labels=batch).loss
+        n = _predicted_tokens(batch)
+        total += loss.double() * n
+        count += n
+    model.train(was_training)
+    return (total / count).item()
+
+
+def train(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[torch.Tensor],
+    lrs: Sequence[float],
+    *,
+    grad_accum: int,
+    max_grad_norm: float,
+    precision: Precision,
+    eval_blocks: torch.Tensor | None = None,
+    eval_every: int = 0,
+    eval_batch_size: int = 8,
+    on_step: Callable[[StepRecord], str | None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Run ``len(lrs)`` optimizer steps, step ``s`` with LR ``lrs[s]`` on every param group.
+
+    ``on_step`` sees each record (after its evaluation) and may return a reason to stop, or
+    raise (the sweep raises ``optuna.TrialPruned``).
+    """
+    model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    records: list[StepRecord] = []
+    tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(lrs), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    try:
+        for step, lr in enumerate(lrs):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [next(batches).to(precision.device) for _ in range(grad_accum)]
+            step_tokens = sum(_predicted_tokens(b) for b in micro)
+            step_loss = torch.zeros((), device=precision.device)
+            for batch in micro:
+                with precision.autocast():
+                    loss = model(input_ids=batch, labels=batch).loss
+                loss = loss * (_predicted_tokens(batch) / step_tokens)
+                step_loss += loss.detach().float()
+                if precision.scaler is not None:
+                    precision.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            loss_value = step_loss.item()
+            if not math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                return TrainResult(records, f"non-finite loss at step {step} (lr {lr:.3g})")
+            if precision.scaler is not None:
+                precision.scaler.unscale_(optimizer)
+            grad_norm = math.nan
+            if max_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+            if precision.scaler is not None:
+                precision.scaler.step(optimizer)
+                precision.scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            tokens += sum(b.numel() for b in micro)
+            record = StepRecord(step, lr, loss_value, grad_norm, tokens,
+                                time.perf_counter() - start)
+            last = step == len(lrs) - 1
+            if eval_blocks is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or last):
+                record.eval_loss = evaluate(model, eval_blocks, eval_batch_size, precision)
+            records.append(record)
+            bar.update(1)
+            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss_value:.4f}", refresh=False)
+            if on_step is not None and (reason := on_step(record)) is not None:
+                return TrainResult(records, reason)
+        return TrainResult(records)
+    finally:
+        bar.close()

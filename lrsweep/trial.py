@@ -1,0 +1,124 @@
+"""One sweep trial: a fresh adapter trained with one cosine schedule, and what it recorded.
+
+The adapter is attached to the shared base model and detached afterwards; the optimizer and
+the adapter are then unreachable and collected, and on CUDA the cache is emptied, so memory
+does not grow from trial to trial.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+from optuna.trial import Trial
+
+from lrsweep.context import Context
+from lrsweep.data import batches
+from lrsweep.models import attach_lora, detach_lora
+from lrsweep.schedules import CosineSchedule
+from lrsweep.suggest import ema
+from lrsweep.training import StepRecord, make_optimizer, train
+
+
+@dataclass
+class TrialRun:
+    """What one trial recorded; stored as the trial's user attributes before it is told."""
+
+    schedule: CosineSchedule
+    records: list[StepRecord]
+    seconds: float
+    peak_memory_mb: float
+    reason: str | None = None
+
+    def attrs(self, seed: int, worker: str) -> dict[str, Any]:
+        evals = [(r.step, r.eval_loss) for r in self.records if r.eval_loss is not None]
+        finite = [(s, v) for s, v in evals if math.isfinite(v)]
+        best_step, best = min(finite, key=lambda e: e[1]) if finite else (None, None)
+        return {
+            "warmup_steps": self.schedule.warmup_steps,
+            "min_lr": self.schedule.min_lr,
+            "min_lr_ratio": self.schedule.min_lr_ratio,
+            "total_steps": self.schedule.total_steps,
+            "best_eval_loss": best,
+            "best_step": best_step,
+            "tokens": self.records[-1].tokens if self.records else 0,
+            "seconds": self.seconds,
+            "peak_memory_mb": self.peak_memory_mb,
+            "reason": self.reason,
+            "seed": seed,
+            "worker": worker,
+            "curve": {
+                "lr": [r.lr for r in self.records],
+                "loss": [r.loss for r in self.records],
+                "eval_loss": [r.eval_loss for r in self.records],
+            },
+        }
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_trial(ctx: Context, trial: Trial, schedule: CosineSchedule, progress: bool = True,
+              ) -> TrialRun:
+    """Train a fresh adapter with ``schedule``, reporting eval losses through ``trial``.
+
+    A run that the pruner stops, or whose loss diverges or turns non-finite, ends early with
+    ``reason`` set: the trial is then PRUNED.
+    """
+    cfg = ctx.config
+    device = ctx.base.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = attach_lora(ctx.base, cfg.lora, cfg.seed)
+    run = TrialRun(schedule, [], 0.0, 0.0)
+    start = time.perf_counter()
+    losses: list[float] = []
+
+    def on_step(record: StepRecord) -> str | None:
+        run.records.append(record)
+        losses.append(record.loss)
+        if record.eval_loss is not None:
+            if not math.isfinite(record.eval_loss):
+                return f"non-finite eval loss at step {record.step}"
+            trial.report(record.eval_loss, record.step + 1)
+            if trial.should_prune():
+                return f"pruned by the {cfg.sweep.pruner} pruner at step {record.step + 1}"
+        smoothed = ema(losses, 0.9)
+        if smoothed[-1] > cfg.sweep.diverge_factor * smoothed[0]:
+            return (f"diverged at step {record.step} (smoothed loss {smoothed[-1]:.3g} > "
+                    f"{cfg.sweep.diverge_factor}x the first)")
+        return None
+
+    try:
+        optimizer = make_optimizer(model, cfg.train)
+        result = train(
+            model, optimizer, batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
+            schedule.lrs(), grad_accum=cfg.train.grad_accum,
+            max_grad_norm=cfg.train.max_grad_norm, precision=ctx.precision,
+            eval_blocks=ctx.blocks.eval, eval_every=cfg.sweep.eval_every,
+            eval_batch_size=cfg.train.batch_size * 2, on_step=on_step,
+            desc=f"trial {trial.number}", progress=progress,
+        )
+        run.reason = result.stop_reason
+    finally:
+        run.seconds = time.perf_counter() - start
+        run.peak_memory_mb = _peak_memory_mb(device)
+        detach_lora(model)
+        del model
+        optimizer = None  # noqa: F841 - drop the last reference before collecting
+        free_memory(device)
+    return run

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lrsweep import config as config_mod
+from lrsweep.config import StudyConfig
+
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(*overrides: str) -> StudyConfig:
+    """studies/tiny.toml with overrides: a random tiny Llama on a slice of the stdlib."""
+    return config_mod.load(ROOT / "studies" / "tiny.toml", list(overrides))
+
+
+@pytest.fixture
+def tiny() -> StudyConfig:
+    return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                    request: pytest.FixtureRequest) -> None:
+    # Fast tests never touch the user's model cache; slow tests share the real one so that
+    # the bundled model is converted once per machine.
+    if "slow" not in request.keywords:
+        monkeypatch.setenv("LRSWEEP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+            *args: str) -> tuple[int, str, str]:
+    """Run ``lrsweep ARGS`` in-process through the real entry point; (exit code, out, err)."""
+    from lrsweep.cli import main
+
+    monkeypatch.setattr("sys.argv", ["lrsweep", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -1,0 +1,230 @@
+"""Suggestions on synthetic range-test curves whose steepest point and minimum are known."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lrsweep.suggest import (
+    METHODS,
+    MethodResult,
+    Suggestion,
+    divergence_index,
+    ema,
+    minimum,
+    slide,
+    steep,
+    suggest,
+    valley,
+)
+
+
+LRS = np.geomspace(1e-7, 1, 100)
+SEEDS = [0, 1, 2, 3, 4, 5]
+
+
+def clean_loss(lrs: np.ndarray, centre: float = -4.0, blowup: bool = True) -> np.ndarray:
+    """A drop from 2 to 1 centred at 10**centre, then (optionally) an explosion past ~1e-2."""
+    x = np.log10(lrs)
+    loss = 2.0 - 1.0 / (1.0 + np.exp(-(x - centre) * 3.0))
+    return loss + 0.05 * np.exp(4.0 * (x + 1.5)) if blowup else loss
+
+
+def noisy(loss: np.ndarray, seed: int, sigma: float = 0.02) -> np.ndarray:
+    return loss + np.random.default_rng(seed).normal(0.0, sigma, len(loss))
+
+
+def truth() -> tuple[float, float]:
+    """Steepest point and minimum of the clean curve, on a fine grid."""
+    fine = np.geomspace(1e-7, 1, 200_001)
+    loss = clean_loss(fine)
+    grad = np.gradient(loss, np.log10(fine))
+    return float(fine[np.argmin(grad)]), float(fine[np.argmin(loss)])
+
+
+STEEPEST, LOWEST = truth()
+
+
+def decades(a: float, b: float) -> float:
+    return abs(math.log10(a) - math.log10(b))
+
+
+def test_truth_is_what_the_curve_was_built_for() -> None:
+    assert decades(STEEPEST, 1e-4) < 0.01
+    assert 1e-3 < LOWEST < 1e-2
+
+
+def test_ema_is_bias_corrected() -> None:
+    losses = [3.0, 1.0, 2.0, 5.0]
+    out = ema(losses, 0.98)
+    assert out[0] == pytest.approx(3.0)
+    assert np.allclose(ema([2.5] * 50, 0.98), 2.5)
+    avg, expected = 0.0, []
+    for i, v in enumerate(losses):
+        avg = 0.98 * avg + 0.02 * v
+        expected.append(avg / (1 - 0.98 ** (i + 1)))
+    assert np.allclose(out, expected)
+
+
+def test_ema_skips_non_finite_and_beta_zero_is_raw() -> None:
+    out = ema([math.nan, 2.0, math.inf, 2.0], 0.9)
+    assert math.isnan(out[0]) and math.isnan(out[2])
+    assert out[1] == pytest.approx(2.0) and out[3] == pytest.approx(2.0)
+    assert np.array_equal(ema([1.0, 4.0, 2.0], 0.0), [1.0, 4.0, 2.0])
+    with pytest.raises(ValueError):
+        ema([1.0], 1.0)
+
+
+def test_divergence_index_on_a_known_curve() -> None:
+    assert divergence_index([4, 3, 2, 1, 2, 3.9, 5], 0.0, 4.0) == 6
+    assert divergence_index([4, 3, 2, 1, 2, 3.9], 0.0, 4.0) is None
+    assert divergence_index([4, 3, math.nan, 1], 0.0, 4.0) == 2
+    assert divergence_index([1.0, 1.0, math.inf], 0.9, 4.0) == 2
+    # Smoothing delays the stop: one step at 5x is not yet 4x in the beta=0.9 average.
+    assert divergence_index([1.0] * 20 + [5.0], 0.9, 4.0) is None
+    assert divergence_index([1.0] * 20 + [50.0], 0.9, 4.0) == 20
+
+
+def test_clean_curve_has_no_smoothing_lag() -> None:
+    # A causal EMA would move the steepest point about half a decade to the right.
+    result = steep(LRS, clean_loss(LRS))
+    assert result.lr is not None and decades(result.lr, STEEPEST) < 0.1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_methods_find_the_known_points(seed: int) -> None:
+    loss = noisy(clean_loss(LRS), seed)
+    results = {name: fn(LRS, loss) for name, fn in METHODS.items()}
+    lrs = {name: r.lr for name, r in results.items()}
+    assert all(r.reason is None for r in results.values()), results
+    assert decades(lrs["steep"], STEEPEST) < 0.5
+    assert decades(lrs["minimum"], LOWEST / 10) < 0.5
+    # valley: about half-way down the descent, so around steep and well before the minimum.
+    assert lrs["steep"] / 10**0.3 <= lrs["valley"] <= LOWEST / 3
+    # slide: where the gradient settles again, just before the minimum.
+    assert LOWEST / 10 < lrs["slide"] <= LOWEST * 2
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_suggestion_interval_and_divergence(seed: int) -> None:
+    s = suggest(LRS, noisy(clean_loss(LRS), seed))
+    assert s.basis == "valley" and s.reason is None
+    assert s.recommended_lr == s.methods["valley"].lr
+    assert s.divergence_lr is not None and LOWEST < s.divergence_lr < 1.0
+    assert s.interval is not None
+    lo, hi = s.interval
+    assert lo <= s.recommended_lr <= hi < s.divergence_lr
+    assert hi / lo >= 3.0
+    assert lo <= min(m.lr for m in s.methods.values() if m.lr is not None)
+    assert s.warnings == ()
+
+
+def test_methods_ignore_the_loss_scale() -> None:
+    loss = noisy(clean_loss(LRS), 7)
+    for name, fn in METHODS.items():
+        assert fn(LRS, 10 * loss).lr == fn(LRS, loss).lr, name
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_flat_curve_gives_no_recommendation(seed: int) -> None:
+    s = suggest(LRS, noisy(np.full(100, 2.0), seed))
+    for name, result in s.methods.items():
+        assert result.lr is None and "flat" in (result.reason or ""), name
+    assert s.recommended_lr is None and s.interval is None
+    assert "flat" in (s.reason or "")
+    assert s.divergence_lr is None
+
+
+def test_flat_then_blowup_is_flat_not_diverged_at_once() -> None:
+    x = np.log10(LRS)
+    s = suggest(LRS, noisy(2.0 + 0.05 * np.exp(4.0 * (x + 1.5)), 0))
+    assert s.recommended_lr is None and "flat" in (s.reason or "")
+    assert s.divergence_lr is not None and 1e-3 < s.divergence_lr < 1.0
+
+
+@pytest.mark.parametrize("shape", ["linear", "exponential"])
+def test_curve_rising_from_the_start(shape: str) -> None:
+    x = np.log10(LRS) + 7
+    loss = 2.0 + 0.3 * x if shape == "linear" else 1.0 + np.exp(x)
+    s = suggest(LRS, noisy(loss, 0))
+    for name, result in s.methods.items():
+        assert result.lr is None and (result.reason or "").startswith("diverged at once"), name
+    assert s.recommended_lr is None and "start_lr" in (s.reason or "")
+    assert s.divergence_lr is not None and s.divergence_lr < 1e-5
+
+
+def test_non_finite_points_inside_are_dropped() -> None:
+    loss = noisy(clean_loss(LRS), 3)
+    holed = loss.copy()
+    holed[[40, 41, 65]] = [math.nan, math.inf, -math.inf]
+    for name, fn in METHODS.items():
+        clean, dropped = fn(LRS, loss).lr, fn(LRS, holed).lr
+        assert clean is not None and dropped is not None, name
+        assert decades(clean, dropped) < 0.3, name
+    s = suggest(LRS, holed)
+    assert s.recommended_lr is not None and s.interval is not None
+    # A non-finite loss counts as divergence, so the recommendation past it is flagged.
+    assert s.divergence_lr == pytest.approx(LRS[40])
+    assert "recommendation is not below divergence_lr" in s.warnings
+    assert s.interval[0] <= s.recommended_lr <= s.interval[1]
+
+
+def test_curve_ending_in_nan() -> None:
+    loss = noisy(clean_loss(LRS), 1)
+    loss[85:] = math.nan
+    s = suggest(LRS, loss)
+    assert s.divergence_lr is not None and s.divergence_lr <= LRS[85]
+    assert s.recommended_lr is not None and s.interval is not None
+    assert s.interval[1] < s.divergence_lr
+
+
+def test_never_diverging_curve_warns() -> None:
+    s = suggest(LRS, noisy(clean_loss(LRS, blowup=False), 0))
+    assert s.divergence_lr is None and s.recommended_lr is not None
+    assert "never diverged: end_lr may be too low" in s.warnings
+
+
+def test_descent_at_the_end_of_the_range_warns() -> None:
+    s = suggest(LRS, noisy(clean_loss(LRS, centre=-0.4, blowup=False), 0), basis="steep")
+    assert s.recommended_lr is not None and s.recommended_lr > 0.1
+    assert "suggestion at the edge of the tested range" in s.warnings
+
+
+def test_noisy_curve_warns() -> None:
+    s = suggest(LRS, noisy(clean_loss(LRS), 0, sigma=0.2))
+    assert s.recommended_lr is not None
+    assert "curve is noisy" in s.warnings
+    assert "curve is noisy" not in suggest(LRS, noisy(clean_loss(LRS), 0, sigma=0.02)).warnings
+
+
+@pytest.mark.parametrize("n_finite", [0, 5, 9])
+def test_too_few_points(n_finite: int) -> None:
+    loss = clean_loss(LRS)[:30].copy()
+    loss[n_finite:] = math.nan
+    for fn in METHODS.values():
+        assert fn(LRS[:30], loss) == MethodResult(None, "too few finite points")
+    s = suggest(LRS[:30], loss)
+    assert s.recommended_lr is None and s.reason == "too few finite points"
+
+
+def test_basis_choice_and_unknown_basis() -> None:
+    loss = noisy(clean_loss(LRS), 0)
+    s = suggest(LRS, loss, basis="minimum")
+    assert s.basis == "minimum" and s.recommended_lr == minimum(LRS, loss).lr
+    assert suggest(LRS, loss, basis="slide").recommended_lr == slide(LRS, loss).lr
+    assert suggest(LRS, loss).recommended_lr == valley(LRS, loss).lr
+    with pytest.raises(ValueError, match="unknown basis"):
+        suggest(LRS, loss, basis="median")
+
+
+@pytest.mark.parametrize("curve", ["normal", "flat"])
+def test_suggestion_round_trips_through_json(curve: str) -> None:
+    loss = clean_loss(LRS) if curve == "normal" else np.full(100, 2.0)
+    s = suggest(LRS, noisy(loss, 0))
+    d = json.loads(json.dumps(s.to_dict()))
+    assert set(d) == {"recommended_lr", "interval", "divergence_lr", "methods", "reason",
+                      "warnings", "basis"}
+    assert Suggestion.from_dict(d) == s
