@@ -100,7 +100,7 @@ def sweep(study: Path | None, overrides: tuple[str, ...], out: Path, trials: int
     """
     from lrsweep import config as config_mod
     from lrsweep.report import format_trials
-    from lrsweep.sweep import load_results, prepare_sweep, run_sweep
+    from lrsweep.sweep import execute, load_results, prepare_sweep
 
     cfg = config_mod.load(study, overrides) if study or overrides else None
     prepared = prepare_sweep(cfg, out, trials=trials, timeout=_duration(timeout),
@@ -109,7 +109,7 @@ def sweep(study: Path | None, overrides: tuple[str, ...], out: Path, trials: int
     if dry_run:
         return
     _stop_on_sigterm()
-    run_sweep(prepared, progress=not quiet)
+    execute(prepared, progress=not quiet)
     trials_frame, _, _ = load_results(out)
     click.echo("\n" + format_trials(trials_frame, top=5))
     click.echo(f"\nResults in {out}: trials.parquet, curves.parquet; "

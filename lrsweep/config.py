@@ -128,6 +128,9 @@ class RangeTestConfig:
     start_lr, end_lr: the ramp's first and last LR. steps: optimizer steps in the ramp.
     mode: ``exp`` (geometric ramp) or ``linear``. smoothing: EMA beta of the recorded loss.
     diverge_factor: stop once the smoothed loss exceeds this many times its best.
+    signal: the loss the curve records: ``eval`` (after every step, on ``probe_blocks`` fixed
+        held-out blocks; costs a forward pass but removes the batch-to-batch noise that hides
+        a LoRA fine-tune's small loss drop) or ``train`` (each step's training batch).
     """
 
     start_lr: float = 1e-6
@@ -136,6 +139,8 @@ class RangeTestConfig:
     mode: str = "exp"
     smoothing: float = 0.9
     diverge_factor: float = 4.0
+    signal: str = "eval"
+    probe_blocks: int = 4
 
     def check(self) -> None:
         for key in ("start_lr", "end_lr"):
@@ -151,6 +156,10 @@ class RangeTestConfig:
             _fail("rangetest.smoothing", f"must be in [0, 1), got {self.smoothing}")
         if self.diverge_factor <= 1:
             _fail("rangetest.diverge_factor", f"must be above 1, got {self.diverge_factor}")
+        if self.signal not in ("eval", "train"):
+            _fail("rangetest.signal", f"must be 'eval' or 'train', got {self.signal!r}")
+        if self.probe_blocks < 1:
+            _fail("rangetest.probe_blocks", f"must be at least 1, got {self.probe_blocks}")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ snapshotted before and restored afterwards, also when the run fails midway.
 from __future__ import annotations
 
 import copy
+import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,11 +29,13 @@ class RangeTestCurve:
     """One point per optimizer step of the ramp (fewer when it stopped early)."""
 
     lrs: list[float]
-    losses: list[float]
+    losses: list[float]  # the signal the suggestions read: probe eval loss or train loss
     smoothed: list[float]
+    train_losses: list[float]
     tokens: list[int]
     seconds: list[float]
     stop_reason: str | None
+    seconds_per_step: float  # training steps alone, without the probe evaluations
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame({
@@ -40,13 +43,10 @@ class RangeTestCurve:
             "lr": self.lrs,
             "loss": self.losses,
             "smoothed_loss": self.smoothed,
+            "train_loss": self.train_losses,
             "tokens": np.asarray(self.tokens, dtype=np.int64),
             "seconds": self.seconds,
         })
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.seconds[-1] / len(self.seconds) if self.seconds else float("nan")
 
 
 @dataclass
@@ -95,20 +95,27 @@ def run_range_test(
     grad_accum: int,
     max_grad_norm: float,
     precision: Precision,
+    probe: torch.Tensor | None = None,
+    eval_batch_size: int = 8,
     progress: bool = True,
 ) -> RangeTestCurve:
     """Ramp the LR from ``start_lr`` to ``end_lr`` and record the loss of every step.
 
-    Stops early when the loss is not finite or its smoothed value exceeds
-    ``diverge_factor`` times its best. The model and optimizer come back as they were.
+    With ``signal = "eval"`` the recorded loss is the loss on ``probe`` (fixed held-out
+    blocks) after each step. Stops early when the loss is not finite or its smoothed value
+    exceeds ``diverge_factor`` times its best. The model and optimizer come back as they were.
     """
     lrs = ramp(config.start_lr, config.end_lr, config.steps, config.mode)
+    use_eval = config.signal == "eval"
+    if use_eval and probe is None:
+        raise ValueError("rangetest.signal = 'eval' needs probe blocks")
     losses: list[float] = []
 
     def watch(record: StepRecord) -> str | None:
-        losses.append(record.loss)
+        losses.append(record.eval_loss if use_eval else record.loss)  # type: ignore[arg-type]
         if divergence_index(losses, config.smoothing, config.diverge_factor) is not None:
-            return f"diverged at lr {record.lr:.3g} (smoothed loss > {config.diverge_factor}x best)"
+            return (f"diverged at lr {record.lr:.3g} "
+                    f"(smoothed loss > {config.diverge_factor}x best)")
         return None
 
     saved = _snapshot(model, optimizer, precision)
@@ -116,23 +123,30 @@ def run_range_test(
         result = train(
             model, optimizer, batches, lrs,
             grad_accum=grad_accum, max_grad_norm=max_grad_norm, precision=precision,
+            eval_blocks=probe[: config.probe_blocks] if use_eval else None,  # type: ignore[index]
+            eval_every=1, eval_batch_size=eval_batch_size,
             on_step=watch, desc="range test", progress=progress,
         )
     finally:
         _restore(model, optimizer, precision, saved)
     records = result.records
-    raw = [r.loss for r in records]
+    train_losses = [r.loss for r in records]
+    tokens, seconds = [r.tokens for r in records], [r.seconds for r in records]
     if result.stop_reason and result.stop_reason.startswith("non-finite"):
         # Keep the point that broke, so the curve shows where it happened.
-        raw.append(float("nan"))
-        records = [*records, StepRecord(len(records), lrs[len(records)], float("nan"),
-                                        float("nan"), records[-1].tokens if records else 0,
-                                        records[-1].seconds if records else 0.0)]
+        n = len(records)
+        losses, train_losses = [*losses, math.nan], [*train_losses, math.nan]
+        tokens, seconds = [*tokens, tokens[-1] if n else 0], [*seconds, seconds[-1] if n else 0.0]
+        records_lrs = lrs[: n + 1]
+    else:
+        records_lrs = [r.lr for r in records]
     return RangeTestCurve(
-        lrs=[r.lr for r in records],
-        losses=raw,
-        smoothed=ema(raw, config.smoothing).tolist(),
-        tokens=[r.tokens for r in records],
-        seconds=[r.seconds for r in records],
+        lrs=records_lrs,
+        losses=losses,
+        smoothed=ema(losses, config.smoothing).tolist(),
+        train_losses=train_losses,
+        tokens=tokens,
+        seconds=seconds,
         stop_reason=result.stop_reason,
+        seconds_per_step=records[-1].train_seconds / len(records) if records else math.nan,
     )

@@ -371,7 +371,7 @@ def write_results(study: optuna.Study, out: Path, config: StudyConfig) -> None:
     })
 
 
-def run_sweep(prepared: PreparedSweep, progress: bool = True) -> optuna.Study:
+def execute(prepared: PreparedSweep, progress: bool = True) -> optuna.Study:
     """Run trials until the budget is met; results are rewritten after every trial and at
     exit, also when interrupted."""
     ctx, plan = prepared.ctx, prepared.plan
@@ -383,14 +383,14 @@ def run_sweep(prepared: PreparedSweep, progress: bool = True) -> optuna.Study:
     return plan.study
 
 
-def sweep(study: StudyConfig | str | Path | None, out: str | Path, *,
+def run_sweep(study: StudyConfig | str | Path | None, out: str | Path, *,
           overrides: list[str] | tuple[str, ...] = (), trials: int | None = None,
           timeout: float | None = None, progress: bool = True) -> optuna.Study:
     """Run (or resume) the sweep in ``out`` from Python; returns the Optuna study."""
     cfg = study if isinstance(study, StudyConfig) or study is None \
         else config_mod.load(study, overrides)
     prepared = prepare_sweep(cfg, Path(out), trials=trials, timeout=timeout, progress=progress)
-    return run_sweep(prepared, progress=progress)
+    return execute(prepared, progress=progress)
 
 
 def load_results(out: Path, study_name: str = DEFAULT_STUDY,

@@ -51,7 +51,8 @@ class StepRecord:
     loss: float
     grad_norm: float
     tokens: int
-    seconds: float
+    seconds: float  # cumulative wall time, evaluations included
+    train_seconds: float  # cumulative time of the training steps alone
     eval_loss: float | None = None
 
 
@@ -123,9 +124,11 @@ def train(
     records: list[StepRecord] = []
     tokens = 0
     start = time.perf_counter()
+    train_seconds = 0.0
     bar = tqdm(total=len(lrs), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     try:
         for step, lr in enumerate(lrs):
+            step_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro = [next(batches).to(precision.device) for _ in range(grad_accum)]
@@ -156,11 +159,15 @@ def train(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += sum(b.numel() for b in micro)
-            record = StepRecord(step, lr, loss_value, grad_norm, tokens,
-                                time.perf_counter() - start)
+            now = time.perf_counter()
+            train_seconds += now - step_start
+            record = StepRecord(step, lr, loss_value, grad_norm, tokens, now - start,
+                                train_seconds)
             last = step == len(lrs) - 1
-            if eval_blocks is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or last):
+            if eval_blocks is not None and eval_every > 0 and (
+                    (step + 1) % eval_every == 0 or last):
                 record.eval_loss = evaluate(model, eval_blocks, eval_batch_size, precision)
+                record.seconds = time.perf_counter() - start
             records.append(record)
             bar.update(1)
             bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss_value:.4f}", refresh=False)

@@ -1,0 +1,272 @@
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from lrsweep import sweep as sweep_mod
+from lrsweep import trial as trial_mod
+from lrsweep.errors import StudyError
+from lrsweep.find import load_find
+from lrsweep.results import read_parquet
+from lrsweep.suggest import MethodResult, Suggestion
+from lrsweep.sweep import (
+    execute,
+    load_results,
+    peak_lr_bounds,
+    prepare_sweep,
+    worker_seed,
+)
+from tests.conftest import run_cli, tiny_config
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+# ---------------------------------------------------------------- pure parts
+
+def _found(rec: float | None, divergence: float | None) -> Any:
+    from lrsweep.find import FindResult
+    from lrsweep.rangetest import RangeTestCurve
+
+    curve = RangeTestCurve([1e-6, 1e-3, 1e-1], [2.0, 1.5, 3.0], [2.0, 1.8, 2.2],
+                           [2.0, 1.5, 3.0], [1, 2, 3], [1.0, 2.0, 3.0], None, 1.0)
+    suggestion = Suggestion(rec, (rec / 3, rec * 3) if rec else None, divergence,
+                            {"valley": MethodResult(rec, None if rec else "flat curve")},
+                            None if rec else "flat curve")
+    return FindResult(curve, suggestion, tiny_config())
+
+
+def test_bounds_follow_the_documented_rule() -> None:
+    cfg = tiny_config()
+    assert peak_lr_bounds(cfg, _found(1e-3, 2e-2)) == pytest.approx((1e-4, 2e-2))
+    # Never diverged: up to the highest LR tested.
+    assert peak_lr_bounds(cfg, _found(1e-3, None)) == pytest.approx((1e-4, 1e-1))
+    assert peak_lr_bounds(tiny_config("search.peak_lr=[1e-5, 1e-3]"), None) == (1e-5, 1e-3)
+    with pytest.raises(StudyError, match="search.peak_lr: the range test gave no"):
+        peak_lr_bounds(cfg, _found(None, None))
+
+
+def test_worker_seeds_differ_per_worker_and_restart() -> None:
+    seeds = {worker_seed(0, w, n) for w in ("a:1", "a:2", "b:1") for n in (0, 5)}
+    assert len(seeds) == 6
+    assert worker_seed(0, "a:1", 5) == worker_seed(0, "a:1", 5)
+
+
+# ---------------------------------------------------------------- whole sweeps
+
+def test_sweep_runs_the_budget_and_resumes_without_adding_to_it(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    prepared = prepare_sweep(cfg, tmp_path, trials=3, progress=False)
+    study = execute(prepared, progress=False)
+    assert len(_finished(study)) == 3
+    # The range test ran first, and its recommendation was the first trial.
+    found = load_find(tmp_path)
+    assert found is not None
+    assert study.trials[0].params["peak_lr"] == pytest.approx(found.recommended_lr)
+    assert study.trials[0].user_attrs["origin"] == "range test recommendation"
+    # The same budget again: nothing to do. A larger one: only the difference.
+    study = execute(prepare_sweep(cfg, tmp_path, trials=3, progress=False), progress=False)
+    assert len(study.trials) == 3
+    study = execute(prepare_sweep(None, tmp_path, trials=5, progress=False), progress=False)
+    assert len(_finished(study)) == 5 and len(study.trials) == 5
+    params = [tuple(t.params.values()) for t in study.trials]
+    assert len(set(params)) == len(params)
+
+
+def test_parquet_matches_the_storage_after_every_trial(tmp_path: Path) -> None:
+    prepared = prepare_sweep(tiny_config(), tmp_path, trials=4, progress=False)
+    checked: list[int] = []
+
+    def check(frozen: optuna.trial.FrozenTrial) -> None:
+        sweep_mod.write_results(prepared.plan.study, tmp_path, prepared.ctx.config)
+        trials, meta = read_parquet(tmp_path / "trials.parquet")
+        curves, _ = read_parquet(tmp_path / "curves.parquet")
+        stored = prepared.plan.study.get_trials()
+        assert trials["number"].tolist() == [t.number for t in stored]
+        assert trials["state"].tolist() == [t.state.name for t in stored]
+        row = trials.set_index("number").loc[frozen.number]
+        assert row["peak_lr"] == frozen.params["peak_lr"]
+        assert row["warmup_steps"] == frozen.user_attrs["warmup_steps"]
+        if frozen.state == TrialState.COMPLETE:
+            assert row["eval_loss"] == frozen.value
+        mine = curves[curves["number"] == frozen.number]
+        assert mine["lr"].tolist() == frozen.user_attrs["curve"]["lr"]
+        assert meta["config"] == prepared.ctx.config.to_dict()
+        checked.append(frozen.number)
+
+    sweep_mod.run_worker(prepared.ctx, prepared.plan, check, progress=False)
+    assert checked == [0, 1, 2, 3]
+
+
+def test_trial_lrs_are_transformers_schedule(tmp_path: Path) -> None:
+    execute(prepare_sweep(tiny_config("sweep.steps=20"), tmp_path, trials=2, progress=False),
+            progress=False)
+    trials, curves, _ = load_results(tmp_path)
+    from lrsweep.schedules import CosineSchedule
+
+    for _, t in trials.iterrows():
+        expected = CosineSchedule(t["peak_lr"], 20, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
+        assert curves[curves["number"] == t["number"]]["lr"].tolist() == expected
+        assert t["warmup_steps"] == -(-t["warmup_fraction"] * 20 // 1)  # ceil
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = sweep_mod.run_trial
+
+    def flaky(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
+        if trial.number == 1:
+            raise ValueError("injected failure")
+        if trial.number == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(ctx, trial, schedule, progress)
+
+    monkeypatch.setattr(sweep_mod, "run_trial", flaky)
+    study = execute(prepare_sweep(tiny_config(), tmp_path, trials=3, progress=False),
+                    progress=False)
+    states = {t.number: t.state for t in study.trials}
+    assert states[1] == TrialState.FAIL and states[2] == TrialState.FAIL
+    assert study.trials[1].user_attrs["reason"] == "ValueError: injected failure"
+    assert study.trials[2].user_attrs["reason"] == "out of memory"
+    assert len(_finished(study)) == 3  # FAIL trials do not count against the budget
+    trials, _, _ = load_results(tmp_path)
+    assert trials.set_index("number").loc[1, "reason"] == "ValueError: injected failure"
+
+
+def test_nan_trial_is_pruned_with_its_reason(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    real = trial_mod.attach_lora
+
+    def poisoned(base, lora, seed):  # type: ignore[no-untyped-def]
+        model = real(base, lora, seed)
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(trial_mod, "attach_lora", poisoned)
+    study = execute(prepare_sweep(tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path,
+                                  trials=1, progress=False), progress=False)
+    trial = study.trials[0]
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs["reason"].startswith("non-finite loss at step 0")
+
+
+def test_median_pruner_stops_bad_trials(tmp_path: Path) -> None:
+    cfg = tiny_config("search.peak_lr=[1e-7, 1e-1]", "sweep.steps=16", "sweep.eval_every=4")
+    prepared = prepare_sweep(cfg, tmp_path, trials=6, progress=False)
+    study = prepared.plan.study
+    for lr in (3e-2, 2e-2, 3e-2, 1e-7, 2e-7):
+        study.enqueue_trial({"peak_lr": lr, "warmup_fraction": 0.0, "min_lr_ratio": 0.0})
+    execute(prepared, progress=False)
+    by_lr = {t.params["peak_lr"]: t for t in study.trials}
+    for lr in (1e-7, 2e-7):
+        assert by_lr[lr].state == TrialState.PRUNED
+        assert by_lr[lr].user_attrs["reason"].startswith("pruned by the median pruner")
+        assert len(by_lr[lr].user_attrs["curve"]["lr"]) < 16
+
+
+def test_trial_memory_is_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    refs: list[weakref.ref[Any]] = []
+    attach, make_opt = trial_mod.attach_lora, trial_mod.make_optimizer
+
+    def tracked_attach(*args: Any) -> Any:
+        model = attach(*args)
+        refs.append(weakref.ref(model))
+        return model
+
+    def tracked_optimizer(*args: Any) -> Any:
+        opt = make_opt(*args)
+        refs.append(weakref.ref(opt))
+        return opt
+
+    monkeypatch.setattr(trial_mod, "attach_lora", tracked_attach)
+    monkeypatch.setattr(trial_mod, "make_optimizer", tracked_optimizer)
+    prepared = prepare_sweep(tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path, trials=3,
+                             progress=False)
+    execute(prepared, progress=False)
+    gc.collect()
+    assert len(refs) == 6
+    assert all(ref() is None for ref in refs)  # adapters and optimizers were freed
+    # The base model carries no adapter layers afterwards.
+    assert not any("lora" in n for n, _ in prepared.ctx.base.model.named_modules())
+
+
+def test_export_reproduces_the_trial_in_a_trainer(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from lrsweep.export import best_trial, training_arguments
+
+    cfg = tiny_config("search.peak_lr=[1e-3, 1e-2]", "search.warmup_fraction=[0.1, 0.3]",
+                      "sweep.steps=23")
+    execute(prepare_sweep(cfg, tmp_path, trials=2, progress=False), progress=False)
+    trials, curves, meta = load_results(tmp_path)
+    best = best_trial(trials)
+    kwargs = training_arguments(best, cfg)
+    assert isinstance(kwargs["warmup_steps"], int) and kwargs["warmup_steps"] >= 3
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), report_to=[], **kwargs)
+    model = torch.nn.Linear(2, 2)
+    trainer = Trainer(model=model, args=args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=args.max_steps)
+    lrs = []
+    for _ in range(args.max_steps):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs == curves[curves["number"] == best["number"]]["lr"].tolist()
+
+
+def test_dry_run_creates_no_study(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import ROOT
+
+    code, out, err = run_cli(capsys, monkeypatch, "sweep", str(ROOT / "studies" / "tiny.toml"),
+                             "--out", str(tmp_path), "--dry-run", "-q")
+    assert code == 0, err
+    assert out.startswith("Estimate: 4 trials x 12 steps")
+    assert optuna.study.get_all_study_names(sweep_mod.open_storage(tmp_path)) == []
+
+
+def test_changed_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import ROOT
+
+    tiny = str(ROOT / "studies" / "tiny.toml")
+    assert run_cli(capsys, monkeypatch, "sweep", tiny, "--out", str(tmp_path), "--trials", "1",
+                   "-q")[0] == 0
+    code, _, err = run_cli(capsys, monkeypatch, "sweep", tiny, "--set", "lora.r=2",
+                           "--out", str(tmp_path), "-q")
+    assert code == 2 and "different [lora]" in err and err.count("\n") == 1
+
+
+def test_report_rebuilds_lagging_results_and_draws(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    execute(prepare_sweep(tiny_config(), tmp_path, trials=3, progress=False), progress=False)
+    (tmp_path / "trials.parquet").unlink()
+    code, out, err = run_cli(capsys, monkeypatch, "report", str(tmp_path))
+    assert code == 0, err
+    assert "3 complete" in out or "pruned" in out
+    for name in ("sweep_lr.png", "sweep_top5.png", "sweep_progress.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    trials, _ = read_parquet(tmp_path / "trials.parquet")
+    assert len(trials) == 3
+    code, out, _ = run_cli(capsys, monkeypatch, "export", str(tmp_path), "--format", "python")
+    assert code == 0 and "TrainingArguments(" in out and "warmup_steps=" in out
+    assert run_cli(capsys, monkeypatch, "report", str(tmp_path / "none"))[0] == 2
+
+
+def test_empty_results_have_the_schema(tmp_path: Path) -> None:
+    from lrsweep.results import CURVE_COLUMNS, TRIAL_COLUMNS, curves_frame, trials_frame
+
+    assert trials_frame([]).columns.tolist() == list(TRIAL_COLUMNS)
+    assert curves_frame([]).columns.tolist() == list(CURVE_COLUMNS)
+    assert isinstance(trials_frame([]), pd.DataFrame)

@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lrsweep.context import prepare
+from lrsweep.models import attach_lora, detach_lora, trainable_state
+from lrsweep.training import Precision, make_optimizer, train
+from tests.conftest import tiny_config
+
+
+CPU = Precision(torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def ctx():  # type: ignore[no-untyped-def]
+    return prepare(tiny_config("lora.dropout=0.0"))
+
+
+def _fixed(blocks: torch.Tensor, size: int):  # type: ignore[no-untyped-def]
+    """Micro-batches of ``size`` blocks in order, repeating."""
+    return (blocks[i : i + size] for i in itertools.cycle(range(0, 8, size)))
+
+
+def _one_step(ctx, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        # SGD: the update is the gradient itself, so the comparison is not blurred by Adam's
+        # normalisation of near-zero gradients.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        train(model, opt, _fixed(ctx.blocks.train, batch_size), [1.0],
+              grad_accum=grad_accum, max_grad_norm=1.0, precision=CPU, progress=False)
+        return trainable_state(model)
+    finally:
+        detach_lora(model)
+
+
+def test_grad_accumulation_matches_the_full_batch(ctx) -> None:  # type: ignore[no-untyped-def]
+    whole = _one_step(ctx, batch_size=4, grad_accum=1)
+    accumulated = _one_step(ctx, batch_size=2, grad_accum=2)
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_each_step_uses_its_lr_and_evaluates_on_schedule(ctx) -> None:  # type: ignore[no-untyped-def]
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    seen: list[float] = []
+    opt = make_optimizer(model, ctx.config.train)
+
+    def watch(record):  # type: ignore[no-untyped-def]
+        seen.append(opt.param_groups[0]["lr"])
+        return None
+
+    lrs = [1e-4 * (i + 1) for i in range(7)]
+    try:
+        result = train(model, opt, _fixed(ctx.blocks.train, 4), lrs, grad_accum=1,
+                       max_grad_norm=1.0, precision=CPU, eval_blocks=ctx.blocks.eval,
+                       eval_every=3, on_step=watch, progress=False)
+    finally:
+        detach_lora(model)
+    assert result.stop_reason is None
+    assert [r.lr for r in result.records] == lrs == seen
+    assert [r.step for r in result.records if r.eval_loss is not None] == [2, 5, 6]
+    assert result.records[-1].tokens == 7 * 4 * ctx.config.train.seq_len
+
+
+def test_gradients_are_clipped_to_max_grad_norm(ctx) -> None:  # type: ignore[no-untyped-def]
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        # Make lora_B non-zero so that every LoRA weight gets a gradient.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        before = trainable_state(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        sgd = torch.optim.SGD(params, lr=1.0)
+        result = train(model, sgd, _fixed(ctx.blocks.train, 4), [1.0], grad_accum=1,
+                       max_grad_norm=0.01, precision=CPU, progress=False)
+        after = trainable_state(model)
+    finally:
+        detach_lora(model)
+    step = torch.cat([(after[k] - before[k]).flatten() for k in before]).norm().item()
+    assert result.records[0].grad_norm > 0.01  # the norm before clipping
+    assert step == pytest.approx(0.01, rel=1e-3)
+
+
+def test_non_finite_loss_stops_before_the_update(ctx) -> None:  # type: ignore[no-untyped-def]
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        opt = make_optimizer(model, ctx.config.train)
+        result = train(model, opt, _fixed(ctx.blocks.train, 4), [1e-3] * 5, grad_accum=1,
+                       max_grad_norm=1.0, precision=CPU, progress=False,
+                       on_step=lambda r: _poison(model) if r.step == 1 else None)
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+    finally:
+        detach_lora(model)
+    assert result.stop_reason is not None and result.stop_reason.startswith("non-finite loss")
+    assert len(result.records) == 2  # steps 0 and 1 ran; step 2 saw NaN and stopped
+    assert all(g is None for g in grads)  # the broken step's gradients were dropped
+
+
+def _poison(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
