@@ -80,19 +80,36 @@ def _duration(text: str | None) -> float | None:
         raise LrsweepError(f"--timeout {text}: expected a duration like 8h, 90m or 3600") from None
 
 
+STORAGE = click.option(
+    "--storage", envvar="LRSWEEP_STORAGE", metavar="URL",
+    help="postgresql://user:pw@host/db, mysql://..., or a journal file path (default: "
+         "OUT/study.journal). Also read from $LRSWEEP_STORAGE, which keeps a password off "
+         "the command line.")
+STUDY_NAME = click.option("--study", "study_name", default="lrsweep", show_default=True,
+                          help="Name of the study in the storage.")
+TRIALS = click.option("--trials", type=click.IntRange(min=1),
+                      help="Finished trials the whole study aims for (default sweep.trials).")
+TIMEOUT = click.option("--timeout", help="Start no trial after this long, e.g. 8h or 90m.")
+
+
 @cli.command()
 @STUDY
 @SET
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("runs/sweep"), show_default=True,
               help="Output folder: the study's journal, its results and plots.")
-@click.option("--trials", type=click.IntRange(min=1),
-              help="Finished trials the whole study aims for (default sweep.trials).")
-@click.option("--timeout", help="Start no trial after this long, e.g. 8h or 90m.")
+@TRIALS
+@TIMEOUT
+@STORAGE
+@STUDY_NAME
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes on this machine sharing the study.")
+@click.option("--devices", help="Comma-separated devices for the workers, e.g. cuda:0,cuda:1.")
 @click.option("--dry-run", is_flag=True, help="Print the time estimate only.")
 @QUIET
 def sweep(study: Path | None, overrides: tuple[str, ...], out: Path, trials: int | None,
-          timeout: str | None, dry_run: bool, quiet: bool) -> None:
+          timeout: str | None, storage: str | None, study_name: str, workers: int,
+          devices: str | None, dry_run: bool, quiet: bool) -> None:
     """Run (or resume) the Optuna sweep over peak LR, warmup and min_lr.
 
     Running it again with the same --out resumes the study; without STUDY it takes the
@@ -100,20 +117,58 @@ def sweep(study: Path | None, overrides: tuple[str, ...], out: Path, trials: int
     """
     from lrsweep import config as config_mod
     from lrsweep.report import format_trials
-    from lrsweep.sweep import execute, load_results, prepare_sweep
+    from lrsweep.workers import execute, load_results, prepare_sweep, spawn_workers
 
     cfg = config_mod.load(study, overrides) if study or overrides else None
-    prepared = prepare_sweep(cfg, out, trials=trials, timeout=_duration(timeout),
-                             progress=not quiet, dry_run=dry_run)
+    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else []
+    prepared = prepare_sweep(cfg, out, storage=storage, study_name=study_name, trials=trials,
+                             timeout=_duration(timeout), progress=not quiet, dry_run=dry_run,
+                             device=device_list[0] if device_list else None)
     click.echo(prepared.estimate())
     if dry_run:
         return
     _stop_on_sigterm()
-    execute(prepared, progress=not quiet)
-    trials_frame, _, _ = load_results(out)
+    if workers > 1:
+        code = spawn_workers(prepared, workers, device_list, timeout=_duration(timeout),
+                             quiet=quiet)
+        if code:
+            sys.exit(code)
+    else:
+        execute(prepared, progress=not quiet)
+    trials_frame, _, _ = load_results(out, storage, study_name)
     click.echo("\n" + format_trials(trials_frame, top=5))
     click.echo(f"\nResults in {out}: trials.parquet, curves.parquet; "
                f"lrsweep report {out} for plots, lrsweep export {out} for the best config")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("runs/sweep"), show_default=True,
+              help="Folder for this worker's part files (and a journal study, if no --storage).")
+@STORAGE
+@STUDY_NAME
+@TRIALS
+@TIMEOUT
+@click.option("--device", help="Override train.device for this worker, e.g. cuda:1.")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads.")
+@QUIET
+def worker(out: Path, storage: str | None, study_name: str, trials: int | None,
+           timeout: str | None, device: str | None, threads: int | None, quiet: bool) -> None:
+    """Join an existing study and run its trials (on this or another machine).
+
+    The study's config travels in the storage; the model and data paths it names must exist
+    here too.
+    """
+    from lrsweep.workers import execute, prepare_sweep
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    prepared = prepare_sweep(None, out, storage=storage, study_name=study_name, trials=trials,
+                             timeout=_duration(timeout), device=device, progress=not quiet)
+    _stop_on_sigterm()
+    execute(prepared, progress=not quiet, part=True)
 
 
 def _stop_on_sigterm() -> None:
@@ -133,13 +188,15 @@ class Terminated(KeyboardInterrupt):
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--top", default=10, show_default=True, help="Rows in the table.")
-def report(out: Path, top: int) -> None:
+@STORAGE
+@STUDY_NAME
+def report(out: Path, top: int, storage: str | None, study_name: str) -> None:
     """Table of the best trials and plots (PNG) of a sweep in OUT."""
     from lrsweep.find import load_find
     from lrsweep.report import format_trials, plot_sweep
-    from lrsweep.sweep import load_results
+    from lrsweep.workers import load_results
 
-    trials, curves, _ = load_results(out)
+    trials, curves, _ = load_results(out, storage, study_name)
     click.echo(format_trials(trials, top=top))
     found = load_find(out)
     paths = plot_sweep(trials, curves, out, len(found.curve.lrs) if found else 0)
@@ -150,13 +207,15 @@ def report(out: Path, top: int) -> None:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["json", "python"]), default="json",
               show_default=True)
-def export(out: Path, fmt: str) -> None:
+@STORAGE
+@STUDY_NAME
+def export(out: Path, fmt: str, storage: str | None, study_name: str) -> None:
     """Print the best trial's schedule as TrainingArguments keyword arguments."""
     from lrsweep import config as config_mod
     from lrsweep.export import best_trial, to_json, to_python, training_arguments
-    from lrsweep.sweep import load_results
+    from lrsweep.workers import load_results
 
-    trials, _, meta = load_results(out)
+    trials, _, meta = load_results(out, storage, study_name)
     best = best_trial(trials)
     kwargs = training_arguments(best, config_mod.from_dict(meta["config"]))
     click.echo(to_json(kwargs) if fmt == "json" else to_python(kwargs, best))

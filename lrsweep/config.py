@@ -133,9 +133,9 @@ class RangeTestConfig:
         a LoRA fine-tune's small loss drop) or ``train`` (each step's training batch).
     """
 
-    start_lr: float = 1e-6
+    start_lr: float = 1e-5
     end_lr: float = 1e-1
-    steps: int = 100
+    steps: int = 60
     mode: str = "exp"
     smoothing: float = 0.9
     diverge_factor: float = 4.0

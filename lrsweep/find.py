@@ -58,7 +58,9 @@ class FindResult:
         out.mkdir(parents=True, exist_ok=True)
         write_parquet(self.curve.frame(), out / RANGETEST_FILE, self.metadata())
         write_json(self.suggestion.to_dict(), out / SUGGESTION_FILE)
-        plot_rangetest(self.curve.frame(), self.suggestion, out / PLOT_FILE)
+        signal = self.config.rangetest.signal
+        ylabel = "held-out loss after each step" if signal == "eval" else "training loss"
+        plot_rangetest(self.curve.frame(), self.suggestion, out / PLOT_FILE, ylabel)
         self.out = out
 
 

@@ -38,7 +38,8 @@ def _fmt(lr: float | None) -> str:
     return "-" if lr is None else f"{lr:.2e}"
 
 
-def plot_rangetest(curve: pd.DataFrame, suggestion: Suggestion, path: Path) -> None:
+def plot_rangetest(curve: pd.DataFrame, suggestion: Suggestion, path: Path,
+                   ylabel: str = "loss") -> None:
     """Loss against LR (log axis), raw and smoothed, with every suggestion marked."""
     fig = _figure()
     ax = fig.add_subplot()
@@ -46,7 +47,7 @@ def plot_rangetest(curve: pd.DataFrame, suggestion: Suggestion, path: Path) -> N
     ax.plot(curve["lr"], curve["smoothed_loss"], color="C0", lw=2, label="smoothed loss")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel(ylabel)
     finite = curve["loss"][np.isfinite(curve["loss"])]
     if len(finite):
         low, first = finite.min(), finite.iloc[: max(1, len(finite) // 10)].median()

@@ -13,31 +13,104 @@ import fcntl
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import optuna
 import psutil
-from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from lrsweep.errors import StudyError
 from lrsweep.results import atomic_write
 
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 JOURNAL_FILE = "study.journal"
 LIVE_DIR = "live"
 
 
-def open_storage(out: Path) -> BaseStorage:
-    """The study's journal storage in ``out`` (created if missing)."""
-    out.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(out / JOURNAL_FILE)))
+def open_storage(out: Path, url: str | None = None, heartbeat: float = 10.0) -> BaseStorage:
+    """The study's storage: a journal file in ``out`` by default; a database URL
+    (postgresql://, mysql://) with Optuna's heartbeat and connection checks; or a path to a
+    journal file elsewhere."""
+    if url is None:
+        out.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(out / JOURNAL_FILE)))
+    if is_database(url):
+        interval = max(1, round(heartbeat))
+        try:
+            return retry(lambda: RDBStorage(
+                _with_driver(url),
+                # pool_pre_ping replaces connections that a server restart has broken.
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=interval,
+                grace_period=grace_seconds(heartbeat),
+            ), what="connect", max_wait=30)
+        except ImportError as err:
+            raise StudyError(f"--storage {redact(url)}: the database driver is missing "
+                             f"({err.name}); pip install 'lrsweep[postgres]'") from None
+        except Exception as err:  # noqa: BLE001 - any connection failure is the user's to fix
+            raise StudyError(f"--storage {redact(url)}: cannot connect "
+                             f"({redact(_first_line(err))})") from None
+    path = Path(url).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def is_database(url: str | None) -> bool:
+    return bool(url) and url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql")
+
+
+def _with_driver(url: str) -> str:
+    # SQLAlchemy 2 maps a bare postgresql:// to psycopg2; lrsweep uses psycopg 3.
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    return url
+
+
+def grace_seconds(heartbeat: float) -> float:
+    """How long a silent worker counts as alive: six beats, at least a minute."""
+    return max(60.0, 6 * heartbeat)
+
+
+_PASSWORD = re.compile(r"(://[^:/@\s]+:)[^@\s]*(@)")
+
+
+def redact(text: str) -> str:
+    """Hide the password of every URL in ``text``."""
+    return _PASSWORD.sub(r"\1***\2", text)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def retry(call: Callable[[], T], *, what: str, max_wait: float = 900.0) -> T:
+    """Call ``call``, retrying with backoff while the database is unreachable (a restart, a
+    dropped connection), for up to ``max_wait`` seconds."""
+    from sqlalchemy.exc import DBAPIError
+
+    delay, deadline = 1.0, time.time() + max_wait
+    while True:
+        try:
+            return call()
+        except (DBAPIError, optuna.exceptions.StorageInternalError) as err:
+            if time.time() + delay > deadline:
+                raise
+            logger.warning("storage unreachable while trying to %s (%s); retrying in %.0f s",
+                           what, redact(_first_line(err)), delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
 
 
 @dataclass(frozen=True)
@@ -63,15 +136,22 @@ class Liveness:
 
 
 class Heartbeat:
-    """Keeps ``<out>/live/<trial>.json`` fresh while a trial runs (a daemon thread)."""
+    """Beats for a running trial from a daemon thread: Optuna's own heartbeat on a database,
+    ``<out>/live/<trial>.json`` on a journal. A failed beat (database down, disk full) is
+    logged and never kills the trial."""
 
-    def __init__(self, out: Path, trial_number: int, interval: float) -> None:
+    def __init__(self, storage: BaseStorage, trial_id: int, trial_number: int, out: Path,
+                 interval: float) -> None:
+        self.storage, self.trial_id = storage, trial_id
         self.path = out / LIVE_DIR / f"{trial_number}.json"
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="lrsweep-heartbeat")
 
     def _beat(self) -> None:
+        if isinstance(self.storage, RDBStorage):
+            self.storage.record_heartbeat(self.trial_id)
+            return
         record = Liveness.here()
         atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(asdict(record))))
 
@@ -79,11 +159,14 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 self._beat()
-            except OSError as err:  # a full disk must not kill the trial
-                logger.warning("heartbeat failed: %s", err)
+            except Exception as err:  # noqa: BLE001
+                logger.warning("heartbeat failed: %s", redact(_first_line(err)))
 
     def __enter__(self) -> Heartbeat:
-        self._beat()
+        try:
+            self._beat()
+        except Exception as err:  # noqa: BLE001
+            logger.warning("heartbeat failed: %s", redact(_first_line(err)))
         self._thread.start()
         return self
 
@@ -113,6 +196,11 @@ def reap_stale_trials(study: optuna.Study, out: Path, grace: float) -> list[int]
 
 
 def _reap(study: optuna.Study, out: Path, grace: float) -> list[int]:
+    storage = study._storage
+    if isinstance(storage, RDBStorage):
+        stale = set(storage._get_stale_trial_ids(study._study_id))
+        return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t._trial_id in stale and fail_trial(study, t, "worker died (no heartbeat)")]
     now = time.time()
     reaped = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):

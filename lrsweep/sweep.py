@@ -9,6 +9,7 @@ leave the process unusable, so the worker stops (the study resumes in a new proc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import pandas as pd
 import torch
 from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -30,11 +30,17 @@ from tqdm.auto import tqdm
 import lrsweep
 from lrsweep import config as config_mod
 from lrsweep.config import StudyConfig, SweepConfig
-from lrsweep.context import Context, prepare
+from lrsweep.context import Context
 from lrsweep.errors import StudyError
-from lrsweep.find import FindResult, load_find, run_find
+from lrsweep.find import FindResult
 from lrsweep.schedules import CosineSchedule
-from lrsweep.storage import JOURNAL_FILE, Heartbeat, fail_trial, open_storage, reap_stale_trials
+from lrsweep.storage import (
+    Heartbeat,
+    fail_trial,
+    grace_seconds,
+    reap_stale_trials,
+    retry,
+)
 from lrsweep.trial import TrialRun, free_memory, run_trial
 
 
@@ -130,7 +136,9 @@ def make_pruner(sweep: SweepConfig, steps: int) -> optuna.pruners.BasePruner:
 
 
 def pinned(config: StudyConfig) -> dict[str, Any]:
+    """The part of a config that every run of a study must share (the device may differ)."""
     raw = config.to_dict()
+    raw["train"].pop("device")
     return {k: raw[k] for k in _PINNED}
 
 
@@ -160,7 +168,9 @@ def load_existing(storage: optuna.storages.BaseStorage, name: str, config: Study
         raise StudyError(f"study {name!r} was made with a different [{', '.join(diff)}]; "
                          "use a new --out for a new study, or leave out the study file to "
                          "resume with the stored config")
-    return study, stored.replace(sweep=config.sweep, rangetest=config.rangetest)
+    return study, stored.replace(sweep=config.sweep, rangetest=config.rangetest,
+                                 train=dataclasses.replace(stored.train,
+                                                           device=config.train.device))
 
 
 def create_study(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig,
@@ -209,7 +219,7 @@ def run_worker(ctx: Context, plan: SweepPlan, on_finished: Callable[[FrozenTrial
     deadline passes. Returns the number of trials this worker finished."""
     cfg, study = ctx.config, plan.study
     worker = worker_name()
-    grace = max(60.0, 6 * cfg.sweep.heartbeat_seconds)
+    grace = grace_seconds(cfg.sweep.heartbeat_seconds)
     study.sampler = make_sampler(cfg.sweep.sampler,
                                  worker_seed(cfg.seed, worker, len(study.trials)))
     study.pruner = make_pruner(cfg.sweep, plan.steps)
@@ -218,19 +228,20 @@ def run_worker(ctx: Context, plan: SweepPlan, on_finished: Callable[[FrozenTrial
     bar = tqdm(total=plan.trials, initial=finished_count(study), desc="trials",
                disable=not progress, dynamic_ncols=True)
     try:
-        while finished_count(study) < plan.trials:
+        while retry(lambda: finished_count(study), what="count trials") < plan.trials:
             if plan.deadline is not None and time.time() >= plan.deadline:
                 logger.warning("time limit reached; no new trial starts")
                 break
-            reap_stale_trials(study, plan.out, grace)
-            trial = study.ask(space)
+            retry(lambda: reap_stale_trials(study, plan.out, grace), what="reap stale trials")
+            trial = retry(lambda: study.ask(space), what="start a trial")
             schedule = schedule_of(trial.params, cfg, plan.steps)
-            with Heartbeat(plan.out, trial.number, cfg.sweep.heartbeat_seconds):
+            with Heartbeat(study._storage, trial._trial_id, trial.number, plan.out,
+                           cfg.sweep.heartbeat_seconds):
                 frozen = _run_and_tell(ctx, study, trial, schedule, worker, progress)
             on_finished(frozen)
             if frozen.state in FINISHED:
                 done += 1
-            bar.n = finished_count(study)
+            bar.n = retry(lambda: finished_count(study), what="count trials")
             bar.refresh()
             tqdm.write(summary_line(frozen))
     finally:
@@ -262,18 +273,19 @@ def _run_and_tell(ctx: Context, study: optuna.Study, trial: Trial, schedule: Cos
         if isinstance(err, torch.AcceleratorError):
             # Not an OOM: the CUDA context may be broken; record the trial, then stop.
             _record(trial, run, seed, worker, run.reason)
-            study.tell(trial, state=TrialState.FAIL)
+            retry(lambda: study.tell(trial, state=TrialState.FAIL), what="record the trial")
             raise StudyError(f"CUDA error in trial {trial.number} ({run.reason}); this process "
                              "may be unusable: run the sweep again to resume") from err
     _record(trial, run, seed, worker, run.reason)
-    return study.tell(trial, value, state=state) if state == TrialState.COMPLETE \
-        else study.tell(trial, state=state)
+    # The trial's result survives a database restart: retry until it is recorded.
+    return retry(lambda: study.tell(trial, value if state == TrialState.COMPLETE else None,
+                                    state=state, skip_if_finished=True), what="record the trial")
 
 
 def _record(trial: Trial, run: TrialRun, seed: int, worker: str, reason: str | None) -> None:
     run.reason = reason
     for key, value in run.attrs(seed, worker).items():
-        trial.set_user_attr(key, value)
+        retry(lambda: trial.set_user_attr(key, value), what="record the trial")  # noqa: B023
 
 
 def summary_line(trial: FrozenTrial) -> str:
@@ -285,133 +297,3 @@ def summary_line(trial: FrozenTrial) -> str:
             f"warmup {trial.user_attrs.get('warmup_steps', '-')} steps "
             f"min_lr {trial.user_attrs.get('min_lr', float('nan')):.1e} "
             f"{trial.user_attrs.get('seconds', 0):.0f}s" + (f"  ({reason})" if reason else ""))
-
-
-# ---------------------------------------------------------------- the whole sweep
-
-def estimate_seconds(trials: int, steps: int, seconds_per_step: float, config: StudyConfig,
-                     ) -> float:
-    """Upper bound of the sweep's time: every trial runs to the end (pruning only cuts it).
-    An evaluation costs about a third of a step per batch (forward only)."""
-    evals = math.ceil(steps / config.sweep.eval_every)
-    eval_batches = config.data.eval_blocks / (2 * config.train.batch_size)
-    per_eval = seconds_per_step * eval_batches / (3 * config.train.grad_accum)
-    return trials * (steps * seconds_per_step + evals * per_eval)
-
-
-def _compatible(found: FindResult, config: StudyConfig) -> bool:
-    keep = ("seed", "model", "data", "lora", "train", "rangetest")
-    return all(found.config.to_dict()[k] == config.to_dict()[k] for k in keep)
-
-
-@dataclass
-class PreparedSweep:
-    ctx: Context
-    plan: SweepPlan
-    seconds_per_step: float
-
-    def estimate(self) -> str:
-        done = finished_count(self.plan.study) if self.plan.study else 0
-        left = max(0, self.plan.trials - done)
-        secs = estimate_seconds(left, self.plan.steps, self.seconds_per_step, self.ctx.config)
-        return (f"Estimate: {left} trials x {self.plan.steps} steps x "
-                f"{self.seconds_per_step:.2f} s/step (+ evals) = {secs / 3600:.2f} h at most; "
-                f"peak_lr in [{self.plan.bounds[0]:.2e}, {self.plan.bounds[1]:.2e}]")
-
-
-def prepare_sweep(config: StudyConfig | None, out: Path, *, trials: int | None = None,
-                  timeout: float | None = None, study_name: str = DEFAULT_STUDY,
-                  progress: bool = True, dry_run: bool = False) -> PreparedSweep:
-    """Join the study in ``out`` or plan a new one: load model and data and settle the search
-    bounds, running the range test first when ``out`` has none. The study is created only
-    after all that worked (and not on a dry run), so a bad input leaves no study behind."""
-    storage = open_storage(out)
-    study, cfg = load_existing(storage, study_name, config)
-    ctx = prepare(cfg)
-    found = load_find(out)
-    if found is not None and not _compatible(found, cfg):
-        found = None
-    if study is not None:
-        bounds = tuple(study.user_attrs["peak_lr_bounds"])
-    else:
-        if found is None and not cfg.search.peak_lr:
-            logger.info("no range test in %s yet: running it for the bounds", out)
-            found = run_find(ctx, progress=progress)
-            found.save(out)
-        bounds = peak_lr_bounds(cfg, found)
-    first = None
-    if study is None and found is not None and found.recommended_lr is not None:
-        first = first_trial(found.recommended_lr, cfg, bounds)  # type: ignore[arg-type]
-    if study is None and not dry_run:
-        study = create_study(storage, study_name, cfg, bounds, first)  # type: ignore[arg-type]
-    steps = total_steps(cfg.sweep, len(ctx.blocks.train),
-                        cfg.train.batch_size * cfg.train.grad_accum)
-    plan = SweepPlan(out, study, bounds, steps, trials or cfg.sweep.trials,  # type: ignore[arg-type]
-                     time.time() + timeout if timeout else None)
-    seconds_per_step = found.curve.seconds_per_step if found else _seconds_per_step(study)
-    return PreparedSweep(ctx, plan, seconds_per_step)
-
-
-def _seconds_per_step(study: optuna.Study | None) -> float:
-    if study is None:
-        return float("nan")
-    done = [t for t in study.get_trials(deepcopy=False, states=FINISHED)
-            if t.user_attrs.get("curve")]
-    steps = sum(len(t.user_attrs["curve"]["lr"]) for t in done)
-    return sum(t.user_attrs["seconds"] for t in done) / steps if steps else float("nan")
-
-
-def write_results(study: optuna.Study, out: Path, config: StudyConfig) -> None:
-    """Rebuild trials.parquet and curves.parquet from the storage."""
-    from lrsweep.results import write_sweep_results
-
-    write_sweep_results(study.get_trials(deepcopy=False), out, {
-        "version": lrsweep.__version__, "study": study.study_name,
-        "config": config.to_dict(), "peak_lr_bounds": study.user_attrs.get("peak_lr_bounds"),
-    })
-
-
-def execute(prepared: PreparedSweep, progress: bool = True) -> optuna.Study:
-    """Run trials until the budget is met; results are rewritten after every trial and at
-    exit, also when interrupted."""
-    ctx, plan = prepared.ctx, prepared.plan
-    try:
-        run_worker(ctx, plan, lambda _: write_results(plan.study, plan.out, ctx.config),
-                   progress=progress)
-    finally:
-        write_results(plan.study, plan.out, ctx.config)
-    return plan.study
-
-
-def run_sweep(study: StudyConfig | str | Path | None, out: str | Path, *,
-          overrides: list[str] | tuple[str, ...] = (), trials: int | None = None,
-          timeout: float | None = None, progress: bool = True) -> optuna.Study:
-    """Run (or resume) the sweep in ``out`` from Python; returns the Optuna study."""
-    cfg = study if isinstance(study, StudyConfig) or study is None \
-        else config_mod.load(study, overrides)
-    prepared = prepare_sweep(cfg, Path(out), trials=trials, timeout=timeout, progress=progress)
-    return execute(prepared, progress=progress)
-
-
-def load_results(out: Path, study_name: str = DEFAULT_STUDY,
-                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """trials.parquet, curves.parquet and their metadata; rebuilt from the storage first when
-    they lag behind it (the storage is the source of truth)."""
-    from lrsweep.results import CURVES_FILE, TRIALS_FILE, read_parquet
-
-    if (out / JOURNAL_FILE).exists():
-        study = optuna.load_study(study_name=study_name, storage=open_storage(out))
-        states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
-        current: dict[int, str] = {}
-        if (out / TRIALS_FILE).exists():
-            frame, _ = read_parquet(out / TRIALS_FILE)
-            current = dict(zip(frame["number"], frame["state"], strict=True))
-        if current != states or not (out / CURVES_FILE).exists():
-            logger.info("results in %s lag the study: rebuilding them", out)
-            write_results(study, out, config_mod.from_dict(study.user_attrs["config"]))
-    elif not (out / TRIALS_FILE).exists():
-        raise StudyError(f"{out}: no sweep here (no {JOURNAL_FILE} or {TRIALS_FILE}); "
-                         "run lrsweep sweep --out there first")
-    trials, meta = read_parquet(out / TRIALS_FILE)
-    curves, _ = read_parquet(out / CURVES_FILE)
-    return trials, curves, meta

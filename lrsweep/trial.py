@@ -21,6 +21,7 @@ from lrsweep.context import Context
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.schedules import CosineSchedule
+from lrsweep.storage import retry
 from lrsweep.suggest import ema
 from lrsweep.training import StepRecord, make_optimizer, train
 
@@ -94,8 +95,8 @@ def run_trial(ctx: Context, trial: Trial, schedule: CosineSchedule, progress: bo
         if record.eval_loss is not None:
             if not math.isfinite(record.eval_loss):
                 return f"non-finite eval loss at step {record.step}"
-            trial.report(record.eval_loss, record.step + 1)
-            if trial.should_prune():
+            retry(lambda: trial.report(record.eval_loss, record.step + 1), what="report")
+            if retry(trial.should_prune, what="ask the pruner"):
                 return f"pruned by the {cfg.sweep.pruner} pruner at step {record.step + 1}"
         smoothed = ema(losses, 0.9)
         if smoothed[-1] > cfg.sweep.diverge_factor * smoothed[0]:

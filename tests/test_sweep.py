@@ -13,17 +13,13 @@ from optuna.trial import TrialState
 
 from lrsweep import sweep as sweep_mod
 from lrsweep import trial as trial_mod
+from lrsweep import workers
 from lrsweep.errors import StudyError
 from lrsweep.find import load_find
 from lrsweep.results import read_parquet
 from lrsweep.suggest import MethodResult, Suggestion
-from lrsweep.sweep import (
-    execute,
-    load_results,
-    peak_lr_bounds,
-    prepare_sweep,
-    worker_seed,
-)
+from lrsweep.sweep import peak_lr_bounds, worker_seed
+from lrsweep.workers import execute, load_results, prepare_sweep
 from tests.conftest import run_cli, tiny_config
 
 
@@ -87,7 +83,7 @@ def test_parquet_matches_the_storage_after_every_trial(tmp_path: Path) -> None:
     checked: list[int] = []
 
     def check(frozen: optuna.trial.FrozenTrial) -> None:
-        sweep_mod.write_results(prepared.plan.study, tmp_path, prepared.ctx.config)
+        workers.write_results(prepared.plan.study, tmp_path, prepared.ctx.config)
         trials, meta = read_parquet(tmp_path / "trials.parquet")
         curves, _ = read_parquet(tmp_path / "curves.parquet")
         stored = prepared.plan.study.get_trials()
@@ -232,7 +228,7 @@ def test_dry_run_creates_no_study(tmp_path: Path, capsys: pytest.CaptureFixture[
                              "--out", str(tmp_path), "--dry-run", "-q")
     assert code == 0, err
     assert out.startswith("Estimate: 4 trials x 12 steps")
-    assert optuna.study.get_all_study_names(sweep_mod.open_storage(tmp_path)) == []
+    assert optuna.study.get_all_study_names(workers.open_storage(tmp_path)) == []
 
 
 def test_changed_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -270,3 +266,16 @@ def test_empty_results_have_the_schema(tmp_path: Path) -> None:
     assert trials_frame([]).columns.tolist() == list(TRIAL_COLUMNS)
     assert curves_frame([]).columns.tolist() == list(CURVE_COLUMNS)
     assert isinstance(trials_frame([]), pd.DataFrame)
+
+
+@pytest.mark.parametrize(("sampler", "pruner"), [("random", "hyperband"), ("gp", "none")])
+def test_other_samplers_and_pruners(tmp_path: Path, sampler: str, pruner: str) -> None:
+    cfg = tiny_config("search.peak_lr=[1e-3, 1e-1]", f"sweep.sampler={sampler}",
+                      f"sweep.pruner={pruner}")
+    prepared = prepare_sweep(cfg, tmp_path, trials=3, progress=False)
+    study = execute(prepared, progress=False)
+    assert len(_finished(study)) == 3
+    expected = {"random": optuna.samplers.RandomSampler, "gp": optuna.samplers.GPSampler}
+    assert isinstance(study.sampler, expected[sampler])
+    assert isinstance(study.pruner, {"hyperband": optuna.pruners.HyperbandPruner,
+                                     "none": optuna.pruners.NopPruner}[pruner])

@@ -109,3 +109,23 @@ def test_non_finite_loss_stops_before_the_update(ctx) -> None:  # type: ignore[n
 def _poison(model: torch.nn.Module) -> None:
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_paths_train(ctx, dtype: torch.dtype) -> None:  # type: ignore[no-untyped-def]
+    # CPU autocast runs the same code path as CUDA: bf16 autocast, fp16 autocast + GradScaler.
+    precision = Precision(torch.device("cpu"), dtype)
+    assert (precision.scaler is not None) == (dtype == torch.float16)
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        before = trainable_state(model)
+        opt = make_optimizer(model, ctx.config.train)
+        result = train(model, opt, _fixed(ctx.blocks.train, 4), [1e-2] * 3, grad_accum=2,
+                       max_grad_norm=1.0, precision=precision, eval_blocks=ctx.blocks.eval,
+                       eval_every=3, progress=False)
+        after = trainable_state(model)
+    finally:
+        detach_lora(model)
+    assert result.stop_reason is None and result.records[-1].eval_loss is not None
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(v.dtype == torch.float32 for v in after.values())  # adapters stay fp32
