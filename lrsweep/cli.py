@@ -26,10 +26,11 @@ QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Read by transformers and huggingface_hub at import: no warnings chatter and no
+    # "Loading weights" bars between lrsweep's own output.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
-
-    transformers.logging.set_verbosity_error()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @click.group()

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 import lrsweep
 from lrsweep import config as config_mod
 from lrsweep.config import StudyConfig, SweepConfig
-from lrsweep.context import Context
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult
 from lrsweep.schedules import CosineSchedule
@@ -41,7 +40,7 @@ from lrsweep.storage import (
     reap_stale_trials,
     retry,
 )
-from lrsweep.trial import TrialRun, free_memory, run_trial
+from lrsweep.trial import TrialRun, free_memory
 
 
 logger = logging.getLogger(__name__)
@@ -213,11 +212,16 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def run_worker(ctx: Context, plan: SweepPlan, on_finished: Callable[[FrozenTrial], None],
+Runner = Callable[[Trial, CosineSchedule], TrialRun]
+
+
+def run_worker(cfg: StudyConfig, plan: SweepPlan, runner: Runner,
+               on_finished: Callable[[FrozenTrial], None], *, device: torch.device,
                progress: bool = True) -> int:
     """Ask, run and tell trials until the study holds ``plan.trials`` finished trials or the
-    deadline passes. Returns the number of trials this worker finished."""
-    cfg, study = ctx.config, plan.study
+    deadline passes. ``runner`` trains one trial (lrsweep's own loop, or a user's Trainer).
+    Returns the number of trials this worker finished."""
+    study = plan.study
     worker = worker_name()
     grace = grace_seconds(cfg.sweep.heartbeat_seconds)
     study.sampler = make_sampler(cfg.sweep.sampler,
@@ -237,7 +241,7 @@ def run_worker(ctx: Context, plan: SweepPlan, on_finished: Callable[[FrozenTrial
             schedule = schedule_of(trial.params, cfg, plan.steps)
             with Heartbeat(study._storage, trial._trial_id, trial.number, plan.out,
                            cfg.sweep.heartbeat_seconds):
-                frozen = _run_and_tell(ctx, study, trial, schedule, worker, progress)
+                frozen = _run_and_tell(study, trial, schedule, runner, cfg.seed, worker, device)
             on_finished(frozen)
             if frozen.state in FINISHED:
                 done += 1
@@ -249,19 +253,19 @@ def run_worker(ctx: Context, plan: SweepPlan, on_finished: Callable[[FrozenTrial
     return done
 
 
-def _run_and_tell(ctx: Context, study: optuna.Study, trial: Trial, schedule: CosineSchedule,
-                  worker: str, progress: bool) -> FrozenTrial:
-    seed = ctx.config.seed
+def _run_and_tell(study: optuna.Study, trial: Trial, schedule: CosineSchedule, runner: Runner,
+                  seed: int, worker: str, device: torch.device) -> FrozenTrial:
+    """Run one trial and record it; every failure becomes the trial's state and reason."""
     run = TrialRun(schedule, [], 0.0, 0.0)
     state, value = TrialState.COMPLETE, None
     try:
-        run = run_trial(ctx, trial, schedule, progress)
+        run = runner(trial, schedule)
         if run.reason is not None:
             state = TrialState.PRUNED
         else:
             value = run.records[-1].eval_loss
     except torch.OutOfMemoryError:
-        free_memory(ctx.base.device)
+        free_memory(device)
         state, run.reason = TrialState.FAIL, "out of memory"
     except (KeyboardInterrupt, SystemExit) as err:
         _record(trial, run, seed, worker, f"interrupted ({type(err).__name__})")

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,25 +74,52 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Ad
     )
 
 
-def _predicted_tokens(batch: torch.Tensor) -> int:
-    # Causal LM: every position but the first is predicted (no padding in packed blocks).
-    return batch.shape[0] * (batch.shape[1] - 1)
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def _inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs with labels: packed blocks predict themselves; a collated batch (a
+    Trainer's) keeps its labels, or masks padding out of its input ids."""
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device)
+        return {"input_ids": batch, "labels": batch}
+    inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if "labels" not in inputs:
+        labels = inputs["input_ids"].clone()
+        if "attention_mask" in inputs:
+            labels[inputs["attention_mask"] == 0] = -100
+        inputs["labels"] = labels
+    return inputs
+
+
+def _predicted_tokens(inputs: dict[str, torch.Tensor]) -> int:
+    # Causal LM: every labelled position but the first is predicted.
+    labels = inputs["labels"]
+    if inputs.get("input_ids") is labels:  # packed blocks: no padding, no sync needed
+        return labels.shape[0] * (labels.shape[1] - 1)
+    return int((labels[:, 1:] != -100).sum())
+
+
+def _loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+          precision: Precision) -> torch.Tensor:
+    with precision.autocast():
+        return model(**inputs).loss
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, blocks: torch.Tensor, batch_size: int, precision: Precision
-) -> float:
-    """Token-weighted mean loss over ``blocks`` (dropout off)."""
+def evaluate(model: torch.nn.Module, blocks: torch.Tensor | Sequence[Batch], batch_size: int,
+             precision: Precision) -> float:
+    """Token-weighted mean loss over ``blocks`` (packed blocks, or a list of batches), with
+    dropout off."""
+    if isinstance(blocks, torch.Tensor):
+        blocks = [blocks[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=precision.device, dtype=torch.float64), 0
-    for i in range(0, len(blocks), batch_size):
-        batch = blocks[i : i + batch_size].to(precision.device)
-        with precision.autocast():
-            loss = model(input_ids=batch, labels=batch).loss
-        n = _predicted_tokens(batch)
-        total += loss.double() * n
+    for batch in blocks:
+        inputs = _inputs(batch, precision.device)
+        n = _predicted_tokens(inputs)
+        total += _loss(model, inputs, precision).double() * n
         count += n
     model.train(was_training)
     return (total / count).item()
@@ -101,13 +128,13 @@ def evaluate(
 def train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[torch.Tensor],
+    batches: Iterator[Batch],
     lrs: Sequence[float],
     *,
     grad_accum: int,
     max_grad_norm: float,
     precision: Precision,
-    eval_blocks: torch.Tensor | None = None,
+    eval_blocks: torch.Tensor | Sequence[Batch] | None = None,
     eval_every: int = 0,
     eval_batch_size: int = 8,
     on_step: Callable[[StepRecord], str | None] | None = None,
@@ -131,13 +158,12 @@ def train(
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [next(batches).to(precision.device) for _ in range(grad_accum)]
-            step_tokens = sum(_predicted_tokens(b) for b in micro)
+            micro = [_inputs(next(batches), precision.device) for _ in range(grad_accum)]
+            counts = [_predicted_tokens(inputs) for inputs in micro]
+            step_tokens = sum(counts)
             step_loss = torch.zeros((), device=precision.device)
-            for batch in micro:
-                with precision.autocast():
-                    loss = model(input_ids=batch, labels=batch).loss
-                loss = loss * (_predicted_tokens(batch) / step_tokens)
+            for inputs, n in zip(micro, counts, strict=True):
+                loss = _loss(model, inputs, precision) * (n / step_tokens)
                 step_loss += loss.detach().float()
                 if precision.scaler is not None:
                     precision.scaler.scale(loss).backward()
@@ -158,7 +184,7 @@ def train(
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            tokens += sum(b.numel() for b in micro)
+            tokens += sum(inputs["input_ids"].numel() for inputs in micro)
             now = time.perf_counter()
             train_seconds += now - step_start
             record = StepRecord(step, lr, loss_value, grad_norm, tokens, now - start,

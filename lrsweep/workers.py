@@ -45,6 +45,7 @@ from lrsweep.sweep import (
     total_steps,
     worker_name,
 )
+from lrsweep.trial import run_trial
 
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,8 @@ def execute(prepared: PreparedSweep, progress: bool = True, part: bool = False,
         write_results(plan.study, plan.out, ctx.config, prepared.storage_url, worker)
 
     try:
-        run_worker(ctx, plan, write, progress=progress)
+        run_worker(ctx.config, plan, lambda t, s: run_trial(ctx, t, s, progress), write,
+                   device=ctx.base.device, progress=progress)
     finally:
         write()
     return plan.study

@@ -99,7 +99,10 @@ def test_parquet_matches_the_storage_after_every_trial(tmp_path: Path) -> None:
         assert meta["config"] == prepared.ctx.config.to_dict()
         checked.append(frozen.number)
 
-    sweep_mod.run_worker(prepared.ctx, prepared.plan, check, progress=False)
+    ctx = prepared.ctx
+    sweep_mod.run_worker(ctx.config, prepared.plan,
+                         lambda t, s: trial_mod.run_trial(ctx, t, s, False), check,
+                         device=ctx.base.device, progress=False)
     assert checked == [0, 1, 2, 3]
 
 
@@ -117,7 +120,7 @@ def test_trial_lrs_are_transformers_schedule(tmp_path: Path) -> None:
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = sweep_mod.run_trial
+    real = workers.run_trial
 
     def flaky(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
         if trial.number == 1:
@@ -126,7 +129,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         return real(ctx, trial, schedule, progress)
 
-    monkeypatch.setattr(sweep_mod, "run_trial", flaky)
+    monkeypatch.setattr(workers, "run_trial", flaky)
     study = execute(prepare_sweep(tiny_config(), tmp_path, trials=3, progress=False),
                     progress=False)
     states = {t.number: t.state for t in study.trials}

@@ -1,0 +1,255 @@
+"""transformers.Trainer integration: the range test and the sweep on the user's own Trainer.
+
+``find_lr(trainer)`` runs lrsweep's range test on the Trainer's model, data loader, collator,
+gradient accumulation, precision and clipping, and leaves the Trainer, its model weights and
+its optimizer exactly as they were. ``sweep(make_trainer, ...)`` runs an lrsweep study whose
+trials are the user's Trainers, the schedule applied through TrainingArguments.
+
+Example::
+
+    from lrsweep import hf
+
+    result = hf.find_lr(trainer, out="runs/find")
+    study = hf.sweep(lambda overrides: make_trainer(**overrides), "runs/sweep",
+                     max_steps=200, peak_lr=(result.recommended_lr / 10,
+                                             result.suggestion.divergence_lr or 1e-2))
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lrsweep.config import (
+    DataConfig,
+    ModelConfig,
+    RangeTestConfig,
+    SearchConfig,
+    StudyConfig,
+    SweepConfig,
+    TrainConfig,
+)
+from lrsweep.errors import StudyError
+from lrsweep.find import FindResult
+from lrsweep.rangetest import run_range_test
+from lrsweep.schedules import CosineSchedule
+from lrsweep.suggest import suggest
+from lrsweep.training import Batch, Precision, StepRecord
+
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import Trial
+    from transformers import Trainer
+
+    from lrsweep.trial import TrialRun
+
+
+def precision_of(trainer: Trainer) -> Precision:
+    args = trainer.args
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    return Precision(args.device, dtype)
+
+
+def _config_of(trainer: Trainer, rangetest: RangeTestConfig, **sections: Any) -> StudyConfig:
+    """A StudyConfig that records what the Trainer's run depended on (for the metadata)."""
+    args = trainer.args
+    name = getattr(getattr(trainer.model, "config", None), "name_or_path", "") or "trainer"
+    train = TrainConfig(batch_size=args.per_device_train_batch_size,
+                        grad_accum=args.gradient_accumulation_steps,
+                        max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
+                        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+                        adam_epsilon=args.adam_epsilon, device=str(args.device.type),
+                        dtype=str(precision_of(trainer).dtype).removeprefix("torch."))
+    return StudyConfig(seed=args.seed, model=ModelConfig(path=f"trainer:{name}"),
+                       data=DataConfig(path="trainer"), train=train, rangetest=rangetest,
+                       **sections)
+
+
+def _cycle(loader: Any) -> Iterator[Batch]:
+    while True:
+        yield from loader
+
+
+def find_lr(trainer: Trainer, *, start_lr: float = 1e-5, end_lr: float = 1e-1,
+            steps: int = 60, mode: str = "exp", probe_batches: int = 2,
+            out: str | Path | None = None, progress: bool = True) -> FindResult:
+    """The LR range test on ``trainer``'s model and data; the Trainer is left as it was.
+
+    The curve records the loss on the first ``probe_batches`` batches of the Trainer's eval
+    set after every step, or the training loss when it has no eval set.
+    """
+    signal = "eval" if trainer.eval_dataset is not None else "train"
+    cfg = RangeTestConfig(start_lr=start_lr, end_lr=end_lr, steps=steps, mode=mode,
+                          signal=signal, probe_blocks=probe_batches)
+    cfg.check()
+    args, model = trainer.args, trainer.model
+    probe = list(itertools.islice(trainer.get_eval_dataloader(), probe_batches)) \
+        if signal == "eval" else None
+    had_optimizer = trainer.optimizer is not None
+    was_training = model.training
+    # The Trainer's own optimizer (its class, parameter groups and weight decay); the
+    # range test restores its state afterwards.
+    optimizer = trainer.create_optimizer()
+    try:
+        curve = run_range_test(
+            model, optimizer, _cycle(trainer.get_train_dataloader()), cfg,
+            grad_accum=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+            precision=precision_of(trainer), probe=probe,
+            eval_batch_size=args.per_device_eval_batch_size, progress=progress)
+    finally:
+        model.train(was_training)
+        if not had_optimizer:
+            trainer.optimizer = None
+    result = FindResult(curve, suggest(curve.lrs, curve.losses), _config_of(trainer, cfg))
+    if out is not None:
+        result.save(Path(out))
+    return result
+
+
+def training_overrides(schedule: CosineSchedule, eval_every: int, output_dir: Path,
+                       keep_checkpoints: bool) -> dict[str, Any]:
+    """TrainingArguments keyword arguments that make a Trainer run ``schedule``."""
+    return {
+        "learning_rate": schedule.peak_lr,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": schedule.min_lr_ratio},
+        "warmup_steps": schedule.warmup_steps,
+        "max_steps": schedule.total_steps,
+        "eval_strategy": "steps",
+        "eval_steps": eval_every,
+        "logging_steps": 1,
+        "save_strategy": "steps" if keep_checkpoints else "no",
+        "output_dir": str(output_dir),
+        "report_to": [],
+        "disable_tqdm": True,
+    }
+
+
+def _trainer_runner(make_trainer: Callable[[dict[str, Any]], Trainer], out: Path,
+                    eval_every: int, keep_checkpoints: bool, pruner: str,
+                    ) -> Callable[[Trial, CosineSchedule], TrialRun]:
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from lrsweep.storage import retry
+    from lrsweep.trial import TrialRun
+
+    class _Watch(TrainerCallback):
+        """Records each step's LR and loss, reports eval losses, stops pruned trials."""
+
+        def __init__(self, trainer: Trainer, trial: Trial, run: TrialRun) -> None:
+            self.trainer, self.trial, self.run = trainer, trial, run
+            self.start = time.perf_counter()
+            self.lr = math.nan
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.lr = self.trainer.lr_scheduler.get_last_lr()[0]
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+                   **kw: Any) -> None:
+            if logs and "loss" in logs:
+                elapsed = time.perf_counter() - self.start
+                self.run.records.append(StepRecord(
+                    state.global_step - 1, self.lr, float(logs["loss"]), math.nan,
+                    0, elapsed, elapsed))
+
+        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
+                        **kw: Any) -> None:
+            loss = float((metrics or {}).get("eval_loss", math.nan))
+            if self.run.records:
+                self.run.records[-1].eval_loss = loss
+            if not math.isfinite(loss):
+                self.run.reason = f"non-finite eval loss at step {state.global_step}"
+            else:
+                retry(lambda: self.trial.report(loss, state.global_step), what="report")
+                if retry(self.trial.should_prune, what="ask the pruner"):
+                    self.run.reason = (f"pruned by the {pruner} pruner at step "
+                                       f"{state.global_step}")
+            if self.run.reason:
+                control.should_training_stop = True
+
+    def run(trial: Trial, schedule: CosineSchedule) -> TrialRun:
+        folder = out / "trials" / str(trial.number)
+        result = TrialRun(schedule, [], 0.0, 0.0)
+        trainer = make_trainer(training_overrides(schedule, eval_every, folder,
+                                                  keep_checkpoints))
+        if trainer.args.learning_rate != schedule.peak_lr:
+            raise StudyError("make_trainer(overrides) must pass the overrides on to "
+                             "TrainingArguments(**overrides)")
+        trainer.add_callback(_Watch(trainer, trial, result))
+        # lrsweep prints one line per trial; the Trainer's per-step log lines would bury it.
+        trainer.remove_callback(PrinterCallback)
+        try:
+            trainer.train()
+        finally:
+            trainer.model = None  # type: ignore[assignment]
+            del trainer
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if not keep_checkpoints:
+                shutil.rmtree(folder, ignore_errors=True)
+        if result.records:
+            result.seconds = result.records[-1].seconds
+        return result
+
+    return run
+
+
+def sweep(make_trainer: Callable[[dict[str, Any]], Trainer], out: str | Path, *,
+          max_steps: int, peak_lr: tuple[float, float],
+          warmup_fraction: tuple[float, float] = (0.0, 0.2),
+          min_lr_ratio: tuple[float, float] = (0.0, 0.3), trials: int = 20,
+          eval_every: int = 20, sampler: str = "tpe", pruner: str = "median", seed: int = 0,
+          storage: str | None = None, study_name: str = "lrsweep",
+          keep_checkpoints: bool = False, progress: bool = True) -> optuna.Study:
+    """An lrsweep study whose trials are the user's own Trainers.
+
+    ``make_trainer(overrides)`` must build a fresh Trainer (a fresh LoRA adapter) with
+    ``TrainingArguments(..., **overrides)``: the overrides carry the trial's peak LR, warmup,
+    min_lr, ``max_steps``, evaluation every ``eval_every`` steps and its own output folder,
+    which is removed after the trial unless ``keep_checkpoints``. Same storage, result files
+    and report as ``lrsweep sweep``.
+    """
+    from lrsweep.storage import open_storage
+    from lrsweep.sweep import SweepPlan, create_study, load_existing, run_worker
+    from lrsweep.workers import write_results
+
+    out = Path(out)
+    cfg = StudyConfig(
+        seed=seed,
+        model=ModelConfig(path="trainer"),
+        data=DataConfig(path="trainer"),
+        search=SearchConfig(peak_lr=list(peak_lr), warmup_fraction=list(warmup_fraction),
+                            min_lr_ratio=list(min_lr_ratio)),
+        sweep=SweepConfig(trials=trials, steps=max_steps, eval_every=eval_every,
+                          sampler=sampler, pruner=pruner),
+    )
+    cfg.search.check()
+    cfg.sweep.check()
+    backend = open_storage(out, storage)
+    study, cfg = load_existing(backend, study_name, cfg)
+    if study is None:
+        study = create_study(backend, study_name, cfg, tuple(peak_lr), None)  # type: ignore[arg-type]
+    plan = SweepPlan(out, study, tuple(study.user_attrs["peak_lr_bounds"]),  # type: ignore[arg-type]
+                     max_steps, trials)
+    runner = _trainer_runner(make_trainer, out, eval_every, keep_checkpoints, pruner)
+
+    def write(_: object = None) -> None:
+        write_results(study, out, cfg, storage)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        run_worker(cfg, plan, runner, write, device=device, progress=progress)
+    finally:
+        write()
+    return study

@@ -1,0 +1,173 @@
+"""The Trainer integration: lrsweep on the user's own transformers.Trainer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import Dataset, IterableDataset
+from transformers import Trainer, TrainingArguments
+
+from lrsweep import hf
+from lrsweep.context import Context, prepare
+from lrsweep.data import batches
+from lrsweep.models import attach_lora, detach_lora, trainable_state
+from lrsweep.schedules import CosineSchedule
+from lrsweep.training import make_optimizer, train
+from lrsweep.workers import load_results
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def ctx() -> Context:
+    return prepare(tiny_config("lora.dropout=0.0"))
+
+
+class Blocks(Dataset):  # type: ignore[type-arg]
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+class InOrder(IterableDataset):  # type: ignore[type-arg]
+    """The exact block order of lrsweep's own loop (a Trainer does not shuffle these)."""
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int, n: int) -> None:
+        self.args = blocks, batch_size, seed, n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        blocks, batch_size, seed, n = self.args
+        for _, batch in zip(range(n), batches(blocks, batch_size, seed), strict=False):
+            for block in batch:
+                yield {"input_ids": block, "labels": block}
+
+
+def _args(tmp_path: Path, **kw: Any) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(tmp_path / "hf"), report_to=[], use_cpu=True,
+                             per_device_train_batch_size=4, per_device_eval_batch_size=4,
+                             disable_tqdm=True, save_strategy="no", **kw)
+
+
+def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path) -> None:
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        trainer = Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2),
+                          train_dataset=Blocks(ctx.blocks.train),
+                          eval_dataset=Blocks(ctx.blocks.eval))
+        trainer.create_optimizer()
+        # An optimizer with state, as after some training.
+        model(input_ids=ctx.blocks.train[:2], labels=ctx.blocks.train[:2]).loss.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+        weights = trainable_state(model)
+        state = {k: {n: t.clone() for n, t in v.items()}
+                 for k, v in trainer.optimizer.state_dict()["state"].items()}
+        result = hf.find_lr(trainer, start_lr=1e-4, end_lr=1.0, steps=12, out=tmp_path / "f",
+                            progress=False)
+        assert len(result.curve.lrs) == 12
+        assert (tmp_path / "f" / "suggestion.json").exists()
+        assert result.config.train.grad_accum == 2
+        for name, value in trainable_state(model).items():
+            assert torch.equal(value, weights[name])
+        for key, value in trainer.optimizer.state_dict()["state"].items():
+            for n, t in value.items():
+                assert torch.equal(t, state[key][n])
+    finally:
+        detach_lora(model)
+
+
+def test_find_lr_without_optimizer_leaves_none(ctx: Context, tmp_path: Path) -> None:
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        trainer = Trainer(model=model, args=_args(tmp_path),
+                          train_dataset=Blocks(ctx.blocks.train))
+        result = hf.find_lr(trainer, steps=10, progress=False)
+        assert trainer.optimizer is None
+        assert result.config.rangetest.signal == "train"  # no eval set: training loss
+    finally:
+        detach_lora(model)
+
+
+def test_native_loop_and_trainer_agree(ctx: Context, tmp_path: Path) -> None:
+    """Same model, data order, seed and schedule for 20 optimizer steps: the same LR at every
+    step, and losses within 1e-4 (float32; README states the tolerance)."""
+    schedule = CosineSchedule(3e-3, 20, 0.1, 0.1)
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        native = train(model, make_optimizer(model, ctx.config.train),
+                       batches(ctx.blocks.train, 4, seed=0), schedule.lrs(), grad_accum=2,
+                       max_grad_norm=1.0, precision=hf.Precision(torch.device("cpu"),
+                                                                 torch.float32),
+                       progress=False)
+    finally:
+        detach_lora(model)
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        overrides = hf.training_overrides(schedule, eval_every=100, output_dir=tmp_path / "t",
+                                          keep_checkpoints=False)
+        overrides.update(eval_strategy="no", gradient_accumulation_steps=2)
+        trainer = Trainer(model=model, args=_args(tmp_path, **{k: v for k, v in overrides.items()
+                                                              if k not in ("report_to",
+                                                                           "disable_tqdm",
+                                                                           "save_strategy",
+                                                                           "output_dir")}),
+                          train_dataset=InOrder(ctx.blocks.train, 4, 0, 40))
+        lrs: list[float] = []
+
+        from transformers import TrainerCallback
+
+        class Lr(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+                lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+
+        trainer.add_callback(Lr())
+        trainer.train()
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    finally:
+        detach_lora(model)
+    assert lrs == [r.lr for r in native.records] == schedule.lrs()
+    assert len(losses) == 20
+    for ours, theirs in zip([r.loss for r in native.records], losses, strict=True):
+        assert math.isclose(ours, theirs, abs_tol=1e-4), (ours, theirs)
+
+
+def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
+    adapters: list[Any] = []
+
+    def make_trainer(overrides: dict[str, Any]) -> Trainer:
+        # A fresh adapter on the shared base for every trial; the last one comes off first
+        # (peft stacks adapters on a base that still has one).
+        if adapters:
+            detach_lora(adapters.pop())
+        model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+        adapters.append(model)
+        args = TrainingArguments(per_device_train_batch_size=4, per_device_eval_batch_size=8,
+                                 use_cpu=True, **overrides)
+        return Trainer(model=model, args=args, train_dataset=Blocks(ctx.blocks.train),
+                       eval_dataset=Blocks(ctx.blocks.eval))
+
+    try:
+        study = hf.sweep(make_trainer, tmp_path, max_steps=12, peak_lr=(1e-3, 1e-1), trials=3,
+                         eval_every=4, progress=False)
+    finally:
+        for model in adapters:
+            detach_lora(model)
+    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
+    trials, curves, meta = load_results(tmp_path)
+    assert len(trials) == 3 and meta["config"]["model"]["path"] == "trainer"
+    for _, t in trials.iterrows():
+        expected = CosineSchedule(t["peak_lr"], 12, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
+        got = curves[curves["number"] == t["number"]]["lr"].tolist()
+        assert len(got) >= 4 and got == expected[: len(got)]
+        evals = curves[(curves["number"] == t["number"]) & curves["eval_loss"].notna()]
+        assert evals["step"].tolist()[0] == 3  # evaluated after 4 steps
+    # No checkpoints or trial folders left behind.
+    assert not any((tmp_path / "trials").glob("*/*"))
