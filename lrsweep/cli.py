@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from lrsweep.config import DEFAULT_STUDY
 from lrsweep.errors import LrsweepError
 
 
@@ -86,7 +87,7 @@ STORAGE = click.option(
     help="postgresql://user:pw@host/db, mysql://..., or a journal file path (default: "
          "OUT/study.journal). Also read from $LRSWEEP_STORAGE, which keeps a password off "
          "the command line.")
-STUDY_NAME = click.option("--study", "study_name", default="lrsweep", show_default=True,
+STUDY_NAME = click.option("--study", "study_name", default=DEFAULT_STUDY, show_default=True,
                           help="Name of the study in the storage.")
 TRIALS = click.option("--trials", type=click.IntRange(min=1),
                       help="Finished trials the whole study aims for (default sweep.trials).")
@@ -152,9 +153,11 @@ def sweep(study: Path | None, overrides: tuple[str, ...], out: Path, trials: int
 @TIMEOUT
 @click.option("--device", help="Override train.device for this worker, e.g. cuda:1.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--sweep-json", hidden=True, help="The [sweep] section to use, as JSON.")
 @QUIET
 def worker(out: Path, storage: str | None, study_name: str, trials: int | None,
-           timeout: str | None, device: str | None, threads: int | None, quiet: bool) -> None:
+           timeout: str | None, device: str | None, threads: int | None,
+           sweep_json: str | None, quiet: bool) -> None:
     """Join an existing study and run its trials (on this or another machine).
 
     The study's config travels in the storage; the model and data paths it names must exist
@@ -166,8 +169,11 @@ def worker(out: Path, storage: str | None, study_name: str, trials: int | None,
         import torch
 
         torch.set_num_threads(threads)
+    import json
+
     prepared = prepare_sweep(None, out, storage=storage, study_name=study_name, trials=trials,
-                             timeout=_duration(timeout), device=device, progress=not quiet)
+                             timeout=_duration(timeout), device=device, progress=not quiet,
+                             sweep_section=json.loads(sweep_json) if sweep_json else None)
     _stop_on_sigterm()
     execute(prepared, progress=not quiet, part=True)
 

@@ -7,7 +7,6 @@ impossible values raise :class:`ConfigError` naming the key.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +16,9 @@ from typing import Any
 import tomllib
 
 from lrsweep.errors import ConfigError
+
+
+DEFAULT_STUDY = "lrsweep"  # the study name in a storage when none is given
 
 
 def _fail(key: str, problem: str) -> typing.NoReturn:
@@ -251,9 +253,6 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
     def replace(self, **sections: Any) -> StudyConfig:
         return dataclasses.replace(self, **sections)
 
@@ -365,8 +364,3 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
                 _fail(keys[0], "is not a section")
             section[keys[1]] = value
     return raw
-
-
-def from_json(text: str) -> StudyConfig:
-    """The inverse of :meth:`StudyConfig.to_json` (a study carries its config this way)."""
-    return from_dict(json.loads(text))

@@ -40,10 +40,6 @@ class Blocks:
     eval: torch.Tensor
     source: str
 
-    @property
-    def train_tokens(self) -> int:
-        return self.train.numel()
-
 
 def stdlib_files() -> list[Path]:
     """The standard library's own .py modules, without site-packages and test suites."""

@@ -23,3 +23,8 @@ class ModelError(LrsweepError):
 
 class StudyError(LrsweepError):
     """The sweep's study or output folder is inconsistent."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line errors that quote a cause."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -17,7 +17,6 @@ Example::
 
 from __future__ import annotations
 
-import gc
 import itertools
 import math
 import shutil
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lrsweep.config import (
+    DEFAULT_STUDY,
     DataConfig,
     ModelConfig,
     RangeTestConfig,
@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from transformers import Trainer
 
     from lrsweep.trial import TrialRun
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def precision_of(trainer: Trainer) -> Precision:
@@ -141,7 +143,9 @@ def _trainer_runner(make_trainer: Callable[[dict[str, Any]], Trainer], out: Path
     from transformers.trainer_callback import PrinterCallback
 
     from lrsweep.storage import retry
-    from lrsweep.trial import TrialRun
+    from lrsweep.trial import TrialRun, free_memory
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     class _Watch(TrainerCallback):
         """Records each step's LR and loss, reports eval losses, stops pruned trials."""
@@ -193,9 +197,7 @@ def _trainer_runner(make_trainer: Callable[[dict[str, Any]], Trainer], out: Path
         finally:
             trainer.model = None  # type: ignore[assignment]
             del trainer
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory(device)
             if not keep_checkpoints:
                 shutil.rmtree(folder, ignore_errors=True)
         if result.records:
@@ -210,7 +212,7 @@ def sweep(make_trainer: Callable[[dict[str, Any]], Trainer], out: str | Path, *,
           warmup_fraction: tuple[float, float] = (0.0, 0.2),
           min_lr_ratio: tuple[float, float] = (0.0, 0.3), trials: int = 20,
           eval_every: int = 20, sampler: str = "tpe", pruner: str = "median", seed: int = 0,
-          storage: str | None = None, study_name: str = "lrsweep",
+          storage: str | None = None, study_name: str = DEFAULT_STUDY,
           keep_checkpoints: bool = False, progress: bool = True) -> optuna.Study:
     """An lrsweep study whose trials are the user's own Trainers.
 

@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from lrsweep.config import LoraSettings, ModelConfig, TrainConfig
-from lrsweep.errors import ModelError
+from lrsweep.errors import ModelError, first_line
 
 
 logger = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def _convert_gguf(file: Path) -> tuple[PreTrainedModel, Tokenizer]:
         net = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelError(f"model.path: cannot load {file} as a GGUF causal LM ({_line(err)})")
+        raise ModelError(f"model.path: cannot load {file} as a GGUF causal LM ({first_line(err)})")
     # GGUF loads come back marked as quantized (they are not any more); Trainer and peft then
     # refuse or special-case them, and save_pretrained refuses outright.
     if getattr(net, "hf_quantizer", None) is not None:
@@ -288,22 +288,17 @@ def _load_folder(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
     try:
         net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **_OFFLINE)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelError(f"model.path: cannot load {folder} as a causal LM ({_line(err)})")
+        raise ModelError(f"model.path: cannot load {folder} as a causal LM ({first_line(err)})")
     if (folder / BYTE_TOKENIZER_FILE).is_file():
         return net, ByteTokenizer()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **_OFFLINE)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(
-            f"model.path: {folder} has no usable tokenizer ({_line(err)}); save the tokenizer "
+            f"model.path: {folder} has no usable tokenizer ({first_line(err)}); save the tokenizer "
             "into the same folder"
         )
     return net, HFTokenizer(tokenizer)
-
-
-def _line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def attach_lora(base: BaseModel, lora: LoraSettings, seed: int) -> PeftModel:

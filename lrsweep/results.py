@@ -150,6 +150,6 @@ def curves_frame(trials: list[Any]) -> pd.DataFrame:
 
 def write_sweep_results(trials: list[Any], out: Path, metadata: dict[str, Any]) -> None:
     """Rewrite trials.parquet and curves.parquet (atomically) from the study's trials."""
-    meta = {**metadata, "columns": TRIAL_COLUMNS}
-    write_parquet(trials_frame(trials), out / TRIALS_FILE, meta)
+    # Curves first: a reader that finds trials.parquet up to date may trust curves.parquet.
     write_parquet(curves_frame(trials), out / CURVES_FILE, {**metadata, "columns": CURVE_COLUMNS})
+    write_parquet(trials_frame(trials), out / TRIALS_FILE, {**metadata, "columns": TRIAL_COLUMNS})

@@ -2,8 +2,8 @@
 
 The default is an Optuna journal file in the output folder: safe for several processes on
 one machine, unlike SQLite. A journal has no heartbeat, so every running trial gets a
-liveness record (host, pid, process start time, last beat) in ``<out>/live/``, refreshed by a
-background thread. A RUNNING trial is stale when its process is gone (same host) or its beat
+liveness record (host, pid, process start time, last beat) in ``live/`` beside the journal,
+refreshed by a background thread. A RUNNING trial is stale when its process is gone (same host) or its beat
 is older than the grace period (another host); a trial whose process is alive is never failed.
 """
 
@@ -28,7 +28,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from lrsweep.errors import StudyError
+from lrsweep.errors import StudyError, first_line
 from lrsweep.results import atomic_write
 
 
@@ -46,7 +46,12 @@ def open_storage(out: Path, url: str | None = None, heartbeat: float = 10.0) -> 
     if url is None:
         out.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(out / JOURNAL_FILE)))
-    if is_database(url):
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme is not None and not is_database(url):
+        raise StudyError(f"--storage {redact(url)}: unsupported scheme {scheme!r}; use "
+                         "postgresql://, mysql:// or a journal file path (never SQLite for "
+                         "parallel workers)")
+    if scheme is not None:
         interval = max(1, round(heartbeat))
         try:
             return retry(lambda: RDBStorage(
@@ -54,27 +59,29 @@ def open_storage(out: Path, url: str | None = None, heartbeat: float = 10.0) -> 
                 # pool_pre_ping replaces connections that a server restart has broken.
                 engine_kwargs={"pool_pre_ping": True},
                 heartbeat_interval=interval,
-                grace_period=grace_seconds(heartbeat),
+                grace_period=round(grace_seconds(interval)),
             ), what="connect", max_wait=30)
         except ImportError as err:
             raise StudyError(f"--storage {redact(url)}: the database driver is missing "
                              f"({err.name}); pip install 'lrsweep[postgres]'") from None
         except Exception as err:  # noqa: BLE001 - any connection failure is the user's to fix
             raise StudyError(f"--storage {redact(url)}: cannot connect "
-                             f"({redact(_first_line(err))})") from None
+                             f"({redact(first_line(err))})") from None
     path = Path(url).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
 
 
 def is_database(url: str | None) -> bool:
-    return bool(url) and url.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql")
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if url and "://" in url else ""
+    return scheme in ("postgresql", "postgres", "mysql")
 
 
 def _with_driver(url: str) -> str:
     # SQLAlchemy 2 maps a bare postgresql:// to psycopg2; lrsweep uses psycopg 3.
-    if url.startswith("postgresql://"):
-        return "postgresql+psycopg://" + url[len("postgresql://"):]
+    for alias in ("postgresql://", "postgres://"):
+        if url.startswith(alias):
+            return "postgresql+psycopg://" + url[len(alias):]
     return url
 
 
@@ -91,10 +98,6 @@ def redact(text: str) -> str:
     return _PASSWORD.sub(r"\1***\2", text)
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def retry(call: Callable[[], T], *, what: str, max_wait: float = 900.0) -> T:
     """Call ``call``, retrying with backoff while the database is unreachable (a restart, a
     dropped connection), for up to ``max_wait`` seconds."""
@@ -108,7 +111,7 @@ def retry(call: Callable[[], T], *, what: str, max_wait: float = 900.0) -> T:
             if time.time() + delay > deadline:
                 raise
             logger.warning("storage unreachable while trying to %s (%s); retrying in %.0f s",
-                           what, redact(_first_line(err)), delay)
+                           what, redact(first_line(err)), delay)
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
 
@@ -135,15 +138,25 @@ class Liveness:
         return (now or time.time()) - self.beat < grace
 
 
+def live_dir(storage: BaseStorage) -> Path | None:
+    """Where a journal's liveness records live: beside the journal file, so that every
+    process sharing the journal sees them (None for a database, which has heartbeats)."""
+    backend = getattr(storage, "_backend", None)
+    if not isinstance(backend, JournalFileBackend):
+        return None
+    journal = Path(backend._file_path)
+    return journal.parent / (LIVE_DIR if journal.name == JOURNAL_FILE else f"{journal.stem}.live")
+
+
 class Heartbeat:
     """Beats for a running trial from a daemon thread: Optuna's own heartbeat on a database,
-    ``<out>/live/<trial>.json`` on a journal. A failed beat (database down, disk full) is
-    logged and never kills the trial."""
+    a liveness record beside the journal otherwise. A failed beat (database down, disk full)
+    is logged and never kills the trial."""
 
-    def __init__(self, storage: BaseStorage, trial_id: int, trial_number: int, out: Path,
+    def __init__(self, storage: BaseStorage, trial_id: int, trial_number: int,
                  interval: float) -> None:
         self.storage, self.trial_id = storage, trial_id
-        self.path = out / LIVE_DIR / f"{trial_number}.json"
+        self.path = (live_dir(storage) or Path(".")) / f"{trial_number}.json"
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="lrsweep-heartbeat")
@@ -160,51 +173,53 @@ class Heartbeat:
             try:
                 self._beat()
             except Exception as err:  # noqa: BLE001
-                logger.warning("heartbeat failed: %s", redact(_first_line(err)))
+                logger.warning("heartbeat failed: %s", redact(first_line(err)))
 
     def __enter__(self) -> Heartbeat:
         try:
             self._beat()
         except Exception as err:  # noqa: BLE001
-            logger.warning("heartbeat failed: %s", redact(_first_line(err)))
+            logger.warning("heartbeat failed: %s", redact(first_line(err)))
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.path.unlink(missing_ok=True)
+        if not isinstance(self.storage, RDBStorage):
+            self.path.unlink(missing_ok=True)
 
 
-def read_liveness(out: Path, trial_number: int) -> Liveness | None:
+def read_liveness(live: Path, trial_number: int) -> Liveness | None:
     try:
-        return Liveness(**json.loads((out / LIVE_DIR / f"{trial_number}.json").read_text()))
+        return Liveness(**json.loads((live / f"{trial_number}.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
 
-def reap_stale_trials(study: optuna.Study, out: Path, grace: float) -> list[int]:
+def reap_stale_trials(study: optuna.Study, grace: float) -> list[int]:
     """Mark RUNNING trials whose worker died as FAIL and enqueue their parameters again.
 
     Returns the numbers of the trials it failed. Workers on one machine reap under a file
     lock, so that a dead trial is failed and retried once.
     """
-    (out / LIVE_DIR).mkdir(parents=True, exist_ok=True)
-    with open(out / LIVE_DIR / ".reap.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _reap(study, out, grace)
-
-
-def _reap(study: optuna.Study, out: Path, grace: float) -> list[int]:
     storage = study._storage
-    if isinstance(storage, RDBStorage):
-        stale = set(storage._get_stale_trial_ids(study._study_id))
+    live = live_dir(storage)
+    if live is None:  # a database: Optuna's heartbeats, and row locks against double reaping
+        stale = set(storage._get_stale_trial_ids(study._study_id))  # type: ignore[attr-defined]
         return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if t._trial_id in stale and fail_trial(study, t, "worker died (no heartbeat)")]
+    live.mkdir(parents=True, exist_ok=True)
+    with open(live / ".reap.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _reap_journal(study, live, grace)
+
+
+def _reap_journal(study: optuna.Study, live: Path, grace: float) -> list[int]:
     now = time.time()
     reaped = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        record = read_liveness(out, trial.number)
+        record = read_liveness(live, trial.number)
         if record is not None and record.alive(grace, now):
             continue
         if record is None and _started(trial) > now - grace:
@@ -212,7 +227,7 @@ def _reap(study: optuna.Study, out: Path, grace: float) -> list[int]:
         who = f"{record.host}:{record.pid}" if record else "unknown worker"
         if fail_trial(study, trial, f"worker {who} died (no heartbeat)"):
             reaped.append(trial.number)
-            (out / LIVE_DIR / f"{trial.number}.json").unlink(missing_ok=True)
+            (live / f"{trial.number}.json").unlink(missing_ok=True)
     return reaped
 
 

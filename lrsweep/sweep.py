@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 import lrsweep
 from lrsweep import config as config_mod
 from lrsweep.config import StudyConfig, SweepConfig
-from lrsweep.errors import StudyError
+from lrsweep.errors import LrsweepError, StudyError
 from lrsweep.find import FindResult
 from lrsweep.schedules import CosineSchedule
 from lrsweep.storage import (
@@ -47,7 +47,9 @@ logger = logging.getLogger(__name__)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-DEFAULT_STUDY = "lrsweep"
+# FAIL trials do not count against the budget: a cause that fails every trial (a batch
+# that never fits, a data bug) would otherwise loop until the time limit.
+MAX_FAILS_IN_A_ROW = 5
 # Sections that must match between a study and a worker that joins it (sweep.trials and
 # the sampler may differ between runs).
 _PINNED = ("seed", "model", "data", "lora", "train", "search")
@@ -130,8 +132,8 @@ def make_pruner(sweep: SweepConfig, steps: int) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=sweep.eval_every, max_resource=steps)
     if sweep.pruner == "none":
         return optuna.pruners.NopPruner()
-    # The first evaluation is mostly warmup, so it never prunes.
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=sweep.eval_every)
+    # The first evaluation (at step eval_every) is mostly warmup, so it never prunes.
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=sweep.eval_every + 1)
 
 
 def pinned(config: StudyConfig) -> dict[str, Any]:
@@ -228,7 +230,7 @@ def run_worker(cfg: StudyConfig, plan: SweepPlan, runner: Runner,
                                  worker_seed(cfg.seed, worker, len(study.trials)))
     study.pruner = make_pruner(cfg.sweep, plan.steps)
     space = distributions(cfg, plan.bounds)
-    done = 0
+    done = failed_in_a_row = 0
     bar = tqdm(total=plan.trials, initial=finished_count(study), desc="trials",
                disable=not progress, dynamic_ncols=True)
     try:
@@ -236,18 +238,25 @@ def run_worker(cfg: StudyConfig, plan: SweepPlan, runner: Runner,
             if plan.deadline is not None and time.time() >= plan.deadline:
                 logger.warning("time limit reached; no new trial starts")
                 break
-            retry(lambda: reap_stale_trials(study, plan.out, grace), what="reap stale trials")
+            retry(lambda: reap_stale_trials(study, grace), what="reap stale trials")
             trial = retry(lambda: study.ask(space), what="start a trial")
             schedule = schedule_of(trial.params, cfg, plan.steps)
-            with Heartbeat(study._storage, trial._trial_id, trial.number, plan.out,
+            with Heartbeat(study._storage, trial._trial_id, trial.number,
                            cfg.sweep.heartbeat_seconds):
                 frozen = _run_and_tell(study, trial, schedule, runner, cfg.seed, worker, device)
             on_finished(frozen)
+            tqdm.write(summary_line(frozen))
             if frozen.state in FINISHED:
                 done += 1
+                failed_in_a_row = 0
+            else:
+                failed_in_a_row += 1
+                if failed_in_a_row >= MAX_FAILS_IN_A_ROW:
+                    raise StudyError(
+                        f"{failed_in_a_row} trials in a row failed (last: "
+                        f"{frozen.user_attrs.get('reason')}); fix the cause and run again")
             bar.n = retry(lambda: finished_count(study), what="count trials")
             bar.refresh()
-            tqdm.write(summary_line(frozen))
     finally:
         bar.close()
     return done
@@ -257,7 +266,7 @@ def _run_and_tell(study: optuna.Study, trial: Trial, schedule: CosineSchedule, r
                   seed: int, worker: str, device: torch.device) -> FrozenTrial:
     """Run one trial and record it; every failure becomes the trial's state and reason."""
     run = TrialRun(schedule, [], 0.0, 0.0)
-    state, value = TrialState.COMPLETE, None
+    state, value, out_of_memory = TrialState.COMPLETE, None, False
     try:
         run = runner(trial, schedule)
         if run.reason is not None:
@@ -265,8 +274,7 @@ def _run_and_tell(study: optuna.Study, trial: Trial, schedule: CosineSchedule, r
         else:
             value = run.records[-1].eval_loss
     except torch.OutOfMemoryError:
-        free_memory(device)
-        state, run.reason = TrialState.FAIL, "out of memory"
+        state, run.reason, out_of_memory = TrialState.FAIL, "out of memory", True
     except (KeyboardInterrupt, SystemExit) as err:
         _record(trial, run, seed, worker, f"interrupted ({type(err).__name__})")
         fail_trial(study, study._storage.get_trial(trial._trial_id), "interrupted")
@@ -274,12 +282,16 @@ def _run_and_tell(study: optuna.Study, trial: Trial, schedule: CosineSchedule, r
     except Exception as err:
         logger.exception("trial %d raised", trial.number)
         state, run.reason = TrialState.FAIL, f"{type(err).__name__}: {err}"[:500]
-        if isinstance(err, torch.AcceleratorError):
-            # Not an OOM: the CUDA context may be broken; record the trial, then stop.
+        if isinstance(err, (torch.AcceleratorError, LrsweepError)):
+            # A broken CUDA context or a user error: record the trial, then stop.
             _record(trial, run, seed, worker, run.reason)
             retry(lambda: study.tell(trial, state=TrialState.FAIL), what="record the trial")
+            if isinstance(err, LrsweepError):
+                raise
             raise StudyError(f"CUDA error in trial {trial.number} ({run.reason}); this process "
                              "may be unusable: run the sweep again to resume") from err
+    if out_of_memory:
+        free_memory(device)  # outside the except block, whose traceback holds the tensors
     _record(trial, run, seed, worker, run.reason)
     # The trial's result survives a database restart: retry until it is recorded.
     return retry(lambda: study.tell(trial, value if state == TrialState.COMPLETE else None,

@@ -23,7 +23,10 @@ from lrsweep.models import attach_lora, detach_lora
 from lrsweep.schedules import CosineSchedule
 from lrsweep.storage import retry
 from lrsweep.suggest import ema
-from lrsweep.training import StepRecord, make_optimizer, train
+from lrsweep.training import Precision, StepRecord, make_optimizer, train
+
+
+_EMA_WINDOW = 100
 
 
 @dataclass
@@ -84,7 +87,11 @@ def run_trial(ctx: Context, trial: Trial, schedule: CosineSchedule, progress: bo
     device = ctx.base.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # Same seed, same adapter init, data order and dropout masks: trials differ only by their
+    # schedule, whatever ran before them in this process.
+    torch.manual_seed(cfg.seed)
     model = attach_lora(ctx.base, cfg.lora, cfg.seed)
+    precision = Precision(device, ctx.precision.dtype)  # a fresh GradScaler for fp16
     run = TrialRun(schedule, [], 0.0, 0.0)
     start = time.perf_counter()
     losses: list[float] = []
@@ -98,9 +105,10 @@ def run_trial(ctx: Context, trial: Trial, schedule: CosineSchedule, progress: bo
             retry(lambda: trial.report(record.eval_loss, record.step + 1), what="report")
             if retry(trial.should_prune, what="ask the pruner"):
                 return f"pruned by the {cfg.sweep.pruner} pruner at step {record.step + 1}"
-        smoothed = ema(losses, 0.9)
-        if smoothed[-1] > cfg.sweep.diverge_factor * smoothed[0]:
-            return (f"diverged at step {record.step} (smoothed loss {smoothed[-1]:.3g} > "
+        # An EMA with beta 0.9 forgets within ~50 steps: a window keeps this O(1) per step.
+        smoothed = ema(losses[-_EMA_WINDOW:], 0.9)[-1]
+        if smoothed > cfg.sweep.diverge_factor * losses[0]:
+            return (f"diverged at step {record.step} (smoothed loss {smoothed:.3g} > "
                     f"{cfg.sweep.diverge_factor}x the first)")
         return None
 
@@ -109,7 +117,7 @@ def run_trial(ctx: Context, trial: Trial, schedule: CosineSchedule, progress: bo
         result = train(
             model, optimizer, batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
             schedule.lrs(), grad_accum=cfg.train.grad_accum,
-            max_grad_norm=cfg.train.max_grad_norm, precision=ctx.precision,
+            max_grad_norm=cfg.train.max_grad_norm, precision=precision,
             eval_blocks=ctx.blocks.eval, eval_every=cfg.sweep.eval_every,
             eval_batch_size=cfg.train.batch_size * 2, on_step=on_step,
             desc=f"trial {trial.number}", progress=progress,

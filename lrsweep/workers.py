@@ -10,6 +10,7 @@ only their own part files, ``parts/<host>-<pid>/``, so no two processes write on
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -26,14 +27,13 @@ import pandas as pd
 
 import lrsweep
 from lrsweep import config as config_mod
-from lrsweep.config import StudyConfig
+from lrsweep.config import DEFAULT_STUDY, StudyConfig
 from lrsweep.context import Context, prepare
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, load_find, run_find
 from lrsweep.results import CURVES_FILE, TRIALS_FILE, read_parquet, write_sweep_results
 from lrsweep.storage import JOURNAL_FILE, open_storage, redact
 from lrsweep.sweep import (
-    DEFAULT_STUDY,
     FINISHED,
     SweepPlan,
     create_study,
@@ -45,7 +45,7 @@ from lrsweep.sweep import (
     total_steps,
     worker_name,
 )
-from lrsweep.trial import run_trial
+from lrsweep.trial import free_memory, run_trial
 
 
 logger = logging.getLogger(__name__)
@@ -94,13 +94,23 @@ def _compatible(found: FindResult, config: StudyConfig) -> bool:
 def prepare_sweep(config: StudyConfig | None, out: Path, *, storage: str | None = None,
                   study_name: str = DEFAULT_STUDY, trials: int | None = None,
                   timeout: float | None = None, device: str | None = None,
-                  progress: bool = True, dry_run: bool = False) -> PreparedSweep:
+                  sweep_section: dict[str, Any] | None = None, progress: bool = True,
+                  dry_run: bool = False) -> PreparedSweep:
     """Join the study or plan a new one: load model and data and settle the search bounds,
     running the range test first when ``out`` has none. The study is created only after all
-    that worked (and not on a dry run), so a bad input leaves no study behind."""
-    heartbeat = config.sweep.heartbeat_seconds if config else 10.0
-    backend = open_storage(out, storage, heartbeat)
+    that worked (and not on a dry run), so a bad input leaves no study behind.
+
+    ``sweep_section`` replaces the ``[sweep]`` settings of the study's stored config (how a
+    ``--workers`` parent passes its own run's settings to its workers)."""
+    heartbeat = config.sweep.heartbeat_seconds if config else None
+    backend = open_storage(out, storage, heartbeat or 10.0)
     study, cfg = load_existing(backend, study_name, config)
+    if sweep_section is not None:
+        cfg = cfg.replace(sweep=config_mod.from_dict({"sweep": sweep_section}).sweep)
+    if storage and cfg.sweep.heartbeat_seconds != heartbeat:
+        # A worker learns the heartbeat from the study: reopen with its interval and grace.
+        backend = open_storage(out, storage, cfg.sweep.heartbeat_seconds)
+        study = optuna.load_study(study_name=study_name, storage=backend) if study else None
     if device is not None:
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, device=device))
     ctx = prepare(cfg)
@@ -192,11 +202,15 @@ def spawn_workers(prepared: PreparedSweep, n: int, devices: list[str], *,
     if prepared.storage_url:
         env["LRSWEEP_STORAGE"] = prepared.storage_url
     threads = max(1, (os.cpu_count() or 1) // n)
+    sweep_json = json.dumps(prepared.ctx.config.to_dict()["sweep"])
+    # The workers load their own copies; this process only waits and merges.
+    prepared.ctx.base.model = None  # type: ignore[assignment]
+    free_memory(prepared.ctx.base.device)
     procs = []
     for i in range(n):
         cmd = [sys.executable, "-m", "lrsweep", "worker", "--out", str(plan.out),
                "--study", plan.study.study_name, "--trials", str(plan.trials),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--sweep-json", sweep_json]
         if devices:
             cmd += ["--device", devices[i % len(devices)]]
         if timeout:
@@ -207,10 +221,14 @@ def spawn_workers(prepared: PreparedSweep, n: int, devices: list[str], *,
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt as err:
-        # Ctrl-C reached the children too; SIGTERM must be passed on.
+        # Ctrl-C in a terminal reaches the workers too; a signal sent to this process alone
+        # (kill -INT, kill -TERM) is passed on after a moment.
+        sig = signal.SIGTERM if getattr(err, "exit_code", 130) == 143 else signal.SIGINT
         for p in procs:
-            if p.poll() is None and getattr(err, "exit_code", 130) == 143:
-                p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                p.send_signal(sig)
         for p in procs:
             p.wait()
         raise

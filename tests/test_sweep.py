@@ -282,3 +282,34 @@ def test_other_samplers_and_pruners(tmp_path: Path, sampler: str, pruner: str) -
     assert isinstance(study.sampler, expected[sampler])
     assert isinstance(study.pruner, {"hyperband": optuna.pruners.HyperbandPruner,
                                      "none": optuna.pruners.NopPruner}[pruner])
+
+
+def test_a_cause_that_fails_every_trial_stops_the_sweep(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
+        raise RuntimeError("batch does not fit")
+
+    monkeypatch.setattr(workers, "run_trial", broken)
+    prepared = prepare_sweep(tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path, trials=3,
+                             progress=False)
+    with pytest.raises(StudyError, match="5 trials in a row failed .*batch does not fit"):
+        execute(prepared, progress=False)
+    assert [t.state for t in prepared.plan.study.trials] == [TrialState.FAIL] * 5
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("sqlite:///study.db", "unsupported scheme 'sqlite'"),
+    ("redis://user:hunter2@host/0", "unsupported scheme 'redis'"),
+    # Connecting is retried for 30 s before it gives up.
+    pytest.param("postgresql://user:hunter2@127.0.0.1:1/db", "cannot connect",
+                 marks=pytest.mark.slow),
+])
+def test_bad_storage_urls_are_one_line_without_the_password(
+        tmp_path: Path, url: str, message: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import ROOT
+
+    code, _, err = run_cli(capsys, monkeypatch, "sweep", str(ROOT / "studies" / "tiny.toml"),
+                           "--storage", url, "--out", str(tmp_path), "--dry-run")
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert "hunter2" not in err
