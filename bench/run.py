@@ -7,7 +7,7 @@ import runpy
 import sys
 
 
-BENCHMARKS = ["bench.workers"]
+BENCHMARKS = ["bench.memory", "bench.workers"]
 
 if __name__ == "__main__":
     for name in BENCHMARKS:

@@ -237,7 +237,9 @@ def main() -> None:
     except (KeyboardInterrupt, click.exceptions.Abort) as err:
         click.echo("interrupted; finished trials are kept, run the same command to resume",
                    err=True)
-        sys.exit(getattr(err, "exit_code", 130))
+        # click turns the KeyboardInterrupt (or our SIGTERM subclass of it) into an Abort.
+        cause = err.__context__ if isinstance(err, click.exceptions.Abort) else err
+        sys.exit(getattr(cause, "exit_code", 130))
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

@@ -25,6 +25,7 @@ from typing import TypeVar
 import optuna
 import psutil
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
@@ -162,8 +163,8 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, daemon=True, name="lrsweep-heartbeat")
 
     def _beat(self) -> None:
-        if isinstance(self.storage, RDBStorage):
-            self.storage.record_heartbeat(self.trial_id)
+        if is_heartbeat_enabled(self.storage):  # a database (wrapped in Optuna's cache)
+            self.storage.record_heartbeat(self.trial_id)  # type: ignore[attr-defined]
             return
         record = Liveness.here()
         atomic_write(self.path, lambda tmp: tmp.write_text(json.dumps(asdict(record))))
@@ -186,7 +187,7 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        if not isinstance(self.storage, RDBStorage):
+        if not is_heartbeat_enabled(self.storage):
             self.path.unlink(missing_ok=True)
 
 

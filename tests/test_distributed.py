@@ -88,7 +88,8 @@ def test_three_workers_share_a_study(postgres: Server, tmp_path: Path) -> None: 
 
 def test_a_killed_worker_is_failed_and_its_trial_retried(postgres: Server,  # noqa: F811
                                                          tmp_path: Path) -> None:
-    cfg = tiny_config("sweep.steps=200", "sweep.eval_every=50", "sweep.heartbeat_seconds=1")
+    # Trials long enough that the study is still running when the grace period (6 s) ends.
+    cfg = tiny_config("sweep.steps=500", "sweep.eval_every=100", "sweep.heartbeat_seconds=1")
     prepare_sweep(cfg, tmp_path, storage=postgres.url, study_name="killed", progress=False)
     env = _env(postgres)
     victim = _lrsweep("worker", "--study", "killed", "--out", str(tmp_path), "-q",
