@@ -27,21 +27,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     args = parser.parse_args()
-    cfg = config_mod.load(ROOT / "studies" / "tiny.toml",
-                          ["search.peak_lr=[1e-3, 1e-1]", "sweep.steps=50", "sweep.pruner=none"])
+    cfg = config_mod.load(
+        ROOT / "studies" / "tiny.toml",
+        ["search.peak_lr=[1e-3, 1e-1]", "sweep.steps=50", "sweep.pruner=none"],
+    )
     process = psutil.Process()
     rss: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare_sweep(cfg, Path(tmp), trials=args.trials, progress=False)
         ctx = prepared.ctx
-        run_worker(ctx.config, prepared.plan, lambda t, s: run_trial(ctx, t, s, False),
-                   lambda _: rss.append(process.memory_info().rss / 2**20),
-                   device=ctx.base.device, progress=False)
+        run_worker(
+            ctx.config,
+            prepared.plan,
+            lambda t, s: run_trial(ctx, t, s, False),
+            lambda _: rss.append(process.memory_info().rss / 2**20),
+            device=ctx.base.device,
+            progress=False,
+        )
     for i, value in enumerate(rss):
         print(f"after trial {i:>2}: RSS {value:.1f} MiB")
     base = rss[min(4, len(rss) - 1)]
-    print(f"RSS growth from trial 4 to trial {len(rss) - 1}: {rss[-1] - base:+.1f} MiB "
-          f"({(rss[-1] - base) / base * 100:+.2f}%), max {max(rss):.1f} MiB")
+    print(
+        f"RSS growth from trial 4 to trial {len(rss) - 1}: {rss[-1] - base:+.1f} MiB "
+        f"({(rss[-1] - base) / base * 100:+.2f}%), max {max(rss):.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

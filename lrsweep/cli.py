@@ -19,14 +19,21 @@ from lrsweep.errors import LrsweepError
 
 
 STUDY = click.argument("study", required=False, type=click.Path(dir_okay=False, path_type=Path))
-SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                   help="Override one key of the study file (repeatable).")
+SET = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override one key of the study file (repeatable).",
+)
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     # Read by transformers and huggingface_hub at import: no warnings chatter and no
     # "Loading weights" bars between lrsweep's own output.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -45,8 +52,11 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @STUDY
 @SET
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (default runs/find-<timestamp>).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (default runs/find-<timestamp>).",
+)
 @QUIET
 def find(study: Path | None, overrides: tuple[str, ...], out: Path | None, quiet: bool) -> None:
     """Run the LR range test and recommend a peak LR.
@@ -61,12 +71,17 @@ def find(study: Path | None, overrides: tuple[str, ...], out: Path | None, quiet
     cfg = config_mod.load(study, overrides)
     out = out or Path("runs") / time.strftime("find-%Y%m%d-%H%M%S")
     result = find_lr(cfg, out=out, progress=not quiet)
-    click.echo(format_suggestion(result.suggestion, len(result.curve.lrs),
-                                 result.curve.stop_reason))
+    click.echo(
+        format_suggestion(result.suggestion, len(result.curve.lrs), result.curve.stop_reason)
+    )
     click.echo(f"\nWrote {out}/rangetest.parquet, rangetest.png, suggestion.json")
     if result.recommended_lr is not None:
-        click.echo("\nIn your own Trainer:\n" + format_trainer_snippet(
-            result.recommended_lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.seed))
+        click.echo(
+            "\nIn your own Trainer:\n"
+            + format_trainer_snippet(
+                result.recommended_lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.seed
+            )
+        )
 
 
 def _duration(text: str | None) -> float | None:
@@ -83,35 +98,65 @@ def _duration(text: str | None) -> float | None:
 
 
 STORAGE = click.option(
-    "--storage", envvar="LRSWEEP_STORAGE", metavar="URL",
+    "--storage",
+    envvar="LRSWEEP_STORAGE",
+    metavar="URL",
     help="postgresql://user:pw@host/db, mysql://..., or a journal file path (default: "
-         "OUT/study.journal). Also read from $LRSWEEP_STORAGE, which keeps a password off "
-         "the command line.")
-STUDY_NAME = click.option("--study", "study_name", default=DEFAULT_STUDY, show_default=True,
-                          help="Name of the study in the storage.")
-TRIALS = click.option("--trials", type=click.IntRange(min=1),
-                      help="Finished trials the whole study aims for (default sweep.trials).")
+    "OUT/study.journal). Also read from $LRSWEEP_STORAGE, which keeps a password off "
+    "the command line.",
+)
+STUDY_NAME = click.option(
+    "--study",
+    "study_name",
+    default=DEFAULT_STUDY,
+    show_default=True,
+    help="Name of the study in the storage.",
+)
+TRIALS = click.option(
+    "--trials",
+    type=click.IntRange(min=1),
+    help="Finished trials the whole study aims for (default sweep.trials).",
+)
 TIMEOUT = click.option("--timeout", help="Start no trial after this long, e.g. 8h or 90m.")
 
 
 @cli.command()
 @STUDY
 @SET
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("runs/sweep"), show_default=True,
-              help="Output folder: the study's journal, its results and plots.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/sweep"),
+    show_default=True,
+    help="Output folder: the study's journal, its results and plots.",
+)
 @TRIALS
 @TIMEOUT
 @STORAGE
 @STUDY_NAME
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes on this machine sharing the study.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this machine sharing the study.",
+)
 @click.option("--devices", help="Comma-separated devices for the workers, e.g. cuda:0,cuda:1.")
 @click.option("--dry-run", is_flag=True, help="Print the time estimate only.")
 @QUIET
-def sweep(study: Path | None, overrides: tuple[str, ...], out: Path, trials: int | None,
-          timeout: str | None, storage: str | None, study_name: str, workers: int,
-          devices: str | None, dry_run: bool, quiet: bool) -> None:
+def sweep(
+    study: Path | None,
+    overrides: tuple[str, ...],
+    out: Path,
+    trials: int | None,
+    timeout: str | None,
+    storage: str | None,
+    study_name: str,
+    workers: int,
+    devices: str | None,
+    dry_run: bool,
+    quiet: bool,
+) -> None:
     """Run (or resume) the Optuna sweep over peak LR, warmup and min_lr.
 
     Running it again with the same --out resumes the study; without STUDY it takes the
@@ -123,30 +168,45 @@ def sweep(study: Path | None, overrides: tuple[str, ...], out: Path, trials: int
 
     cfg = config_mod.load(study, overrides) if study or overrides else None
     device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else []
-    prepared = prepare_sweep(cfg, out, storage=storage, study_name=study_name, trials=trials,
-                             timeout=_duration(timeout), progress=not quiet, dry_run=dry_run,
-                             device=device_list[0] if device_list else None)
+    prepared = prepare_sweep(
+        cfg,
+        out,
+        storage=storage,
+        study_name=study_name,
+        trials=trials,
+        timeout=_duration(timeout),
+        progress=not quiet,
+        dry_run=dry_run,
+        device=device_list[0] if device_list else None,
+    )
     click.echo(prepared.estimate())
     if dry_run:
         return
     _stop_on_sigterm()
     if workers > 1:
-        code = spawn_workers(prepared, workers, device_list, timeout=_duration(timeout),
-                             quiet=quiet)
+        code = spawn_workers(
+            prepared, workers, device_list, timeout=_duration(timeout), quiet=quiet
+        )
         if code:
             sys.exit(code)
     else:
         execute(prepared, progress=not quiet)
     trials_frame, _, _ = load_results(out, storage, study_name)
     click.echo("\n" + format_trials(trials_frame, top=5))
-    click.echo(f"\nResults in {out}: trials.parquet, curves.parquet; "
-               f"lrsweep report {out} for plots, lrsweep export {out} for the best config")
+    click.echo(
+        f"\nResults in {out}: trials.parquet, curves.parquet; "
+        f"lrsweep report {out} for plots, lrsweep export {out} for the best config"
+    )
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("runs/sweep"), show_default=True,
-              help="Folder for this worker's part files (and a journal study, if no --storage).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/sweep"),
+    show_default=True,
+    help="Folder for this worker's part files (and a journal study, if no --storage).",
+)
 @STORAGE
 @STUDY_NAME
 @TRIALS
@@ -155,9 +215,17 @@ def sweep(study: Path | None, overrides: tuple[str, ...], out: Path, trials: int
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads.")
 @click.option("--sweep-json", hidden=True, help="The [sweep] section to use, as JSON.")
 @QUIET
-def worker(out: Path, storage: str | None, study_name: str, trials: int | None,
-           timeout: str | None, device: str | None, threads: int | None,
-           sweep_json: str | None, quiet: bool) -> None:
+def worker(
+    out: Path,
+    storage: str | None,
+    study_name: str,
+    trials: int | None,
+    timeout: str | None,
+    device: str | None,
+    threads: int | None,
+    sweep_json: str | None,
+    quiet: bool,
+) -> None:
     """Join an existing study and run its trials (on this or another machine).
 
     The study's config travels in the storage; the model and data paths it names must exist
@@ -171,9 +239,17 @@ def worker(out: Path, storage: str | None, study_name: str, trials: int | None,
         torch.set_num_threads(threads)
     import json
 
-    prepared = prepare_sweep(None, out, storage=storage, study_name=study_name, trials=trials,
-                             timeout=_duration(timeout), device=device, progress=not quiet,
-                             sweep_section=json.loads(sweep_json) if sweep_json else None)
+    prepared = prepare_sweep(
+        None,
+        out,
+        storage=storage,
+        study_name=study_name,
+        trials=trials,
+        timeout=_duration(timeout),
+        device=device,
+        progress=not quiet,
+        sweep_section=json.loads(sweep_json) if sweep_json else None,
+    )
     _stop_on_sigterm()
     execute(prepared, progress=not quiet, part=True)
 
@@ -212,8 +288,9 @@ def report(out: Path, top: int, storage: str | None, study_name: str) -> None:
 
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["json", "python"]), default="json",
-              show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["json", "python"]), default="json", show_default=True
+)
 @STORAGE
 @STUDY_NAME
 def export(out: Path, fmt: str, storage: str | None, study_name: str) -> None:
@@ -235,8 +312,9 @@ def main() -> None:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort) as err:
-        click.echo("interrupted; finished trials are kept, run the same command to resume",
-                   err=True)
+        click.echo(
+            "interrupted; finished trials are kept, run the same command to resume", err=True
+        )
         # click turns the KeyboardInterrupt (or our SIGTERM subclass of it) into an Abort.
         cause = err.__context__ if isinstance(err, click.exceptions.Abort) else err
         sys.exit(getattr(cause, "exit_code", 130))

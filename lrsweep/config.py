@@ -149,7 +149,9 @@ class RangeTestConfig:
             if getattr(self, key) <= 0:
                 _fail(f"rangetest.{key}", f"must be positive, got {getattr(self, key)}")
         if self.start_lr >= self.end_lr:
-            _fail("rangetest.start_lr", f"must be below end_lr ({self.end_lr}), got {self.start_lr}")
+            _fail(
+                "rangetest.start_lr", f"must be below end_lr ({self.end_lr}), got {self.start_lr}"
+            )
         if self.steps < 10:
             _fail("rangetest.steps", f"must be at least 10, got {self.steps}")
         if self.mode not in ("exp", "linear"):
@@ -189,7 +191,9 @@ class SearchConfig:
             _fail("search.min_lr", f"must be >= 0, got {self.min_lr}")
 
 
-def _check_range(key: str, value: list[float], positive: bool = False, upper: float = math.inf) -> None:
+def _check_range(
+    key: str, value: list[float], positive: bool = False, upper: float = math.inf
+) -> None:
     if len(value) != 2 or value[0] > value[1]:
         _fail(key, f"must be [low, high] with low <= high, got {value}")
     if positive and value[0] <= 0:
@@ -338,7 +342,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return keys, value
 
 
-def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+def load(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> StudyConfig:
     """Read a study file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
     raw: dict[str, Any] = {}
     if path is not None:

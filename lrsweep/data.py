@@ -113,8 +113,10 @@ def read_documents(config: DataConfig) -> tuple[list[str], str]:
         return [p.read_text(encoding="utf-8", errors="replace") for p in files], "stdlib"
     path = Path(config.path).expanduser()
     if not path.exists():
-        raise DataError(f"data.path: {path} does not exist; give a .txt, .jsonl, .json, "
-                        ".parquet, .csv file or a save_to_disk folder, or 'stdlib'")
+        raise DataError(
+            f"data.path: {path} does not exist; give a .txt, .jsonl, .json, "
+            ".parquet, .csv file or a save_to_disk folder, or 'stdlib'"
+        )
     suffix = path.suffix.lower()
     if path.is_dir() or suffix in (".parquet", ".csv"):
         docs = _read_table(path, config.text_field)
@@ -123,8 +125,10 @@ def read_documents(config: DataConfig) -> tuple[list[str], str]:
     elif suffix in (".txt", ".md", ".py", ""):
         docs = [path.read_text(encoding="utf-8", errors="replace")]
     else:
-        raise DataError(f"data.path: unsupported file type {suffix!r}; use .txt, .jsonl, "
-                        ".json, .parquet, .csv or a save_to_disk folder")
+        raise DataError(
+            f"data.path: unsupported file type {suffix!r}; use .txt, .jsonl, "
+            ".json, .parquet, .csv or a save_to_disk folder"
+        )
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"data.path: {path} holds no text")
@@ -181,8 +185,13 @@ def load_blocks(config: DataConfig, train: TrainConfig, tokenizer: Tokenizer, se
             f"{train.seq_len} tokens and {len(eval_blocks)} eval blocks, need at least {need} "
             "and 1 (one optimizer step); add text or lower train.seq_len / train.batch_size"
         )
-    logger.info("corpus %s: %d train blocks, %d eval blocks of %d tokens", source,
-                len(train_blocks), len(eval_blocks), train.seq_len)
+    logger.info(
+        "corpus %s: %d train blocks, %d eval blocks of %d tokens",
+        source,
+        len(train_blocks),
+        len(eval_blocks),
+        train.seq_len,
+    )
     return Blocks(train=train_blocks, eval=eval_blocks, source=source)
 
 

@@ -71,10 +71,16 @@ def run_find(ctx: Context, progress: bool = True) -> FindResult:
     try:
         optimizer = make_optimizer(model, cfg.train)
         curve = run_range_test(
-            model, optimizer, batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
-            cfg.rangetest, grad_accum=cfg.train.grad_accum,
-            max_grad_norm=cfg.train.max_grad_norm, precision=ctx.precision,
-            probe=ctx.blocks.eval, eval_batch_size=2 * cfg.train.batch_size, progress=progress,
+            model,
+            optimizer,
+            batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
+            cfg.rangetest,
+            grad_accum=cfg.train.grad_accum,
+            max_grad_norm=cfg.train.max_grad_norm,
+            precision=ctx.precision,
+            probe=ctx.blocks.eval,
+            eval_batch_size=2 * cfg.train.batch_size,
+            progress=progress,
         )
     finally:
         detach_lora(model)
@@ -112,11 +118,15 @@ def load_find(out: Path) -> FindResult | None:
         return None
     frame, meta = read_parquet(path)
     curve = RangeTestCurve(
-        lrs=frame["lr"].tolist(), losses=frame["loss"].tolist(),
-        smoothed=frame["smoothed_loss"].tolist(), train_losses=frame["train_loss"].tolist(),
+        lrs=frame["lr"].tolist(),
+        losses=frame["loss"].tolist(),
+        smoothed=frame["smoothed_loss"].tolist(),
+        train_losses=frame["train_loss"].tolist(),
         tokens=frame["tokens"].tolist(),
-        seconds=frame["seconds"].tolist(), stop_reason=meta.get("stop_reason"),
+        seconds=frame["seconds"].tolist(),
+        stop_reason=meta.get("stop_reason"),
         seconds_per_step=meta["seconds_per_step"],
     )
-    return FindResult(curve, Suggestion.from_dict(meta["suggestion"]),
-                      config_mod.from_dict(meta["config"]), out)
+    return FindResult(
+        curve, Suggestion.from_dict(meta["suggestion"]), config_mod.from_dict(meta["config"]), out
+    )

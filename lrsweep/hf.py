@@ -65,15 +65,25 @@ def _config_of(trainer: Trainer, rangetest: RangeTestConfig, **sections: Any) ->
     """A StudyConfig that records what the Trainer's run depended on (for the metadata)."""
     args = trainer.args
     name = getattr(getattr(trainer.model, "config", None), "name_or_path", "") or "trainer"
-    train = TrainConfig(batch_size=args.per_device_train_batch_size,
-                        grad_accum=args.gradient_accumulation_steps,
-                        max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay,
-                        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-                        adam_epsilon=args.adam_epsilon, device=str(args.device.type),
-                        dtype=str(precision_of(trainer).dtype).removeprefix("torch."))
-    return StudyConfig(seed=args.seed, model=ModelConfig(path=f"trainer:{name}"),
-                       data=DataConfig(path="trainer"), train=train, rangetest=rangetest,
-                       **sections)
+    train = TrainConfig(
+        batch_size=args.per_device_train_batch_size,
+        grad_accum=args.gradient_accumulation_steps,
+        max_grad_norm=args.max_grad_norm,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_epsilon=args.adam_epsilon,
+        device=str(args.device.type),
+        dtype=str(precision_of(trainer).dtype).removeprefix("torch."),
+    )
+    return StudyConfig(
+        seed=args.seed,
+        model=ModelConfig(path=f"trainer:{name}"),
+        data=DataConfig(path="trainer"),
+        train=train,
+        rangetest=rangetest,
+        **sections,
+    )
 
 
 def _cycle(loader: Any) -> Iterator[Batch]:
@@ -81,21 +91,38 @@ def _cycle(loader: Any) -> Iterator[Batch]:
         yield from loader
 
 
-def find_lr(trainer: Trainer, *, start_lr: float = 1e-5, end_lr: float = 1e-1,
-            steps: int = 60, mode: str = "exp", probe_batches: int = 2,
-            out: str | Path | None = None, progress: bool = True) -> FindResult:
+def find_lr(
+    trainer: Trainer,
+    *,
+    start_lr: float = 1e-5,
+    end_lr: float = 1e-1,
+    steps: int = 60,
+    mode: str = "exp",
+    probe_batches: int = 2,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> FindResult:
     """The LR range test on ``trainer``'s model and data; the Trainer is left as it was.
 
     The curve records the loss on the first ``probe_batches`` batches of the Trainer's eval
     set after every step, or the training loss when it has no eval set.
     """
     signal = "eval" if trainer.eval_dataset is not None else "train"
-    cfg = RangeTestConfig(start_lr=start_lr, end_lr=end_lr, steps=steps, mode=mode,
-                          signal=signal, probe_blocks=probe_batches)
+    cfg = RangeTestConfig(
+        start_lr=start_lr,
+        end_lr=end_lr,
+        steps=steps,
+        mode=mode,
+        signal=signal,
+        probe_blocks=probe_batches,
+    )
     cfg.check()
     args, model = trainer.args, trainer.model
-    probe = list(itertools.islice(trainer.get_eval_dataloader(), probe_batches)) \
-        if signal == "eval" else None
+    probe = (
+        list(itertools.islice(trainer.get_eval_dataloader(), probe_batches))
+        if signal == "eval"
+        else None
+    )
     had_optimizer = trainer.optimizer is not None
     was_training = model.training
     # The Trainer's own optimizer (its class, parameter groups and weight decay); the
@@ -103,10 +130,17 @@ def find_lr(trainer: Trainer, *, start_lr: float = 1e-5, end_lr: float = 1e-1,
     optimizer = trainer.create_optimizer()
     try:
         curve = run_range_test(
-            model, optimizer, _cycle(trainer.get_train_dataloader()), cfg,
-            grad_accum=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-            precision=precision_of(trainer), probe=probe,
-            eval_batch_size=args.per_device_eval_batch_size, progress=progress)
+            model,
+            optimizer,
+            _cycle(trainer.get_train_dataloader()),
+            cfg,
+            grad_accum=args.gradient_accumulation_steps,
+            max_grad_norm=args.max_grad_norm,
+            precision=precision_of(trainer),
+            probe=probe,
+            eval_batch_size=args.per_device_eval_batch_size,
+            progress=progress,
+        )
     finally:
         model.train(was_training)
         if not had_optimizer:
@@ -117,8 +151,9 @@ def find_lr(trainer: Trainer, *, start_lr: float = 1e-5, end_lr: float = 1e-1,
     return result
 
 
-def training_overrides(schedule: CosineSchedule, eval_every: int, output_dir: Path,
-                       keep_checkpoints: bool) -> dict[str, Any]:
+def training_overrides(
+    schedule: CosineSchedule, eval_every: int, output_dir: Path, keep_checkpoints: bool
+) -> dict[str, Any]:
     """TrainingArguments keyword arguments that make a Trainer run ``schedule``."""
     return {
         "learning_rate": schedule.peak_lr,
@@ -136,9 +171,13 @@ def training_overrides(schedule: CosineSchedule, eval_every: int, output_dir: Pa
     }
 
 
-def _trainer_runner(make_trainer: Callable[[dict[str, Any]], Trainer], out: Path,
-                    eval_every: int, keep_checkpoints: bool, pruner: str,
-                    ) -> Callable[[Trial, CosineSchedule], TrialRun]:
+def _trainer_runner(
+    make_trainer: Callable[[dict[str, Any]], Trainer],
+    out: Path,
+    eval_every: int,
+    keep_checkpoints: bool,
+    pruner: str,
+) -> Callable[[Trial, CosineSchedule], TrialRun]:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
@@ -158,16 +197,24 @@ def _trainer_runner(make_trainer: Callable[[dict[str, Any]], Trainer], out: Path
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.lr = self.trainer.lr_scheduler.get_last_lr()[0]
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
-                   **kw: Any) -> None:
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "loss" in logs:
                 elapsed = time.perf_counter() - self.start
-                self.run.records.append(StepRecord(
-                    state.global_step - 1, self.lr, float(logs["loss"]), math.nan,
-                    0, elapsed, elapsed))
+                self.run.records.append(
+                    StepRecord(
+                        state.global_step - 1,
+                        self.lr,
+                        float(logs["loss"]),
+                        math.nan,
+                        0,
+                        elapsed,
+                        elapsed,
+                    )
+                )
 
-        def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None,
-                        **kw: Any) -> None:
+        def on_evaluate(
+            self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
+        ) -> None:
             loss = float((metrics or {}).get("eval_loss", math.nan))
             if self.run.records:
                 self.run.records[-1].eval_loss = loss
@@ -176,19 +223,19 @@ def _trainer_runner(make_trainer: Callable[[dict[str, Any]], Trainer], out: Path
             else:
                 retry(lambda: self.trial.report(loss, state.global_step), what="report")
                 if retry(self.trial.should_prune, what="ask the pruner"):
-                    self.run.reason = (f"pruned by the {pruner} pruner at step "
-                                       f"{state.global_step}")
+                    self.run.reason = f"pruned by the {pruner} pruner at step {state.global_step}"
             if self.run.reason:
                 control.should_training_stop = True
 
     def run(trial: Trial, schedule: CosineSchedule) -> TrialRun:
         folder = out / "trials" / str(trial.number)
         result = TrialRun(schedule, [], 0.0, 0.0)
-        trainer = make_trainer(training_overrides(schedule, eval_every, folder,
-                                                  keep_checkpoints))
+        trainer = make_trainer(training_overrides(schedule, eval_every, folder, keep_checkpoints))
         if trainer.args.learning_rate != schedule.peak_lr:
-            raise StudyError("make_trainer(overrides) must pass the overrides on to "
-                             "TrainingArguments(**overrides)")
+            raise StudyError(
+                "make_trainer(overrides) must pass the overrides on to "
+                "TrainingArguments(**overrides)"
+            )
         trainer.add_callback(_Watch(trainer, trial, result))
         # lrsweep prints one line per trial; the Trainer's per-step log lines would bury it.
         trainer.remove_callback(PrinterCallback)
@@ -207,13 +254,24 @@ def _trainer_runner(make_trainer: Callable[[dict[str, Any]], Trainer], out: Path
     return run
 
 
-def sweep(make_trainer: Callable[[dict[str, Any]], Trainer], out: str | Path, *,
-          max_steps: int, peak_lr: tuple[float, float],
-          warmup_fraction: tuple[float, float] = (0.0, 0.2),
-          min_lr_ratio: tuple[float, float] = (0.0, 0.3), trials: int = 20,
-          eval_every: int = 20, sampler: str = "tpe", pruner: str = "median", seed: int = 0,
-          storage: str | None = None, study_name: str = DEFAULT_STUDY,
-          keep_checkpoints: bool = False, progress: bool = True) -> optuna.Study:
+def sweep(
+    make_trainer: Callable[[dict[str, Any]], Trainer],
+    out: str | Path,
+    *,
+    max_steps: int,
+    peak_lr: tuple[float, float],
+    warmup_fraction: tuple[float, float] = (0.0, 0.2),
+    min_lr_ratio: tuple[float, float] = (0.0, 0.3),
+    trials: int = 20,
+    eval_every: int = 20,
+    sampler: str = "tpe",
+    pruner: str = "median",
+    seed: int = 0,
+    storage: str | None = None,
+    study_name: str = DEFAULT_STUDY,
+    keep_checkpoints: bool = False,
+    progress: bool = True,
+) -> optuna.Study:
     """An lrsweep study whose trials are the user's own Trainers.
 
     ``make_trainer(overrides)`` must build a fresh Trainer (a fresh LoRA adapter) with
@@ -231,10 +289,14 @@ def sweep(make_trainer: Callable[[dict[str, Any]], Trainer], out: str | Path, *,
         seed=seed,
         model=ModelConfig(path="trainer"),
         data=DataConfig(path="trainer"),
-        search=SearchConfig(peak_lr=list(peak_lr), warmup_fraction=list(warmup_fraction),
-                            min_lr_ratio=list(min_lr_ratio)),
-        sweep=SweepConfig(trials=trials, steps=max_steps, eval_every=eval_every,
-                          sampler=sampler, pruner=pruner),
+        search=SearchConfig(
+            peak_lr=list(peak_lr),
+            warmup_fraction=list(warmup_fraction),
+            min_lr_ratio=list(min_lr_ratio),
+        ),
+        sweep=SweepConfig(
+            trials=trials, steps=max_steps, eval_every=eval_every, sampler=sampler, pruner=pruner
+        ),
     )
     cfg.search.check()
     cfg.sweep.check()
@@ -242,8 +304,13 @@ def sweep(make_trainer: Callable[[dict[str, Any]], Trainer], out: str | Path, *,
     study, cfg = load_existing(backend, study_name, cfg)
     if study is None:
         study = create_study(backend, study_name, cfg, tuple(peak_lr), None)  # type: ignore[arg-type]
-    plan = SweepPlan(out, study, tuple(study.user_attrs["peak_lr_bounds"]),  # type: ignore[arg-type]
-                     max_steps, trials)
+    plan = SweepPlan(
+        out,
+        study,
+        tuple(study.user_attrs["peak_lr_bounds"]),  # type: ignore[arg-type]
+        max_steps,
+        trials,
+    )
     runner = _trainer_runner(make_trainer, out, eval_every, keep_checkpoints, pruner)
 
     def write(_: object = None) -> None:

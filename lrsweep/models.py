@@ -295,8 +295,8 @@ def _load_folder(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
         tokenizer = AutoTokenizer.from_pretrained(folder, **_OFFLINE)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(
-            f"model.path: {folder} has no usable tokenizer ({first_line(err)}); save the tokenizer "
-            "into the same folder"
+            f"model.path: {folder} has no usable tokenizer ({first_line(err)}); "
+            "save the tokenizer into the same folder"
         )
     return net, HFTokenizer(tokenizer)
 

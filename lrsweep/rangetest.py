@@ -38,15 +38,17 @@ class RangeTestCurve:
     seconds_per_step: float  # training steps alone, without the probe evaluations
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame({
-            "step": np.arange(len(self.lrs), dtype=np.int64),
-            "lr": self.lrs,
-            "loss": self.losses,
-            "smoothed_loss": self.smoothed,
-            "train_loss": self.train_losses,
-            "tokens": np.asarray(self.tokens, dtype=np.int64),
-            "seconds": self.seconds,
-        })
+        return pd.DataFrame(
+            {
+                "step": np.arange(len(self.lrs), dtype=np.int64),
+                "lr": self.lrs,
+                "loss": self.losses,
+                "smoothed_loss": self.smoothed,
+                "train_loss": self.train_losses,
+                "tokens": np.asarray(self.tokens, dtype=np.int64),
+                "seconds": self.seconds,
+            }
+        )
 
 
 @dataclass
@@ -60,8 +62,9 @@ class _Snapshot:
     numpy_rng: dict[str, Any]
 
 
-def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              precision: Precision) -> _Snapshot:
+def _snapshot(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: Precision
+) -> _Snapshot:
     return _Snapshot(
         weights=trainable_state(model),
         optimizer=copy.deepcopy(optimizer.state_dict()),
@@ -73,8 +76,12 @@ def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     )
 
 
-def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-             saved: _Snapshot) -> None:
+def _restore(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    saved: _Snapshot,
+) -> None:
     load_trainable_state(model, saved.weights)
     optimizer.load_state_dict(saved.optimizer)
     if precision.scaler is not None and saved.scaler is not None:
@@ -114,18 +121,27 @@ def run_range_test(
     def watch(record: StepRecord) -> str | None:
         losses.append(record.eval_loss if use_eval else record.loss)  # type: ignore[arg-type]
         if divergence_index(losses, config.smoothing, config.diverge_factor) is not None:
-            return (f"diverged at lr {record.lr:.3g} "
-                    f"(smoothed loss > {config.diverge_factor}x best)")
+            return (
+                f"diverged at lr {record.lr:.3g} (smoothed loss > {config.diverge_factor}x best)"
+            )
         return None
 
     saved = _snapshot(model, optimizer, precision)
     try:
         result = train(
-            model, optimizer, batches, lrs,
-            grad_accum=grad_accum, max_grad_norm=max_grad_norm, precision=precision,
+            model,
+            optimizer,
+            batches,
+            lrs,
+            grad_accum=grad_accum,
+            max_grad_norm=max_grad_norm,
+            precision=precision,
             eval_blocks=probe[: config.probe_blocks] if use_eval else None,  # type: ignore[index]
-            eval_every=1, eval_batch_size=eval_batch_size,
-            on_step=watch, desc="range test", progress=progress,
+            eval_every=1,
+            eval_batch_size=eval_batch_size,
+            on_step=watch,
+            desc="range test",
+            progress=progress,
         )
     finally:
         _restore(model, optimizer, precision, saved)

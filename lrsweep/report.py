@@ -38,8 +38,9 @@ def _fmt(lr: float | None) -> str:
     return "-" if lr is None else f"{lr:.2e}"
 
 
-def plot_rangetest(curve: pd.DataFrame, suggestion: Suggestion, path: Path,
-                   ylabel: str = "loss") -> None:
+def plot_rangetest(
+    curve: pd.DataFrame, suggestion: Suggestion, path: Path, ylabel: str = "loss"
+) -> None:
     """Loss against LR (log axis), raw and smoothed, with every suggestion marked."""
     fig = _figure()
     ax = fig.add_subplot()
@@ -56,14 +57,24 @@ def plot_rangetest(curve: pd.DataFrame, suggestion: Suggestion, path: Path,
         ax.axvspan(*suggestion.interval, color="C2", alpha=0.15, label="interval")
     for i, (name, method) in enumerate(suggestion.methods.items()):
         if method.lr is not None:
-            ax.axvline(method.lr, color=f"C{i + 3}", ls=":", lw=1.2,
-                       label=f"{name} {method.lr:.1e}")
+            ax.axvline(
+                method.lr, color=f"C{i + 3}", ls=":", lw=1.2, label=f"{name} {method.lr:.1e}"
+            )
     if suggestion.recommended_lr is not None:
-        ax.axvline(suggestion.recommended_lr, color="C2", lw=2,
-                   label=f"recommended {suggestion.recommended_lr:.1e}")
+        ax.axvline(
+            suggestion.recommended_lr,
+            color="C2",
+            lw=2,
+            label=f"recommended {suggestion.recommended_lr:.1e}",
+        )
     if suggestion.divergence_lr is not None:
-        ax.axvline(suggestion.divergence_lr, color="C3", lw=1.5, ls="--",
-                   label=f"diverges {suggestion.divergence_lr:.1e}")
+        ax.axvline(
+            suggestion.divergence_lr,
+            color="C3",
+            lw=1.5,
+            ls="--",
+            label=f"diverges {suggestion.divergence_lr:.1e}",
+        )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     ax.set_title("LR range test")
@@ -72,8 +83,11 @@ def plot_rangetest(curve: pd.DataFrame, suggestion: Suggestion, path: Path,
 
 def format_suggestion(suggestion: Suggestion, steps: int, stop_reason: str | None) -> str:
     """The table of methods and the recommendation, as the CLI prints it."""
-    lines = [f"Range test: {steps} steps" + (f", stopped: {stop_reason}" if stop_reason else ""),
-             "", f"  {'method':<9} {'lr':<10} note"]
+    lines = [
+        f"Range test: {steps} steps" + (f", stopped: {stop_reason}" if stop_reason else ""),
+        "",
+        f"  {'method':<9} {'lr':<10} note",
+    ]
     for name, method in suggestion.methods.items():
         mark = "  <- basis" if name == suggestion.basis else ""
         lines.append(f"  {name:<9} {_fmt(method.lr):<10} {method.reason or ''}{mark}")
@@ -82,8 +96,10 @@ def format_suggestion(suggestion: Suggestion, steps: int, stop_reason: str | Non
         lines.append(f"No recommendation: {suggestion.reason}")
     else:
         lo, hi = suggestion.interval or (None, None)
-        lines.append(f"Recommended peak LR: {_fmt(suggestion.recommended_lr)}"
-                     f"  (interval {_fmt(lo)} .. {_fmt(hi)})")
+        lines.append(
+            f"Recommended peak LR: {_fmt(suggestion.recommended_lr)}"
+            f"  (interval {_fmt(lo)} .. {_fmt(hi)})"
+        )
     lines.append(f"Divergence LR:       {_fmt(suggestion.divergence_lr)}")
     lines.extend(f"warning: {w}" for w in suggestion.warnings)
     return "\n".join(lines)
@@ -108,19 +124,29 @@ def format_trainer_snippet(lr: float, batch_size: int, grad_accum: int, seed: in
 
 # ---------------------------------------------------------------- sweep report
 
+
 def format_trials(trials: pd.DataFrame, top: int = 10) -> str:
     """The best trials first (complete by eval loss, then pruned by their best eval loss)."""
     counts = trials["state"].value_counts().to_dict()
     head = "Trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
     if trials.empty:
         return head
-    ranked = trials.assign(
-        _done=trials["state"] != "COMPLETE",
-        _key=trials["eval_loss"].fillna(trials["best_eval_loss"]),
-    ).sort_values(["_done", "_key", "number"]).head(top)
-    lines = [head, "", f"  {'#':>4} {'state':<9} {'eval':>7} {'best':>7} {'peak_lr':>9} "
-             f"{'warmup':>6} {'min_lr':>9} {'secs':>6}  reason"]
+    ranked = (
+        trials.assign(
+            _done=trials["state"] != "COMPLETE",
+            _key=trials["eval_loss"].fillna(trials["best_eval_loss"]),
+        )
+        .sort_values(["_done", "_key", "number"])
+        .head(top)
+    )
+    lines = [
+        head,
+        "",
+        f"  {'#':>4} {'state':<9} {'eval':>7} {'best':>7} {'peak_lr':>9} "
+        f"{'warmup':>6} {'min_lr':>9} {'secs':>6}  reason",
+    ]
     for _, t in ranked.iterrows():
+
         def num(v: float, fmt: str) -> str:
             return "-" if pd.isna(v) else format(v, fmt)
 
@@ -128,12 +154,14 @@ def format_trials(trials: pd.DataFrame, top: int = 10) -> str:
             f"  {t['number']:>4} {t['state']:<9} {num(t['eval_loss'], '.4f'):>7} "
             f"{num(t['best_eval_loss'], '.4f'):>7} {num(t['peak_lr'], '.2e'):>9} "
             f"{num(t['warmup_steps'], 'd'):>6} {num(t['min_lr'], '.2e'):>9} "
-            f"{num(t['seconds'], '.0f'):>6}  {'' if pd.isna(t['reason']) else t['reason']}")
+            f"{num(t['seconds'], '.0f'):>6}  {'' if pd.isna(t['reason']) else t['reason']}"
+        )
     return "\n".join(lines)
 
 
-def plot_sweep(trials: pd.DataFrame, curves: pd.DataFrame, out: Path,
-               rangetest_steps: int = 0) -> list[Path]:
+def plot_sweep(
+    trials: pd.DataFrame, curves: pd.DataFrame, out: Path, rangetest_steps: int = 0
+) -> list[Path]:
     """sweep_lr.png, sweep_top5.png and sweep_progress.png in ``out``; returns their paths."""
     paths = [out / "sweep_lr.png", out / "sweep_top5.png", out / "sweep_progress.png"]
     _plot_lr(trials, paths[0])
@@ -148,10 +176,24 @@ def _plot_lr(trials: pd.DataFrame, path: Path) -> None:
     done = trials[trials["state"] == "COMPLETE"]
     pruned = trials[trials["state"] == "PRUNED"]
     vmax = max(0.01, float(trials["warmup_fraction"].max() or 0))
-    points = ax.scatter(done["peak_lr"], done["eval_loss"], c=done["warmup_fraction"],
-                        cmap="viridis", vmin=0, vmax=vmax, s=40, label="complete")
-    ax.scatter(pruned["peak_lr"], pruned["best_eval_loss"], facecolors="none",
-               edgecolors="0.5", s=40, label="pruned (best eval loss)")
+    points = ax.scatter(
+        done["peak_lr"],
+        done["eval_loss"],
+        c=done["warmup_fraction"],
+        cmap="viridis",
+        vmin=0,
+        vmax=vmax,
+        s=40,
+        label="complete",
+    )
+    ax.scatter(
+        pruned["peak_lr"],
+        pruned["best_eval_loss"],
+        facecolors="none",
+        edgecolors="0.5",
+        s=40,
+        label="pruned (best eval loss)",
+    )
     fig.colorbar(points, ax=ax, label="warmup fraction")
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
@@ -180,8 +222,9 @@ def _plot_top(trials: pd.DataFrame, curves: pd.DataFrame, path: Path) -> None:
     _save(fig, path)
 
 
-def _plot_progress(trials: pd.DataFrame, curves: pd.DataFrame, path: Path,
-                   rangetest_steps: int) -> None:
+def _plot_progress(
+    trials: pd.DataFrame, curves: pd.DataFrame, path: Path, rangetest_steps: int
+) -> None:
     fig = _figure()
     ax = fig.add_subplot()
     order = trials.sort_values("number")
@@ -193,7 +236,10 @@ def _plot_progress(trials: pd.DataFrame, curves: pd.DataFrame, path: Path,
     if rangetest_steps:
         ax.axvline(rangetest_steps, color="0.6", ls=":", label="range test")
         ax.legend(fontsize=8)
-    ax.set(xlabel="optimizer steps spent", ylabel="best eval loss so far",
-           title="Best eval loss against compute")
+    ax.set(
+        xlabel="optimizer steps spent",
+        ylabel="best eval loss so far",
+        title="Best eval loss against compute",
+    )
     ax.grid(alpha=0.3)
     _save(fig, path)

@@ -99,30 +99,39 @@ def trials_frame(trials: list[Any]) -> pd.DataFrame:
     rows = []
     for t in trials:
         attrs = t.user_attrs
-        rows.append({
-            "number": t.number,
-            "state": t.state.name,
-            "peak_lr": t.params.get("peak_lr"),
-            "warmup_fraction": t.params.get("warmup_fraction"),
-            "warmup_steps": attrs.get("warmup_steps"),
-            "min_lr_ratio": attrs.get("min_lr_ratio", t.params.get("min_lr_ratio")),
-            "min_lr": attrs.get("min_lr"),
-            "total_steps": attrs.get("total_steps"),
-            "eval_loss": t.value if t.state.name == "COMPLETE" else None,
-            "best_eval_loss": attrs.get("best_eval_loss"),
-            "best_step": attrs.get("best_step"),
-            "tokens": attrs.get("tokens"),
-            "seconds": attrs.get("seconds"),
-            "peak_memory_mb": attrs.get("peak_memory_mb"),
-            "reason": attrs.get("reason"),
-            "seed": attrs.get("seed"),
-            "worker": attrs.get("worker"),
-        })
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "peak_lr": t.params.get("peak_lr"),
+                "warmup_fraction": t.params.get("warmup_fraction"),
+                "warmup_steps": attrs.get("warmup_steps"),
+                "min_lr_ratio": attrs.get("min_lr_ratio", t.params.get("min_lr_ratio")),
+                "min_lr": attrs.get("min_lr"),
+                "total_steps": attrs.get("total_steps"),
+                "eval_loss": t.value if t.state.name == "COMPLETE" else None,
+                "best_eval_loss": attrs.get("best_eval_loss"),
+                "best_step": attrs.get("best_step"),
+                "tokens": attrs.get("tokens"),
+                "seconds": attrs.get("seconds"),
+                "peak_memory_mb": attrs.get("peak_memory_mb"),
+                "reason": attrs.get("reason"),
+                "seed": attrs.get("seed"),
+                "worker": attrs.get("worker"),
+            }
+        )
     frame = pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
-    types = {"number": "int64", "warmup_steps": "Int64", "total_steps": "Int64",
-             "best_step": "Int64", "tokens": "Int64", "seed": "Int64"}
-    float_cols = [c for c in TRIAL_COLUMNS if c not in types and c not in
-                  ("state", "reason", "worker")]
+    types = {
+        "number": "int64",
+        "warmup_steps": "Int64",
+        "total_steps": "Int64",
+        "best_step": "Int64",
+        "tokens": "Int64",
+        "seed": "Int64",
+    }
+    float_cols = [
+        c for c in TRIAL_COLUMNS if c not in types and c not in ("state", "reason", "worker")
+    ]
     frame = frame.astype(types | {c: "float64" for c in float_cols})
     return frame.astype({"state": "string", "reason": "string", "worker": "string"})
 
@@ -135,16 +144,21 @@ def curves_frame(trials: list[Any]) -> pd.DataFrame:
         if not curve or not curve["lr"]:
             continue
         n = len(curve["lr"])
-        parts.append(pd.DataFrame({
-            "number": [t.number] * n,
-            "step": range(n),
-            "lr": curve["lr"],
-            "loss": curve["loss"],
-            "eval_loss": [math.nan if v is None else v for v in curve["eval_loss"]],
-        }))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "number": [t.number] * n,
+                    "step": range(n),
+                    "lr": curve["lr"],
+                    "loss": curve["loss"],
+                    "eval_loss": [math.nan if v is None else v for v in curve["eval_loss"]],
+                }
+            )
+        )
     if not parts:
         return pd.DataFrame({c: pd.Series(dtype="float64") for c in CURVE_COLUMNS}).astype(
-            {"number": "int64", "step": "int64"})
+            {"number": "int64", "step": "int64"}
+        )
     return pd.concat(parts, ignore_index=True).astype({"number": "int64", "step": "int64"})
 
 

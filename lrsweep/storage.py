@@ -3,8 +3,9 @@
 The default is an Optuna journal file in the output folder: safe for several processes on
 one machine, unlike SQLite. A journal has no heartbeat, so every running trial gets a
 liveness record (host, pid, process start time, last beat) in ``live/`` beside the journal,
-refreshed by a background thread. A RUNNING trial is stale when its process is gone (same host) or its beat
-is older than the grace period (another host); a trial whose process is alive is never failed.
+refreshed by a background thread. A RUNNING trial is stale when its process is gone (same
+host) or its beat is older than the grace period (another host); a trial whose process is
+alive is never failed. On a database, Optuna's own heartbeat does this job.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,25 +51,36 @@ def open_storage(out: Path, url: str | None = None, heartbeat: float = 10.0) -> 
         return JournalStorage(JournalFileBackend(str(out / JOURNAL_FILE)))
     scheme = url.split("://", 1)[0] if "://" in url else None
     if scheme is not None and not is_database(url):
-        raise StudyError(f"--storage {redact(url)}: unsupported scheme {scheme!r}; use "
-                         "postgresql://, mysql:// or a journal file path (never SQLite for "
-                         "parallel workers)")
+        raise StudyError(
+            f"--storage {redact(url)}: unsupported scheme {scheme!r}; use "
+            "postgresql://, mysql:// or a journal file path (never SQLite for "
+            "parallel workers)"
+        )
     if scheme is not None:
         interval = max(1, round(heartbeat))
+        # Optuna marks the heartbeat arguments experimental; the warning is noise to users.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         try:
-            return retry(lambda: RDBStorage(
-                _with_driver(url),
-                # pool_pre_ping replaces connections that a server restart has broken.
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=interval,
-                grace_period=round(grace_seconds(interval)),
-            ), what="connect", max_wait=30)
+            return retry(
+                lambda: RDBStorage(
+                    _with_driver(url),
+                    # pool_pre_ping replaces connections that a server restart has broken.
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=interval,
+                    grace_period=round(grace_seconds(interval)),
+                ),
+                what="connect",
+                max_wait=30,
+            )
         except ImportError as err:
-            raise StudyError(f"--storage {redact(url)}: the database driver is missing "
-                             f"({err.name}); pip install 'lrsweep[postgres]'") from None
+            raise StudyError(
+                f"--storage {redact(url)}: the database driver is missing "
+                f"({err.name}); pip install 'lrsweep[postgres]'"
+            ) from None
         except Exception as err:  # noqa: BLE001 - any connection failure is the user's to fix
-            raise StudyError(f"--storage {redact(url)}: cannot connect "
-                             f"({redact(first_line(err))})") from None
+            raise StudyError(
+                f"--storage {redact(url)}: cannot connect ({redact(first_line(err))})"
+            ) from None
     path = Path(url).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
@@ -82,7 +95,7 @@ def _with_driver(url: str) -> str:
     # SQLAlchemy 2 maps a bare postgresql:// to psycopg2; lrsweep uses psycopg 3.
     for alias in ("postgresql://", "postgres://"):
         if url.startswith(alias):
-            return "postgresql+psycopg://" + url[len(alias):]
+            return "postgresql+psycopg://" + url[len(alias) :]
     return url
 
 
@@ -111,8 +124,12 @@ def retry(call: Callable[[], T], *, what: str, max_wait: float = 900.0) -> T:
         except (DBAPIError, optuna.exceptions.StorageInternalError) as err:
             if time.time() + delay > deadline:
                 raise
-            logger.warning("storage unreachable while trying to %s (%s); retrying in %.0f s",
-                           what, redact(first_line(err)), delay)
+            logger.warning(
+                "storage unreachable while trying to %s (%s); retrying in %.0f s",
+                what,
+                redact(first_line(err)),
+                delay,
+            )
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
 
@@ -154,8 +171,9 @@ class Heartbeat:
     a liveness record beside the journal otherwise. A failed beat (database down, disk full)
     is logged and never kills the trial."""
 
-    def __init__(self, storage: BaseStorage, trial_id: int, trial_number: int,
-                 interval: float) -> None:
+    def __init__(
+        self, storage: BaseStorage, trial_id: int, trial_number: int, interval: float
+    ) -> None:
         self.storage, self.trial_id = storage, trial_id
         self.path = (live_dir(storage) or Path(".")) / f"{trial_number}.json"
         self.interval = interval
@@ -208,8 +226,11 @@ def reap_stale_trials(study: optuna.Study, grace: float) -> list[int]:
     live = live_dir(storage)
     if live is None:  # a database: Optuna's heartbeats, and row locks against double reaping
         stale = set(storage._get_stale_trial_ids(study._study_id))  # type: ignore[attr-defined]
-        return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                if t._trial_id in stale and fail_trial(study, t, "worker died (no heartbeat)")]
+        return [
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t._trial_id in stale and fail_trial(study, t, "worker died (no heartbeat)")
+        ]
     live.mkdir(parents=True, exist_ok=True)
     with open(live / ".reap.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -71,8 +71,10 @@ class Suggestion:
             recommended_lr=d.get("recommended_lr"),
             interval=(float(iv[0]), float(iv[1])) if iv is not None else None,
             divergence_lr=d.get("divergence_lr"),
-            methods={k: MethodResult(m.get("lr"), m.get("reason"))
-                     for k, m in d.get("methods", {}).items()},
+            methods={
+                k: MethodResult(m.get("lr"), m.get("reason"))
+                for k, m in d.get("methods", {}).items()
+            },
             reason=d.get("reason"),
             warnings=tuple(d.get("warnings", ())),
             basis=d.get("basis", "valley"),
@@ -164,7 +166,7 @@ def _prepare(lrs: Sequence[float], losses: Sequence[float]) -> _Curve:
     # The last points are barely smoothed: scale the margin to their noise, so that one noisy
     # last loss does not read as divergence.
     local_margin = margin * np.sqrt(width / widths)
-    above = np.flatnonzero((smooth - local_margin > start)[i_min + 1:])
+    above = np.flatnonzero((smooth - local_margin > start)[i_min + 1 :])
     rise = i_min + 1 + int(above[0]) if above.size else None
     hi = rise if rise is not None else n - 1
     reason = None
@@ -181,7 +183,7 @@ def _prepare(lrs: Sequence[float], losses: Sequence[float]) -> _Curve:
 
 
 def _window(c: _Curve) -> tuple[np.ndarray, np.ndarray]:
-    return c.lrs[c.lo: c.hi + 1], c.smooth[c.lo: c.hi + 1]
+    return c.lrs[c.lo : c.hi + 1], c.smooth[c.lo : c.hi + 1]
 
 
 def _valley(c: _Curve) -> MethodResult:
@@ -266,12 +268,17 @@ METHODS: dict[str, Callable[[Sequence[float], Sequence[float]], MethodResult]] =
     "minimum": minimum,
     "slide": slide,
 }
-_IMPLS: dict[str, _Impl] = {"valley": _valley, "steep": _steep, "minimum": _minimum,
-                            "slide": _slide}
+_IMPLS: dict[str, _Impl] = {
+    "valley": _valley,
+    "steep": _steep,
+    "minimum": _minimum,
+    "slide": _slide,
+}
 
 
-def _divergence_lr(lrs: Sequence[float], losses: Sequence[float], c: _Curve,
-                   factor: float) -> float | None:
+def _divergence_lr(
+    lrs: Sequence[float], losses: Sequence[float], c: _Curve, factor: float
+) -> float | None:
     x = np.asarray(lrs, dtype=float)
     found = []
     i = divergence_index(losses, _DIVERGE_BETA, factor)
@@ -294,8 +301,13 @@ def _interval(rec: float, lrs: list[float], divergence: float | None) -> tuple[f
     return lo, hi
 
 
-def suggest(lrs: Sequence[float], losses: Sequence[float], *, diverge_factor: float = 4.0,
-            basis: str = "valley") -> Suggestion:
+def suggest(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    *,
+    diverge_factor: float = 4.0,
+    basis: str = "valley",
+) -> Suggestion:
     """Run every method, recommend the ``basis`` one (``steep`` if it has no answer) and
     bracket the recommendation with an interval for the sweep."""
     if basis not in METHODS:
@@ -313,8 +325,9 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], *, diverge_factor: fl
     if divergence is None:
         warnings.append("never diverged: end_lr may be too low")
     if rec is None:
-        return Suggestion(None, None, divergence, methods, methods[basis].reason,
-                          tuple(warnings), basis)
+        return Suggestion(
+            None, None, divergence, methods, methods[basis].reason, tuple(warnings), basis
+        )
     tested = np.log10([v for v in np.asarray(lrs, dtype=float) if math.isfinite(v) and v > 0])
     pos = (math.log10(rec) - tested.min()) / max(float(np.ptp(tested)), 1e-12)
     if pos < _EDGE or pos > 1 - _EDGE:
@@ -324,5 +337,6 @@ def suggest(lrs: Sequence[float], losses: Sequence[float], *, diverge_factor: fl
     if divergence is not None and rec >= divergence:
         warnings.append("recommendation is not below divergence_lr")
     found = [m.lr for m in methods.values() if m.lr is not None]
-    return Suggestion(rec, _interval(rec, found, divergence), divergence, methods, None,
-                      tuple(warnings), used)
+    return Suggestion(
+        rec, _interval(rec, found, divergence), divergence, methods, None, tuple(warnings), used
+    )

@@ -57,6 +57,7 @@ _PINNED = ("seed", "model", "data", "lora", "train", "search")
 
 # ---------------------------------------------------------------- search space (pure)
 
+
 def peak_lr_bounds(config: StudyConfig, found: FindResult | None) -> tuple[float, float]:
     """The log-uniform bounds of the peak LR: the study file's, or from the range test:
     a tenth of the recommendation up to the divergence LR (or the highest LR tested)."""
@@ -65,8 +66,10 @@ def peak_lr_bounds(config: StudyConfig, found: FindResult | None) -> tuple[float
         return low, high
     if found is None or found.suggestion.recommended_lr is None:
         reason = found.suggestion.reason if found else "no range test"
-        raise StudyError(f"search.peak_lr: the range test gave no recommendation ({reason}); "
-                         "set search.peak_lr = [low, high] in the study file")
+        raise StudyError(
+            f"search.peak_lr: the range test gave no recommendation ({reason}); "
+            "set search.peak_lr = [low, high] in the study file"
+        )
     low = found.suggestion.recommended_lr / 10
     high = found.suggestion.divergence_lr or max(found.curve.lrs)
     return low, max(high, low * 10)
@@ -94,14 +97,18 @@ def schedule_of(params: dict[str, Any], config: StudyConfig, steps: int) -> Cosi
     return CosineSchedule(peak, steps, params["warmup_fraction"], ratio)
 
 
-def first_trial(recommended_lr: float, config: StudyConfig,
-                bounds: tuple[float, float]) -> dict[str, float]:
+def first_trial(
+    recommended_lr: float, config: StudyConfig, bounds: tuple[float, float]
+) -> dict[str, float]:
     """The range test's recommendation with common schedule defaults, clipped to the space."""
+
     def clip(value: float, low: float, high: float) -> float:
         return min(max(value, low), high)
 
-    params = {"peak_lr": clip(recommended_lr, *bounds),
-              "warmup_fraction": clip(0.05, *config.search.warmup_fraction)}
+    params = {
+        "peak_lr": clip(recommended_lr, *bounds),
+        "warmup_fraction": clip(0.05, *config.search.warmup_fraction),
+    }
     if config.search.min_lr == 0:
         params["min_lr_ratio"] = clip(0.1, *config.search.min_lr_ratio)
     return params
@@ -115,6 +122,7 @@ def worker_seed(seed: int, worker: str, trials_so_far: int) -> int:
 
 # ---------------------------------------------------------------- study
 
+
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -122,7 +130,9 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         try:
             import scipy  # noqa: F401
         except ImportError:
-            raise StudyError("sweep.sampler = 'gp' needs scipy: pip install 'lrsweep[gp]'") from None
+            raise StudyError(
+                "sweep.sampler = 'gp' needs scipy: pip install 'lrsweep[gp]'"
+            ) from None
         return optuna.samplers.GPSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
 
@@ -143,8 +153,11 @@ def pinned(config: StudyConfig) -> dict[str, Any]:
     return {k: raw[k] for k in _PINNED}
 
 
-def load_existing(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig | None,
-                  ) -> tuple[optuna.Study | None, StudyConfig]:
+def load_existing(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    config: StudyConfig | None,
+) -> tuple[optuna.Study | None, StudyConfig]:
     """Join the study ``name`` if it exists, checking that ``config`` agrees with the one
     stored in it; with ``config`` None the stored one is used. Returns (None, config) when
     there is no such study yet."""
@@ -156,26 +169,39 @@ def load_existing(storage: optuna.storages.BaseStorage, name: str, config: Study
         return None, config
     version = study.user_attrs.get("lrsweep_version")
     if version is None:
-        raise StudyError(f"study {name!r} is incomplete (its creation was interrupted); "
-                         "remove its storage or use a new --out")
+        raise StudyError(
+            f"study {name!r} is incomplete (its creation was interrupted); "
+            "remove its storage or use a new --out"
+        )
     if version != lrsweep.__version__:
-        raise StudyError(f"study {name!r} was made by lrsweep {version}, this is "
-                         f"{lrsweep.__version__}; use the same version on every worker")
+        raise StudyError(
+            f"study {name!r} was made by lrsweep {version}, this is "
+            f"{lrsweep.__version__}; use the same version on every worker"
+        )
     stored = config_mod.from_dict(study.user_attrs["config"])
     if config is None:
         return study, stored
     diff = [k for k in _PINNED if pinned(config)[k] != pinned(stored)[k]]
     if diff:
-        raise StudyError(f"study {name!r} was made with a different [{', '.join(diff)}]; "
-                         "use a new --out for a new study, or leave out the study file to "
-                         "resume with the stored config")
-    return study, stored.replace(sweep=config.sweep, rangetest=config.rangetest,
-                                 train=dataclasses.replace(stored.train,
-                                                           device=config.train.device))
+        raise StudyError(
+            f"study {name!r} was made with a different [{', '.join(diff)}]; "
+            "use a new --out for a new study, or leave out the study file to "
+            "resume with the stored config"
+        )
+    return study, stored.replace(
+        sweep=config.sweep,
+        rangetest=config.rangetest,
+        train=dataclasses.replace(stored.train, device=config.train.device),
+    )
 
 
-def create_study(storage: optuna.storages.BaseStorage, name: str, config: StudyConfig,
-                 bounds: tuple[float, float], first: dict[str, float] | None) -> optuna.Study:
+def create_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    config: StudyConfig,
+    bounds: tuple[float, float],
+    first: dict[str, float] | None,
+) -> optuna.Study:
     """Create the study with its config and bounds stored in it, the range test's
     recommendation queued as its first trial. A worker that loses the race to create it
     joins the winner's study instead."""
@@ -198,6 +224,7 @@ def finished_count(study: optuna.Study) -> int:
 
 # ---------------------------------------------------------------- the worker loop
 
+
 @dataclass
 class SweepPlan:
     """What a worker needs besides the context: bounds, steps, budget, where to write."""
@@ -217,22 +244,34 @@ def worker_name() -> str:
 Runner = Callable[[Trial, CosineSchedule], TrialRun]
 
 
-def run_worker(cfg: StudyConfig, plan: SweepPlan, runner: Runner,
-               on_finished: Callable[[FrozenTrial], None], *, device: torch.device,
-               progress: bool = True) -> int:
+def run_worker(
+    cfg: StudyConfig,
+    plan: SweepPlan,
+    runner: Runner,
+    on_finished: Callable[[FrozenTrial], None],
+    *,
+    device: torch.device,
+    progress: bool = True,
+) -> int:
     """Ask, run and tell trials until the study holds ``plan.trials`` finished trials or the
     deadline passes. ``runner`` trains one trial (lrsweep's own loop, or a user's Trainer).
     Returns the number of trials this worker finished."""
     study = plan.study
     worker = worker_name()
     grace = grace_seconds(cfg.sweep.heartbeat_seconds)
-    study.sampler = make_sampler(cfg.sweep.sampler,
-                                 worker_seed(cfg.seed, worker, len(study.trials)))
+    study.sampler = make_sampler(
+        cfg.sweep.sampler, worker_seed(cfg.seed, worker, len(study.trials))
+    )
     study.pruner = make_pruner(cfg.sweep, plan.steps)
     space = distributions(cfg, plan.bounds)
     done = failed_in_a_row = 0
-    bar = tqdm(total=plan.trials, initial=finished_count(study), desc="trials",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=plan.trials,
+        initial=finished_count(study),
+        desc="trials",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         while retry(lambda: finished_count(study), what="count trials") < plan.trials:
             if plan.deadline is not None and time.time() >= plan.deadline:
@@ -241,8 +280,9 @@ def run_worker(cfg: StudyConfig, plan: SweepPlan, runner: Runner,
             retry(lambda: reap_stale_trials(study, grace), what="reap stale trials")
             trial = retry(lambda: study.ask(space), what="start a trial")
             schedule = schedule_of(trial.params, cfg, plan.steps)
-            with Heartbeat(study._storage, trial._trial_id, trial.number,
-                           cfg.sweep.heartbeat_seconds):
+            with Heartbeat(
+                study._storage, trial._trial_id, trial.number, cfg.sweep.heartbeat_seconds
+            ):
                 frozen = _run_and_tell(study, trial, schedule, runner, cfg.seed, worker, device)
             on_finished(frozen)
             tqdm.write(summary_line(frozen))
@@ -254,7 +294,8 @@ def run_worker(cfg: StudyConfig, plan: SweepPlan, runner: Runner,
                 if failed_in_a_row >= MAX_FAILS_IN_A_ROW:
                     raise StudyError(
                         f"{failed_in_a_row} trials in a row failed (last: "
-                        f"{frozen.user_attrs.get('reason')}); fix the cause and run again")
+                        f"{frozen.user_attrs.get('reason')}); fix the cause and run again"
+                    )
             bar.n = retry(lambda: finished_count(study), what="count trials")
             bar.refresh()
     finally:
@@ -262,8 +303,15 @@ def run_worker(cfg: StudyConfig, plan: SweepPlan, runner: Runner,
     return done
 
 
-def _run_and_tell(study: optuna.Study, trial: Trial, schedule: CosineSchedule, runner: Runner,
-                  seed: int, worker: str, device: torch.device) -> FrozenTrial:
+def _run_and_tell(
+    study: optuna.Study,
+    trial: Trial,
+    schedule: CosineSchedule,
+    runner: Runner,
+    seed: int,
+    worker: str,
+    device: torch.device,
+) -> FrozenTrial:
     """Run one trial and record it; every failure becomes the trial's state and reason."""
     run = TrialRun(schedule, [], 0.0, 0.0)
     state, value, out_of_memory = TrialState.COMPLETE, None, False
@@ -288,14 +336,23 @@ def _run_and_tell(study: optuna.Study, trial: Trial, schedule: CosineSchedule, r
             retry(lambda: study.tell(trial, state=TrialState.FAIL), what="record the trial")
             if isinstance(err, LrsweepError):
                 raise
-            raise StudyError(f"CUDA error in trial {trial.number} ({run.reason}); this process "
-                             "may be unusable: run the sweep again to resume") from err
+            raise StudyError(
+                f"CUDA error in trial {trial.number} ({run.reason}); this process "
+                "may be unusable: run the sweep again to resume"
+            ) from err
     if out_of_memory:
         free_memory(device)  # outside the except block, whose traceback holds the tensors
     _record(trial, run, seed, worker, run.reason)
     # The trial's result survives a database restart: retry until it is recorded.
-    return retry(lambda: study.tell(trial, value if state == TrialState.COMPLETE else None,
-                                    state=state, skip_if_finished=True), what="record the trial")
+    return retry(
+        lambda: study.tell(
+            trial,
+            value if state == TrialState.COMPLETE else None,
+            state=state,
+            skip_if_finished=True,
+        ),
+        what="record the trial",
+    )
 
 
 def _record(trial: Trial, run: TrialRun, seed: int, worker: str, reason: str | None) -> None:
@@ -308,8 +365,10 @@ def summary_line(trial: FrozenTrial) -> str:
     p = trial.params
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
     reason = trial.user_attrs.get("reason")
-    return (f"trial {trial.number:>3} {trial.state.name:<8} eval {value:<7} "
-            f"peak_lr {p.get('peak_lr', float('nan')):.2e} "
-            f"warmup {trial.user_attrs.get('warmup_steps', '-')} steps "
-            f"min_lr {trial.user_attrs.get('min_lr', float('nan')):.1e} "
-            f"{trial.user_attrs.get('seconds', 0):.0f}s" + (f"  ({reason})" if reason else ""))
+    return (
+        f"trial {trial.number:>3} {trial.state.name:<8} eval {value:<7} "
+        f"peak_lr {p.get('peak_lr', float('nan')):.2e} "
+        f"warmup {trial.user_attrs.get('warmup_steps', '-')} steps "
+        f"min_lr {trial.user_attrs.get('min_lr', float('nan')):.1e} "
+        f"{trial.user_attrs.get('seconds', 0):.0f}s" + (f"  ({reason})" if reason else "")
+    )

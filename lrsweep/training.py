@@ -100,15 +100,20 @@ def _predicted_tokens(inputs: dict[str, torch.Tensor]) -> int:
     return int((labels[:, 1:] != -100).sum())
 
 
-def _loss(model: torch.nn.Module, inputs: dict[str, torch.Tensor],
-          precision: Precision) -> torch.Tensor:
+def _loss(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], precision: Precision
+) -> torch.Tensor:
     with precision.autocast():
         return model(**inputs).loss
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, blocks: torch.Tensor | Sequence[Batch], batch_size: int,
-             precision: Precision) -> float:
+def evaluate(
+    model: torch.nn.Module,
+    blocks: torch.Tensor | Sequence[Batch],
+    batch_size: int,
+    precision: Precision,
+) -> float:
     """Token-weighted mean loss over ``blocks`` (packed blocks, or a list of batches), with
     dropout off."""
     if isinstance(blocks, torch.Tensor):
@@ -187,11 +192,15 @@ def train(
             tokens += sum(inputs["input_ids"].numel() for inputs in micro)
             now = time.perf_counter()
             train_seconds += now - step_start
-            record = StepRecord(step, lr, loss_value, grad_norm, tokens, now - start,
-                                train_seconds)
+            record = StepRecord(
+                step, lr, loss_value, grad_norm, tokens, now - start, train_seconds
+            )
             last = step == len(lrs) - 1
-            if eval_blocks is not None and eval_every > 0 and (
-                    (step + 1) % eval_every == 0 or last):
+            if (
+                eval_blocks is not None
+                and eval_every > 0
+                and ((step + 1) % eval_every == 0 or last)
+            ):
                 record.eval_loss = evaluate(model, eval_blocks, eval_batch_size, precision)
                 record.seconds = time.perf_counter() - start
             records.append(record)

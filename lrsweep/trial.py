@@ -76,8 +76,12 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def run_trial(ctx: Context, trial: Trial, schedule: CosineSchedule, progress: bool = True,
-              ) -> TrialRun:
+def run_trial(
+    ctx: Context,
+    trial: Trial,
+    schedule: CosineSchedule,
+    progress: bool = True,
+) -> TrialRun:
     """Train a fresh adapter with ``schedule``, reporting eval losses through ``trial``.
 
     A run that the pruner stops, or whose loss diverges or turns non-finite, ends early with
@@ -108,19 +112,28 @@ def run_trial(ctx: Context, trial: Trial, schedule: CosineSchedule, progress: bo
         # An EMA with beta 0.9 forgets within ~50 steps: a window keeps this O(1) per step.
         smoothed = ema(losses[-_EMA_WINDOW:], 0.9)[-1]
         if smoothed > cfg.sweep.diverge_factor * losses[0]:
-            return (f"diverged at step {record.step} (smoothed loss {smoothed:.3g} > "
-                    f"{cfg.sweep.diverge_factor}x the first)")
+            return (
+                f"diverged at step {record.step} (smoothed loss {smoothed:.3g} > "
+                f"{cfg.sweep.diverge_factor}x the first)"
+            )
         return None
 
     try:
         optimizer = make_optimizer(model, cfg.train)
         result = train(
-            model, optimizer, batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
-            schedule.lrs(), grad_accum=cfg.train.grad_accum,
-            max_grad_norm=cfg.train.max_grad_norm, precision=precision,
-            eval_blocks=ctx.blocks.eval, eval_every=cfg.sweep.eval_every,
-            eval_batch_size=cfg.train.batch_size * 2, on_step=on_step,
-            desc=f"trial {trial.number}", progress=progress,
+            model,
+            optimizer,
+            batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
+            schedule.lrs(),
+            grad_accum=cfg.train.grad_accum,
+            max_grad_norm=cfg.train.max_grad_norm,
+            precision=precision,
+            eval_blocks=ctx.blocks.eval,
+            eval_every=cfg.sweep.eval_every,
+            eval_batch_size=cfg.train.batch_size * 2,
+            on_step=on_step,
+            desc=f"trial {trial.number}",
+            progress=progress,
         )
         run.reason = result.stop_reason
     finally:

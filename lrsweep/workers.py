@@ -52,8 +52,12 @@ logger = logging.getLogger(__name__)
 PARTS_DIR = "parts"
 
 
-def estimate_seconds(trials: int, steps: int, seconds_per_step: float, config: StudyConfig,
-                     ) -> float:
+def estimate_seconds(
+    trials: int,
+    steps: int,
+    seconds_per_step: float,
+    config: StudyConfig,
+) -> float:
     """Upper bound of the sweep's time: every trial runs to the end (pruning only cuts it).
     An evaluation costs about a third of a step per batch (forward only)."""
     evals = math.ceil(steps / config.sweep.eval_every)
@@ -81,9 +85,11 @@ class PreparedSweep:
         done = finished_count(self.plan.study) if self.plan.study else 0
         left = max(0, self.plan.trials - done)
         secs = estimate_seconds(left, self.plan.steps, self.seconds_per_step, self.ctx.config)
-        return (f"Estimate: {left} trials x {self.plan.steps} steps x "
-                f"{self.seconds_per_step:.2f} s/step (+ evals) = {_duration(secs)} at most; "
-                f"peak_lr in [{self.plan.bounds[0]:.2e}, {self.plan.bounds[1]:.2e}]")
+        return (
+            f"Estimate: {left} trials x {self.plan.steps} steps x "
+            f"{self.seconds_per_step:.2f} s/step (+ evals) = {_duration(secs)} at most; "
+            f"peak_lr in [{self.plan.bounds[0]:.2e}, {self.plan.bounds[1]:.2e}]"
+        )
 
 
 def _compatible(found: FindResult, config: StudyConfig) -> bool:
@@ -91,11 +97,19 @@ def _compatible(found: FindResult, config: StudyConfig) -> bool:
     return all(found.config.to_dict()[k] == config.to_dict()[k] for k in keep)
 
 
-def prepare_sweep(config: StudyConfig | None, out: Path, *, storage: str | None = None,
-                  study_name: str = DEFAULT_STUDY, trials: int | None = None,
-                  timeout: float | None = None, device: str | None = None,
-                  sweep_section: dict[str, Any] | None = None, progress: bool = True,
-                  dry_run: bool = False) -> PreparedSweep:
+def prepare_sweep(
+    config: StudyConfig | None,
+    out: Path,
+    *,
+    storage: str | None = None,
+    study_name: str = DEFAULT_STUDY,
+    trials: int | None = None,
+    timeout: float | None = None,
+    device: str | None = None,
+    sweep_section: dict[str, Any] | None = None,
+    progress: bool = True,
+    dry_run: bool = False,
+) -> PreparedSweep:
     """Join the study or plan a new one: load model and data and settle the search bounds,
     running the range test first when ``out`` has none. The study is created only after all
     that worked (and not on a dry run), so a bad input leaves no study behind.
@@ -130,29 +144,48 @@ def prepare_sweep(config: StudyConfig | None, out: Path, *, storage: str | None 
         if found is not None and found.recommended_lr is not None:
             first = first_trial(found.recommended_lr, cfg, bounds)  # type: ignore[arg-type]
         study = create_study(backend, study_name, cfg, bounds, first)  # type: ignore[arg-type]
-    steps = total_steps(cfg.sweep, len(ctx.blocks.train),
-                        cfg.train.batch_size * cfg.train.grad_accum)
-    plan = SweepPlan(out, study, bounds, steps, trials or cfg.sweep.trials,  # type: ignore[arg-type]
-                     time.time() + timeout if timeout else None)
+    steps = total_steps(
+        cfg.sweep, len(ctx.blocks.train), cfg.train.batch_size * cfg.train.grad_accum
+    )
+    plan = SweepPlan(
+        out,
+        study,
+        bounds,
+        steps,
+        trials or cfg.sweep.trials,  # type: ignore[arg-type]
+        time.time() + timeout if timeout else None,
+    )
     seconds_per_step = found.curve.seconds_per_step if found else _seconds_per_step(study)
     return PreparedSweep(ctx, plan, seconds_per_step, storage)
 
 
 def _seconds_per_step(study: optuna.Study | None) -> float:
-    done = [t for t in study.get_trials(deepcopy=False, states=FINISHED)
-            if t.user_attrs.get("curve")] if study else []
+    done = (
+        [t for t in study.get_trials(deepcopy=False, states=FINISHED) if t.user_attrs.get("curve")]
+        if study
+        else []
+    )
     steps = sum(len(t.user_attrs["curve"]["lr"]) for t in done)
     return sum(t.user_attrs["seconds"] for t in done) / steps if steps else math.nan
 
 
 def _metadata(study: optuna.Study, config: StudyConfig, storage: str | None) -> dict[str, Any]:
-    return {"version": lrsweep.__version__, "study": study.study_name,
-            "storage": redact(storage) if storage else JOURNAL_FILE,
-            "config": config.to_dict(), "peak_lr_bounds": study.user_attrs.get("peak_lr_bounds")}
+    return {
+        "version": lrsweep.__version__,
+        "study": study.study_name,
+        "storage": redact(storage) if storage else JOURNAL_FILE,
+        "config": config.to_dict(),
+        "peak_lr_bounds": study.user_attrs.get("peak_lr_bounds"),
+    }
 
 
-def write_results(study: optuna.Study, out: Path, config: StudyConfig,
-                  storage: str | None = None, worker: str | None = None) -> None:
+def write_results(
+    study: optuna.Study,
+    out: Path,
+    config: StudyConfig,
+    storage: str | None = None,
+    worker: str | None = None,
+) -> None:
     """Rebuild the result files from the storage: all trials into ``out``, or with
     ``worker`` the trials that worker ran into its part folder."""
     trials = study.get_trials(deepcopy=False)
@@ -162,8 +195,11 @@ def write_results(study: optuna.Study, out: Path, config: StudyConfig,
     write_sweep_results(trials, out, _metadata(study, config, storage))
 
 
-def execute(prepared: PreparedSweep, progress: bool = True, part: bool = False,
-            ) -> optuna.Study:
+def execute(
+    prepared: PreparedSweep,
+    progress: bool = True,
+    part: bool = False,
+) -> optuna.Study:
     """Run trials until the budget is met; the result files are rewritten after every trial
     and at exit, also when interrupted. ``part``: write this worker's part files only."""
     ctx, plan = prepared.ctx, prepared.plan
@@ -173,27 +209,44 @@ def execute(prepared: PreparedSweep, progress: bool = True, part: bool = False,
         write_results(plan.study, plan.out, ctx.config, prepared.storage_url, worker)
 
     try:
-        run_worker(ctx.config, plan, lambda t, s: run_trial(ctx, t, s, progress), write,
-                   device=ctx.base.device, progress=progress)
+        run_worker(
+            ctx.config,
+            plan,
+            lambda t, s: run_trial(ctx, t, s, progress),
+            write,
+            device=ctx.base.device,
+            progress=progress,
+        )
     finally:
         write()
     return plan.study
 
 
-def run_sweep(study: StudyConfig | str | Path | None, out: str | Path, *,
-              overrides: list[str] | tuple[str, ...] = (), trials: int | None = None,
-              timeout: float | None = None, storage: str | None = None,
-              progress: bool = True) -> optuna.Study:
+def run_sweep(
+    study: StudyConfig | str | Path | None,
+    out: str | Path,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    trials: int | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    progress: bool = True,
+) -> optuna.Study:
     """Run (or resume) the sweep in ``out`` from Python; returns the Optuna study."""
-    cfg = study if isinstance(study, StudyConfig) or study is None \
+    cfg = (
+        study
+        if isinstance(study, StudyConfig) or study is None
         else config_mod.load(study, overrides)
-    prepared = prepare_sweep(cfg, Path(out), storage=storage, trials=trials, timeout=timeout,
-                             progress=progress)
+    )
+    prepared = prepare_sweep(
+        cfg, Path(out), storage=storage, trials=trials, timeout=timeout, progress=progress
+    )
     return execute(prepared, progress=progress)
 
 
-def spawn_workers(prepared: PreparedSweep, n: int, devices: list[str], *,
-                  timeout: float | None, quiet: bool) -> int:
+def spawn_workers(
+    prepared: PreparedSweep, n: int, devices: list[str], *, timeout: float | None, quiet: bool
+) -> int:
     """Run ``n`` ``lrsweep worker`` processes on this machine, one per device (round robin),
     CPU threads split between them; wait for them and merge their results. The storage URL
     reaches them through the environment, never their command line."""
@@ -208,9 +261,22 @@ def spawn_workers(prepared: PreparedSweep, n: int, devices: list[str], *,
     free_memory(prepared.ctx.base.device)
     procs = []
     for i in range(n):
-        cmd = [sys.executable, "-m", "lrsweep", "worker", "--out", str(plan.out),
-               "--study", plan.study.study_name, "--trials", str(plan.trials),
-               "--threads", str(threads), "--sweep-json", sweep_json]
+        cmd = [
+            sys.executable,
+            "-m",
+            "lrsweep",
+            "worker",
+            "--out",
+            str(plan.out),
+            "--study",
+            plan.study.study_name,
+            "--trials",
+            str(plan.trials),
+            "--threads",
+            str(threads),
+            "--sweep-json",
+            sweep_json,
+        ]
         if devices:
             cmd += ["--device", devices[i % len(devices)]]
         if timeout:
@@ -237,8 +303,11 @@ def spawn_workers(prepared: PreparedSweep, n: int, devices: list[str], *,
     return max(codes)
 
 
-def load_results(out: Path, storage: str | None = None, study_name: str = DEFAULT_STUDY,
-                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+def load_results(
+    out: Path,
+    storage: str | None = None,
+    study_name: str = DEFAULT_STUDY,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """trials.parquet, curves.parquet and their metadata, rebuilt first when they lag behind
     the storage (the source of truth), or merged from the workers' part files when there is
     no storage to read."""
@@ -259,8 +328,10 @@ def load_results(out: Path, storage: str | None = None, study_name: str = DEFAUL
     elif (out / PARTS_DIR).is_dir():
         _merge_parts(out)
     if not (out / TRIALS_FILE).exists():
-        raise StudyError(f"{out}: no sweep here (no {JOURNAL_FILE}, {TRIALS_FILE} or "
-                         f"{PARTS_DIR}/); run lrsweep sweep --out there, or give --storage")
+        raise StudyError(
+            f"{out}: no sweep here (no {JOURNAL_FILE}, {TRIALS_FILE} or "
+            f"{PARTS_DIR}/); run lrsweep sweep --out there, or give --storage"
+        )
     trials, meta = read_parquet(out / TRIALS_FILE)
     curves, _ = read_parquet(out / CURVES_FILE)
     return trials, curves, meta

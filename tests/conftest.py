@@ -24,16 +24,20 @@ def tiny() -> StudyConfig:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
-                    request: pytest.FixtureRequest) -> None:
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
     # Fast tests never touch the user's model cache; slow tests share the real one so that
     # the bundled model is converted once per machine.
     if "slow" not in request.keywords:
         monkeypatch.setenv("LRSWEEP_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-            *args: str) -> tuple[int, str, str]:
+def run_cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str
+) -> tuple[int, str, str]:
     """Run ``lrsweep ARGS`` in-process through the real entry point; (exit code, out, err)."""
     from lrsweep.cli import main
 

@@ -49,19 +49,42 @@ class Server:
 
     def _run(self, tool: str, *args: str) -> None:
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run([*prefix, str(self.bindir / tool), *args], check=True,
-                       capture_output=True, text=True)
+        subprocess.run(
+            [*prefix, str(self.bindir / tool), *args], check=True, capture_output=True, text=True
+        )
 
     def start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.base / "data"), "-l", str(self.base / "log"), "-w",
-                  "-o", f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1", "start")
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.base / "data"),
+            "-l",
+            str(self.base / "log"),
+            "-w",
+            "-o",
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1",
+            "start",
+        )
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.base / "data"), "-m", "fast", "-w", "stop")
 
     def sql(self, statement: str) -> None:
-        self._run("psql", "-h", str(self.base), "-p", str(self.port), "-U", "postgres",
-                  "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", statement)
+        self._run(
+            "psql",
+            "-h",
+            str(self.base),
+            "-p",
+            str(self.port),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            statement,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +98,16 @@ def postgres() -> Iterator[Server]:
     if os.geteuid() == 0:
         shutil.chown(base, "postgres", "postgres")
     server = Server(bindir, base, _free_port())
-    server._run("initdb", "-D", str(base / "data"), "-U", "postgres", "--auth-local=trust",
-                "--auth-host=scram-sha-256", "--no-sync")
+    server._run(
+        "initdb",
+        "-D",
+        str(base / "data"),
+        "-U",
+        "postgres",
+        "--auth-local=trust",
+        "--auth-host=scram-sha-256",
+        "--no-sync",
+    )
     server.start()
     try:
         server.sql(f"CREATE ROLE lrsweep LOGIN PASSWORD '{PASSWORD}'")

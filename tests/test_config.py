@@ -11,9 +11,16 @@ from tests.conftest import ROOT, run_cli
 
 
 def test_study_files_load_and_overrides_apply() -> None:
-    cfg = config_mod.load(ROOT / "studies" / "default.toml",
-                          ["rangetest.steps=60", "data.path=my.jsonl", "lora.rslora=true",
-                           'lora.target_modules=["q_proj", "k_proj"]', "seed=3"])
+    cfg = config_mod.load(
+        ROOT / "studies" / "default.toml",
+        [
+            "rangetest.steps=60",
+            "data.path=my.jsonl",
+            "lora.rslora=true",
+            'lora.target_modules=["q_proj", "k_proj"]',
+            "seed=3",
+        ],
+    )
     assert cfg.model.path == "bundled"
     assert cfg.rangetest.steps == 60
     assert cfg.data.path == "my.jsonl"  # a bare string needs no quotes
@@ -34,25 +41,28 @@ def test_int_accepted_for_float_but_not_the_reverse() -> None:
         config_mod.load(None, ["train.batch_size=2.5"])
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("rangetest.start_lr=0.5", "rangetest.start_lr: must be below end_lr"),
-    ("rangetest.start_lr=-1e-5", "rangetest.start_lr: must be positive"),
-    ("rangetest.end_lr=-1", "rangetest.end_lr: must be positive"),
-    ("rangetest.steps=9", "rangetest.steps: must be at least 10"),
-    ("train.seq_len=7", "train.seq_len: must be at least 8"),
-    ("train.batch_size=0", "train.batch_size: must be at least 1"),
-    ("train.dtype=float64", "train.dtype: must be"),
-    ("lora.dropout=1.5", "lora.dropout: must be in"),
-    ("lora.target_modules=[]", "lora.target_modules: must name"),
-    ("search.warmup_fraction=[0.3, 0.1]", "search.warmup_fraction: must be [low, high]"),
-    ("search.min_lr_ratio=[0, 2]", "search.min_lr_ratio: bounds must lie in"),
-    ("sweep.pruner=asha", "sweep.pruner: must be median"),
-    ("train.bogus=1", "train.bogus: unknown key"),
-    ("nosuch.key=1", "nosuch: unknown key"),
-    ("train.seq_len=abc", "train.seq_len: must be an integer"),
-    ("lora.rslora=1", "lora.rslora: must be true or false"),
-    ("rangetest.steps", "expected section.key=value"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("rangetest.start_lr=0.5", "rangetest.start_lr: must be below end_lr"),
+        ("rangetest.start_lr=-1e-5", "rangetest.start_lr: must be positive"),
+        ("rangetest.end_lr=-1", "rangetest.end_lr: must be positive"),
+        ("rangetest.steps=9", "rangetest.steps: must be at least 10"),
+        ("train.seq_len=7", "train.seq_len: must be at least 8"),
+        ("train.batch_size=0", "train.batch_size: must be at least 1"),
+        ("train.dtype=float64", "train.dtype: must be"),
+        ("lora.dropout=1.5", "lora.dropout: must be in"),
+        ("lora.target_modules=[]", "lora.target_modules: must name"),
+        ("search.warmup_fraction=[0.3, 0.1]", "search.warmup_fraction: must be [low, high]"),
+        ("search.min_lr_ratio=[0, 2]", "search.min_lr_ratio: bounds must lie in"),
+        ("sweep.pruner=asha", "sweep.pruner: must be median"),
+        ("train.bogus=1", "train.bogus: unknown key"),
+        ("nosuch.key=1", "nosuch: unknown key"),
+        ("train.seq_len=abc", "train.seq_len: must be an integer"),
+        ("lora.rslora=1", "lora.rslora: must be true or false"),
+        ("rangetest.steps", "expected section.key=value"),
+    ],
+)
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         config_mod.load(None, [override])
@@ -71,14 +81,33 @@ def test_bad_study_file(tmp_path: Path) -> None:
         config_mod.load(unknown)
 
 
-@pytest.mark.parametrize("override", ["rangetest.start_lr=20", "rangetest.steps=5",
-                                      "train.seq_len=4", "rangetest.start_lr=-1", "x.y=1"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "rangetest.start_lr=20",
+        "rangetest.steps=5",
+        "train.seq_len=4",
+        "rangetest.start_lr=-1",
+        "x.y=1",
+    ],
+)
 def test_cli_refuses_bad_input_with_one_line_and_exit_2(
-        override: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    override: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     out = tmp_path / "find"
-    code, stdout, err = run_cli(capsys, monkeypatch, "find", str(ROOT / "studies" / "tiny.toml"),
-                                "--set", override, "--out", str(out))
+    code, stdout, err = run_cli(
+        capsys,
+        monkeypatch,
+        "find",
+        str(ROOT / "studies" / "tiny.toml"),
+        "--set",
+        override,
+        "--out",
+        str(out),
+    )
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err

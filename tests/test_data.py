@@ -100,20 +100,24 @@ def test_local_formats_give_the_same_text(tmp_path: Path, kind: str) -> None:
         assert read == ["\n\n".join(docs)]
     else:
         assert read == docs
-    blocks = load_blocks(DataConfig(path=str(path), text_field="body", eval_blocks=2),
-                         TRAIN, TOK, seed=0)
+    blocks = load_blocks(
+        DataConfig(path=str(path), text_field="body", eval_blocks=2), TRAIN, TOK, seed=0
+    )
     assert len(blocks.eval) == 2 and len(blocks.train) >= 2
 
 
-@pytest.mark.parametrize(("kind", "message"), [
-    ("missing", "does not exist"),
-    ("empty", "holds no text"),
-    ("field", "no record has the text field 'text'"),
-    ("parquet-field", "no text field 'text'"),
-    ("tiny", "too little text"),
-    ("suffix", "unsupported file type"),
-    ("badjson", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "holds no text"),
+        ("field", "no record has the text field 'text'"),
+        ("parquet-field", "no text field 'text'"),
+        ("tiny", "too little text"),
+        ("suffix", "unsupported file type"),
+        ("badjson", "not valid JSON"),
+    ],
+)
 def test_bad_data_gives_one_clear_error(tmp_path: Path, kind: str, message: str) -> None:
     path = tmp_path / "x.txt"
     if kind == "empty":

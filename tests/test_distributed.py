@@ -35,8 +35,14 @@ def _env(server: Server) -> dict[str, str]:
 
 
 def _lrsweep(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "lrsweep", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lrsweep", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _study(server: Server, name: str) -> optuna.Study:
@@ -61,8 +67,21 @@ def _check_merged(server: Server, out: Path, name: str) -> None:
 
 
 def test_three_workers_share_a_study(postgres: Server, tmp_path: Path) -> None:  # noqa: F811
-    proc = _lrsweep("sweep", TINY, "--study", "three", "--out", str(tmp_path), "--workers", "3",
-                    "--trials", str(TRIALS), "--set", "sweep.steps=30", env=_env(postgres))
+    proc = _lrsweep(
+        "sweep",
+        TINY,
+        "--study",
+        "three",
+        "--out",
+        str(tmp_path),
+        "--workers",
+        "3",
+        "--trials",
+        str(TRIALS),
+        "--set",
+        "sweep.steps=30",
+        env=_env(postgres),
+    )
     seen_cmdlines = []
     while proc.poll() is None:
         try:
@@ -80,20 +99,32 @@ def test_three_workers_share_a_study(postgres: Server, tmp_path: Path) -> None: 
     assert len(parts) == 3
     for part in parts:
         assert PASSWORD not in str(read_parquet(part)[1])
-    workers = {t.user_attrs["worker"] for t in _study(postgres, "three").trials
-               if t.state in FINISHED}
+    workers = {
+        t.user_attrs["worker"] for t in _study(postgres, "three").trials if t.state in FINISHED
+    }
     assert len(workers) == 3  # every worker ran trials
     _check_merged(postgres, tmp_path, "three")
 
 
-def test_a_killed_worker_is_failed_and_its_trial_retried(postgres: Server,  # noqa: F811
-                                                         tmp_path: Path) -> None:
+def test_a_killed_worker_is_failed_and_its_trial_retried(
+    postgres: Server,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     # Trials long enough that the study is still running when the grace period (6 s) ends.
     cfg = tiny_config("sweep.steps=500", "sweep.eval_every=100", "sweep.heartbeat_seconds=1")
     prepare_sweep(cfg, tmp_path, storage=postgres.url, study_name="killed", progress=False)
     env = _env(postgres)
-    victim = _lrsweep("worker", "--study", "killed", "--out", str(tmp_path), "-q",
-                      "--trials", str(TRIALS), env=env)
+    victim = _lrsweep(
+        "worker",
+        "--study",
+        "killed",
+        "--out",
+        str(tmp_path),
+        "-q",
+        "--trials",
+        str(TRIALS),
+        env=env,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         study = _study(postgres, "killed")
@@ -104,8 +135,20 @@ def test_a_killed_worker_is_failed_and_its_trial_retried(postgres: Server,  # no
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     killed = running[0].number
-    others = [_lrsweep("worker", "--study", "killed", "--out", str(tmp_path), "-q",
-                       "--trials", str(TRIALS), env=env) for _ in range(2)]
+    others = [
+        _lrsweep(
+            "worker",
+            "--study",
+            "killed",
+            "--out",
+            str(tmp_path),
+            "-q",
+            "--trials",
+            str(TRIALS),
+            env=env,
+        )
+        for _ in range(2)
+    ]
     for proc in others:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
@@ -119,9 +162,24 @@ def test_a_killed_worker_is_failed_and_its_trial_retried(postgres: Server,  # no
 
 def test_a_database_restart_loses_nothing(postgres: Server, tmp_path: Path) -> None:  # noqa: F811
     # Beats every 2 s, grace 12 s: the server stays down 5 s, longer than a beat.
-    proc = _lrsweep("sweep", TINY, "--study", "restart", "--out", str(tmp_path), "-q",
-                    "--trials", "6", "--set", "sweep.steps=400", "--set", "sweep.eval_every=40",
-                    "--set", "sweep.heartbeat_seconds=2", env=_env(postgres))
+    proc = _lrsweep(
+        "sweep",
+        TINY,
+        "--study",
+        "restart",
+        "--out",
+        str(tmp_path),
+        "-q",
+        "--trials",
+        "6",
+        "--set",
+        "sweep.steps=400",
+        "--set",
+        "sweep.eval_every=40",
+        "--set",
+        "sweep.heartbeat_seconds=2",
+        env=_env(postgres),
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if (tmp_path / "trials.parquet").exists():

@@ -14,11 +14,22 @@ from tests.conftest import ROOT, run_cli, tiny_config
 
 
 def test_find_lr_writes_the_three_files(tmp_path: Path) -> None:
-    result = lrsweep.find_lr(ROOT / "studies" / "tiny.toml", overrides=["rangetest.steps=20"],
-                             out=tmp_path, progress=False)
+    result = lrsweep.find_lr(
+        ROOT / "studies" / "tiny.toml",
+        overrides=["rangetest.steps=20"],
+        out=tmp_path,
+        progress=False,
+    )
     frame, meta = read_parquet(tmp_path / "rangetest.parquet")
-    assert frame.columns.tolist() == ["step", "lr", "loss", "smoothed_loss", "train_loss", "tokens",
-                                     "seconds"]
+    assert frame.columns.tolist() == [
+        "step",
+        "lr",
+        "loss",
+        "smoothed_loss",
+        "train_loss",
+        "tokens",
+        "seconds",
+    ]
     assert len(frame) == 20 and frame["step"].tolist() == list(range(20))
     assert frame["lr"].is_monotonic_increasing and frame["tokens"].is_monotonic_increasing
     assert meta["config"]["rangetest"]["steps"] == 20
@@ -39,26 +50,48 @@ def test_find_lr_is_reproducible() -> None:
 
 
 def test_cli_find_prints_the_suggestion_and_a_snippet(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    code, out, err = run_cli(capsys, monkeypatch, "find", str(ROOT / "studies" / "tiny.toml"),
-                             "--set", "rangetest.steps=20", "--out", str(tmp_path / "f"), "-q")
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "find",
+        str(ROOT / "studies" / "tiny.toml"),
+        "--set",
+        "rangetest.steps=20",
+        "--out",
+        str(tmp_path / "f"),
+        "-q",
+    )
     assert code == 0, err
     assert "Recommended peak LR" in out and "valley" in out
     assert "TrainingArguments(" in out and 'lr_scheduler_type="cosine_with_min_lr"' in out
     assert (tmp_path / "f" / "suggestion.json").exists()
 
 
-def test_bad_data_path_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = run_cli(capsys, monkeypatch, "find", str(ROOT / "studies" / "tiny.toml"),
-                           "--set", f"data.path={tmp_path / 'nope.jsonl'}",
-                           "--out", str(tmp_path / "f"))
+def test_bad_data_path_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "find",
+        str(ROOT / "studies" / "tiny.toml"),
+        "--set",
+        f"data.path={tmp_path / 'nope.jsonl'}",
+        "--out",
+        str(tmp_path / "f"),
+    )
     assert code == 2 and err.startswith("error: data.path:") and err.count("\n") == 1
     assert not (tmp_path / "f").exists()
 
 
 def test_python_dash_m_help() -> None:
-    done = subprocess.run([sys.executable, "-m", "lrsweep", "find", "--help"],
-                          capture_output=True, text=True, cwd=ROOT, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "lrsweep", "find", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert "Run the LR range test" in done.stdout and "--set" in done.stdout

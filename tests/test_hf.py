@@ -51,27 +51,40 @@ class InOrder(IterableDataset):  # type: ignore[type-arg]
 
 
 def _args(tmp_path: Path, **kw: Any) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(tmp_path / "hf"), report_to=[], use_cpu=True,
-                             per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                             disable_tqdm=True, save_strategy="no", **kw)
+    return TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        disable_tqdm=True,
+        save_strategy="no",
+        **kw,
+    )
 
 
 def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path) -> None:
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
-        trainer = Trainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2),
-                          train_dataset=Blocks(ctx.blocks.train),
-                          eval_dataset=Blocks(ctx.blocks.eval))
+        trainer = Trainer(
+            model=model,
+            args=_args(tmp_path, gradient_accumulation_steps=2),
+            train_dataset=Blocks(ctx.blocks.train),
+            eval_dataset=Blocks(ctx.blocks.eval),
+        )
         trainer.create_optimizer()
         # An optimizer with state, as after some training.
         model(input_ids=ctx.blocks.train[:2], labels=ctx.blocks.train[:2]).loss.backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
         weights = trainable_state(model)
-        state = {k: {n: t.clone() for n, t in v.items()}
-                 for k, v in trainer.optimizer.state_dict()["state"].items()}
-        result = hf.find_lr(trainer, start_lr=1e-4, end_lr=1.0, steps=12, out=tmp_path / "f",
-                            progress=False)
+        state = {
+            k: {n: t.clone() for n, t in v.items()}
+            for k, v in trainer.optimizer.state_dict()["state"].items()
+        }
+        result = hf.find_lr(
+            trainer, start_lr=1e-4, end_lr=1.0, steps=12, out=tmp_path / "f", progress=False
+        )
         assert len(result.curve.lrs) == 12
         assert (tmp_path / "f" / "suggestion.json").exists()
         assert result.config.train.grad_accum == 2
@@ -87,8 +100,9 @@ def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path) -> N
 def test_find_lr_without_optimizer_leaves_none(ctx: Context, tmp_path: Path) -> None:
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
-        trainer = Trainer(model=model, args=_args(tmp_path),
-                          train_dataset=Blocks(ctx.blocks.train))
+        trainer = Trainer(
+            model=model, args=_args(tmp_path), train_dataset=Blocks(ctx.blocks.train)
+        )
         result = hf.find_lr(trainer, steps=10, progress=False)
         assert trainer.optimizer is None
         assert result.config.rangetest.signal == "train"  # no eval set: training loss
@@ -102,24 +116,36 @@ def test_native_loop_and_trainer_agree(ctx: Context, tmp_path: Path) -> None:
     schedule = CosineSchedule(3e-3, 20, 0.1, 0.1)
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
-        native = train(model, make_optimizer(model, ctx.config.train),
-                       batches(ctx.blocks.train, 4, seed=0), schedule.lrs(), grad_accum=2,
-                       max_grad_norm=1.0, precision=hf.Precision(torch.device("cpu"),
-                                                                 torch.float32),
-                       progress=False)
+        native = train(
+            model,
+            make_optimizer(model, ctx.config.train),
+            batches(ctx.blocks.train, 4, seed=0),
+            schedule.lrs(),
+            grad_accum=2,
+            max_grad_norm=1.0,
+            precision=hf.Precision(torch.device("cpu"), torch.float32),
+            progress=False,
+        )
     finally:
         detach_lora(model)
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
-        overrides = hf.training_overrides(schedule, eval_every=100, output_dir=tmp_path / "t",
-                                          keep_checkpoints=False)
+        overrides = hf.training_overrides(
+            schedule, eval_every=100, output_dir=tmp_path / "t", keep_checkpoints=False
+        )
         overrides.update(eval_strategy="no", gradient_accumulation_steps=2)
-        trainer = Trainer(model=model, args=_args(tmp_path, **{k: v for k, v in overrides.items()
-                                                              if k not in ("report_to",
-                                                                           "disable_tqdm",
-                                                                           "save_strategy",
-                                                                           "output_dir")}),
-                          train_dataset=InOrder(ctx.blocks.train, 4, 0, 40))
+        trainer = Trainer(
+            model=model,
+            args=_args(
+                tmp_path,
+                **{
+                    k: v
+                    for k, v in overrides.items()
+                    if k not in ("report_to", "disable_tqdm", "save_strategy", "output_dir")
+                },
+            ),
+            train_dataset=InOrder(ctx.blocks.train, 4, 0, 40),
+        )
         lrs: list[float] = []
 
         from transformers import TrainerCallback
@@ -149,14 +175,26 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
             detach_lora(adapters.pop())
         model = attach_lora(ctx.base, ctx.config.lora, seed=0)
         adapters.append(model)
-        args = TrainingArguments(per_device_train_batch_size=4, per_device_eval_batch_size=8,
-                                 use_cpu=True, **overrides)
-        return Trainer(model=model, args=args, train_dataset=Blocks(ctx.blocks.train),
-                       eval_dataset=Blocks(ctx.blocks.eval))
+        args = TrainingArguments(
+            per_device_train_batch_size=4, per_device_eval_batch_size=8, use_cpu=True, **overrides
+        )
+        return Trainer(
+            model=model,
+            args=args,
+            train_dataset=Blocks(ctx.blocks.train),
+            eval_dataset=Blocks(ctx.blocks.eval),
+        )
 
     try:
-        study = hf.sweep(make_trainer, tmp_path, max_steps=12, peak_lr=(1e-3, 1e-1), trials=3,
-                         eval_every=4, progress=False)
+        study = hf.sweep(
+            make_trainer,
+            tmp_path,
+            max_steps=12,
+            peak_lr=(1e-3, 1e-1),
+            trials=3,
+            eval_every=4,
+            progress=False,
+        )
     finally:
         for model in adapters:
             detach_lora(model)

@@ -26,10 +26,30 @@ TRIALS = 5
 def _sweep(out: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "lrsweep", "sweep", str(ROOT / "studies" / "tiny.toml"),
-         "--out", str(out), "--trials", str(TRIALS), "--set", "sweep.steps=150",
-         "--set", "sweep.eval_every=50", "--set", "sweep.heartbeat_seconds=0.5", "-q"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "lrsweep",
+            "sweep",
+            str(ROOT / "studies" / "tiny.toml"),
+            "--out",
+            str(out),
+            "--trials",
+            str(TRIALS),
+            "--set",
+            "sweep.steps=150",
+            "--set",
+            "sweep.eval_every=50",
+            "--set",
+            "sweep.heartbeat_seconds=0.5",
+            "-q",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_mid_trial(out: Path, proc: subprocess.Popen[str]) -> int:

@@ -25,17 +25,29 @@ def trained():  # type: ignore[no-untyped-def]
     ctx = prepare(tiny_config())
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     opt = make_optimizer(model, ctx.config.train)
-    train(model, opt, batches(ctx.blocks.train, 4, seed=0), [1e-3] * 3, grad_accum=1,
-          max_grad_norm=1.0, precision=CPU, progress=False)
+    train(
+        model,
+        opt,
+        batches(ctx.blocks.train, 4, seed=0),
+        [1e-3] * 3,
+        grad_accum=1,
+        max_grad_norm=1.0,
+        precision=CPU,
+        progress=False,
+    )
     yield ctx, model, opt
     detach_lora(model)
 
 
 def _state(model, opt):  # type: ignore[no-untyped-def]
-    return (trainable_state(model),
-            {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state_dict()["state"].items()},
-            [g["lr"] for g in opt.param_groups],
-            torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    return (
+        trainable_state(model),
+        {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state_dict()["state"].items()},
+        [g["lr"] for g in opt.param_groups],
+        torch.get_rng_state(),
+        random.getstate(),
+        np.random.get_state()[1].copy(),
+    )
 
 
 def _assert_same(a, b) -> None:  # type: ignore[no-untyped-def]
@@ -54,9 +66,17 @@ def test_range_test_leaves_weights_optimizer_and_rng_as_they_were(trained) -> No
     ctx, model, opt = trained
     before = _state(model, opt)
     cfg = RangeTestConfig(start_lr=1e-4, end_lr=1.0, steps=15)
-    curve = run_range_test(model, opt, batches(ctx.blocks.train, 4, seed=1), cfg,
-                           grad_accum=1, max_grad_norm=1.0, precision=CPU, probe=ctx.blocks.eval,
-                           progress=False)
+    curve = run_range_test(
+        model,
+        opt,
+        batches(ctx.blocks.train, 4, seed=1),
+        cfg,
+        grad_accum=1,
+        max_grad_norm=1.0,
+        precision=CPU,
+        probe=ctx.blocks.eval,
+        progress=False,
+    )
     assert len(curve.lrs) == 15
     assert curve.lrs == pytest.approx(ramp(1e-4, 1.0, 15))
     _assert_same(before, _state(model, opt))
@@ -74,8 +94,17 @@ def test_range_test_restores_state_when_it_fails_midway(trained) -> None:  # typ
             yield batch
 
     with pytest.raises(RuntimeError, match="disk vanished"):
-        run_range_test(model, opt, failing(), RangeTestConfig(steps=20), grad_accum=1,
-                       max_grad_norm=1.0, precision=CPU, probe=ctx.blocks.eval, progress=False)
+        run_range_test(
+            model,
+            opt,
+            failing(),
+            RangeTestConfig(steps=20),
+            grad_accum=1,
+            max_grad_norm=1.0,
+            precision=CPU,
+            probe=ctx.blocks.eval,
+            progress=False,
+        )
     _assert_same(before, _state(model, opt))
 
 
@@ -88,13 +117,30 @@ def test_range_test_stops_at_a_non_finite_loss(trained) -> None:  # type: ignore
         for i, batch in enumerate(source):
             if i == 8:  # the weights turn to NaN before step 8
                 with torch.no_grad():
-                    next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+                    next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(
+                        float("nan")
+                    )
             yield batch
 
-    curve = run_range_test(model, opt, poisoning(), RangeTestConfig(steps=40, signal="train"),
-                           grad_accum=1, max_grad_norm=1.0, precision=CPU, progress=False)
+    curve = run_range_test(
+        model,
+        opt,
+        poisoning(),
+        RangeTestConfig(steps=40, signal="train"),
+        grad_accum=1,
+        max_grad_norm=1.0,
+        precision=CPU,
+        progress=False,
+    )
     assert curve.stop_reason is not None and curve.stop_reason.startswith("non-finite")
     assert len(curve.lrs) == 9 and np.isnan(curve.losses[-1])
-    assert curve.frame().columns.tolist() == ["step", "lr", "loss", "smoothed_loss",
-                                              "train_loss", "tokens", "seconds"]
+    assert curve.frame().columns.tolist() == [
+        "step",
+        "lr",
+        "loss",
+        "smoothed_loss",
+        "train_loss",
+        "tokens",
+        "seconds",
+    ]
     _assert_same(before, _state(model, opt))

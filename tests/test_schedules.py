@@ -11,7 +11,7 @@ def test_exp_ramp_is_geometric_from_start_to_end() -> None:
     lrs = ramp(1e-6, 1e-1, 11)
     assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-1)
     ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
-    assert all(r == pytest.approx(10 ** 0.5) for r in ratios)
+    assert all(r == pytest.approx(10**0.5) for r in ratios)
 
 
 def test_linear_ramp_is_evenly_spaced() -> None:
@@ -26,9 +26,16 @@ def _design_formula(s: int, peak: float, w: int, t: int, r: float) -> float:
     return peak * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, t - w))))
 
 
-@pytest.mark.parametrize(("total", "fraction", "ratio"), [
-    (100, 0.0, 0.0), (100, 0.1, 0.1), (37, 0.05, 0.3), (10, 0.2, 0.0), (200, 0.013, 0.25),
-])
+@pytest.mark.parametrize(
+    ("total", "fraction", "ratio"),
+    [
+        (100, 0.0, 0.0),
+        (100, 0.1, 0.1),
+        (37, 0.05, 0.3),
+        (10, 0.2, 0.0),
+        (200, 0.013, 0.25),
+    ],
+)
 def test_cosine_matches_the_documented_formula(total: int, fraction: float, ratio: float) -> None:
     sched = CosineSchedule(3e-4, total, fraction, ratio)
     assert sched.warmup_steps == math.ceil(fraction * total)

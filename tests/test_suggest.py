@@ -225,6 +225,13 @@ def test_suggestion_round_trips_through_json(curve: str) -> None:
     loss = clean_loss(LRS) if curve == "normal" else np.full(100, 2.0)
     s = suggest(LRS, noisy(loss, 0))
     d = json.loads(json.dumps(s.to_dict()))
-    assert set(d) == {"recommended_lr", "interval", "divergence_lr", "methods", "reason",
-                      "warnings", "basis"}
+    assert set(d) == {
+        "recommended_lr",
+        "interval",
+        "divergence_lr",
+        "methods",
+        "reason",
+        "warnings",
+        "basis",
+    }
     assert Suggestion.from_dict(d) == s

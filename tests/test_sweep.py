@@ -29,15 +29,28 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 # ---------------------------------------------------------------- pure parts
 
+
 def _found(rec: float | None, divergence: float | None) -> Any:
     from lrsweep.find import FindResult
     from lrsweep.rangetest import RangeTestCurve
 
-    curve = RangeTestCurve([1e-6, 1e-3, 1e-1], [2.0, 1.5, 3.0], [2.0, 1.8, 2.2],
-                           [2.0, 1.5, 3.0], [1, 2, 3], [1.0, 2.0, 3.0], None, 1.0)
-    suggestion = Suggestion(rec, (rec / 3, rec * 3) if rec else None, divergence,
-                            {"valley": MethodResult(rec, None if rec else "flat curve")},
-                            None if rec else "flat curve")
+    curve = RangeTestCurve(
+        [1e-6, 1e-3, 1e-1],
+        [2.0, 1.5, 3.0],
+        [2.0, 1.8, 2.2],
+        [2.0, 1.5, 3.0],
+        [1, 2, 3],
+        [1.0, 2.0, 3.0],
+        None,
+        1.0,
+    )
+    suggestion = Suggestion(
+        rec,
+        (rec / 3, rec * 3) if rec else None,
+        divergence,
+        {"valley": MethodResult(rec, None if rec else "flat curve")},
+        None if rec else "flat curve",
+    )
     return FindResult(curve, suggestion, tiny_config())
 
 
@@ -58,6 +71,7 @@ def test_worker_seeds_differ_per_worker_and_restart() -> None:
 
 
 # ---------------------------------------------------------------- whole sweeps
+
 
 def test_sweep_runs_the_budget_and_resumes_without_adding_to_it(tmp_path: Path) -> None:
     cfg = tiny_config()
@@ -100,15 +114,22 @@ def test_parquet_matches_the_storage_after_every_trial(tmp_path: Path) -> None:
         checked.append(frozen.number)
 
     ctx = prepared.ctx
-    sweep_mod.run_worker(ctx.config, prepared.plan,
-                         lambda t, s: trial_mod.run_trial(ctx, t, s, False), check,
-                         device=ctx.base.device, progress=False)
+    sweep_mod.run_worker(
+        ctx.config,
+        prepared.plan,
+        lambda t, s: trial_mod.run_trial(ctx, t, s, False),
+        check,
+        device=ctx.base.device,
+        progress=False,
+    )
     assert checked == [0, 1, 2, 3]
 
 
 def test_trial_lrs_are_transformers_schedule(tmp_path: Path) -> None:
-    execute(prepare_sweep(tiny_config("sweep.steps=20"), tmp_path, trials=2, progress=False),
-            progress=False)
+    execute(
+        prepare_sweep(tiny_config("sweep.steps=20"), tmp_path, trials=2, progress=False),
+        progress=False,
+    )
     trials, curves, _ = load_results(tmp_path)
     from lrsweep.schedules import CosineSchedule
 
@@ -119,7 +140,8 @@ def test_trial_lrs_are_transformers_schedule(tmp_path: Path) -> None:
 
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = workers.run_trial
 
     def flaky(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
@@ -130,8 +152,9 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
         return real(ctx, trial, schedule, progress)
 
     monkeypatch.setattr(workers, "run_trial", flaky)
-    study = execute(prepare_sweep(tiny_config(), tmp_path, trials=3, progress=False),
-                    progress=False)
+    study = execute(
+        prepare_sweep(tiny_config(), tmp_path, trials=3, progress=False), progress=False
+    )
     states = {t.number: t.state for t in study.trials}
     assert states[1] == TrialState.FAIL and states[2] == TrialState.FAIL
     assert study.trials[1].user_attrs["reason"] == "ValueError: injected failure"
@@ -141,8 +164,9 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
     assert trials.set_index("number").loc[1, "reason"] == "ValueError: injected failure"
 
 
-def test_nan_trial_is_pruned_with_its_reason(tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_trial_is_pruned_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = trial_mod.attach_lora
 
     def poisoned(base, lora, seed):  # type: ignore[no-untyped-def]
@@ -152,8 +176,12 @@ def test_nan_trial_is_pruned_with_its_reason(tmp_path: Path,
         return model
 
     monkeypatch.setattr(trial_mod, "attach_lora", poisoned)
-    study = execute(prepare_sweep(tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path,
-                                  trials=1, progress=False), progress=False)
+    study = execute(
+        prepare_sweep(
+            tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path, trials=1, progress=False
+        ),
+        progress=False,
+    )
     trial = study.trials[0]
     assert trial.state == TrialState.PRUNED
     assert trial.user_attrs["reason"].startswith("non-finite loss at step 0")
@@ -189,8 +217,9 @@ def test_trial_memory_is_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(trial_mod, "attach_lora", tracked_attach)
     monkeypatch.setattr(trial_mod, "make_optimizer", tracked_optimizer)
-    prepared = prepare_sweep(tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path, trials=3,
-                             progress=False)
+    prepared = prepare_sweep(
+        tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path, trials=3, progress=False
+    )
     execute(prepared, progress=False)
     gc.collect()
     assert len(refs) == 6
@@ -204,8 +233,9 @@ def test_export_reproduces_the_trial_in_a_trainer(tmp_path: Path) -> None:
 
     from lrsweep.export import best_trial, training_arguments
 
-    cfg = tiny_config("search.peak_lr=[1e-3, 1e-2]", "search.warmup_fraction=[0.1, 0.3]",
-                      "sweep.steps=23")
+    cfg = tiny_config(
+        "search.peak_lr=[1e-3, 1e-2]", "search.warmup_fraction=[0.1, 0.3]", "sweep.steps=23"
+    )
     execute(prepare_sweep(cfg, tmp_path, trials=2, progress=False), progress=False)
     trials, curves, meta = load_results(tmp_path)
     best = best_trial(trials)
@@ -223,32 +253,47 @@ def test_export_reproduces_the_trial_in_a_trainer(tmp_path: Path) -> None:
     assert lrs == curves[curves["number"] == best["number"]]["lr"].tolist()
 
 
-def test_dry_run_creates_no_study(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dry_run_creates_no_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.conftest import ROOT
 
-    code, out, err = run_cli(capsys, monkeypatch, "sweep", str(ROOT / "studies" / "tiny.toml"),
-                             "--out", str(tmp_path), "--dry-run", "-q")
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "sweep",
+        str(ROOT / "studies" / "tiny.toml"),
+        "--out",
+        str(tmp_path),
+        "--dry-run",
+        "-q",
+    )
     assert code == 0, err
     assert out.startswith("Estimate: 4 trials x 12 steps")
     assert optuna.study.get_all_study_names(workers.open_storage(tmp_path)) == []
 
 
-def test_changed_config_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_changed_config_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.conftest import ROOT
 
     tiny = str(ROOT / "studies" / "tiny.toml")
-    assert run_cli(capsys, monkeypatch, "sweep", tiny, "--out", str(tmp_path), "--trials", "1",
-                   "-q")[0] == 0
-    code, _, err = run_cli(capsys, monkeypatch, "sweep", tiny, "--set", "lora.r=2",
-                           "--out", str(tmp_path), "-q")
+    assert (
+        run_cli(capsys, monkeypatch, "sweep", tiny, "--out", str(tmp_path), "--trials", "1", "-q")[
+            0
+        ]
+        == 0
+    )
+    code, _, err = run_cli(
+        capsys, monkeypatch, "sweep", tiny, "--set", "lora.r=2", "--out", str(tmp_path), "-q"
+    )
     assert code == 2 and "different [lora]" in err and err.count("\n") == 1
 
 
-def test_report_rebuilds_lagging_results_and_draws(tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_rebuilds_lagging_results_and_draws(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     execute(prepare_sweep(tiny_config(), tmp_path, trials=3, progress=False), progress=False)
     (tmp_path / "trials.parquet").unlink()
     code, out, err = run_cli(capsys, monkeypatch, "report", str(tmp_path))
@@ -273,43 +318,65 @@ def test_empty_results_have_the_schema(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("sampler", "pruner"), [("random", "hyperband"), ("gp", "none")])
 def test_other_samplers_and_pruners(tmp_path: Path, sampler: str, pruner: str) -> None:
-    cfg = tiny_config("search.peak_lr=[1e-3, 1e-1]", f"sweep.sampler={sampler}",
-                      f"sweep.pruner={pruner}")
+    cfg = tiny_config(
+        "search.peak_lr=[1e-3, 1e-1]", f"sweep.sampler={sampler}", f"sweep.pruner={pruner}"
+    )
     prepared = prepare_sweep(cfg, tmp_path, trials=3, progress=False)
     study = execute(prepared, progress=False)
     assert len(_finished(study)) == 3
     expected = {"random": optuna.samplers.RandomSampler, "gp": optuna.samplers.GPSampler}
     assert isinstance(study.sampler, expected[sampler])
-    assert isinstance(study.pruner, {"hyperband": optuna.pruners.HyperbandPruner,
-                                     "none": optuna.pruners.NopPruner}[pruner])
+    assert isinstance(
+        study.pruner,
+        {"hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}[pruner],
+    )
 
 
-def test_a_cause_that_fails_every_trial_stops_the_sweep(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cause_that_fails_every_trial_stops_the_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
         raise RuntimeError("batch does not fit")
 
     monkeypatch.setattr(workers, "run_trial", broken)
-    prepared = prepare_sweep(tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path, trials=3,
-                             progress=False)
+    prepared = prepare_sweep(
+        tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path, trials=3, progress=False
+    )
     with pytest.raises(StudyError, match="5 trials in a row failed .*batch does not fit"):
         execute(prepared, progress=False)
     assert [t.state for t in prepared.plan.study.trials] == [TrialState.FAIL] * 5
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("sqlite:///study.db", "unsupported scheme 'sqlite'"),
-    ("redis://user:hunter2@host/0", "unsupported scheme 'redis'"),
-    # Connecting is retried for 30 s before it gives up.
-    pytest.param("postgresql://user:hunter2@127.0.0.1:1/db", "cannot connect",
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite:///study.db", "unsupported scheme 'sqlite'"),
+        ("redis://user:hunter2@host/0", "unsupported scheme 'redis'"),
+        # Connecting is retried for 30 s before it gives up.
+        pytest.param(
+            "postgresql://user:hunter2@127.0.0.1:1/db", "cannot connect", marks=pytest.mark.slow
+        ),
+    ],
+)
 def test_bad_storage_urls_are_one_line_without_the_password(
-        tmp_path: Path, url: str, message: str, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path,
+    url: str,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from tests.conftest import ROOT
 
-    code, _, err = run_cli(capsys, monkeypatch, "sweep", str(ROOT / "studies" / "tiny.toml"),
-                           "--storage", url, "--out", str(tmp_path), "--dry-run")
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "sweep",
+        str(ROOT / "studies" / "tiny.toml"),
+        "--storage",
+        url,
+        "--out",
+        str(tmp_path),
+        "--dry-run",
+    )
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert "hunter2" not in err

@@ -34,8 +34,16 @@ def _one_step(ctx, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
                 if "lora_B" in name:
                     p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-        train(model, opt, _fixed(ctx.blocks.train, batch_size), [1.0],
-              grad_accum=grad_accum, max_grad_norm=1.0, precision=CPU, progress=False)
+        train(
+            model,
+            opt,
+            _fixed(ctx.blocks.train, batch_size),
+            [1.0],
+            grad_accum=grad_accum,
+            max_grad_norm=1.0,
+            precision=CPU,
+            progress=False,
+        )
         return trainable_state(model)
     finally:
         detach_lora(model)
@@ -59,9 +67,19 @@ def test_each_step_uses_its_lr_and_evaluates_on_schedule(ctx) -> None:  # type: 
 
     lrs = [1e-4 * (i + 1) for i in range(7)]
     try:
-        result = train(model, opt, _fixed(ctx.blocks.train, 4), lrs, grad_accum=1,
-                       max_grad_norm=1.0, precision=CPU, eval_blocks=ctx.blocks.eval,
-                       eval_every=3, on_step=watch, progress=False)
+        result = train(
+            model,
+            opt,
+            _fixed(ctx.blocks.train, 4),
+            lrs,
+            grad_accum=1,
+            max_grad_norm=1.0,
+            precision=CPU,
+            eval_blocks=ctx.blocks.eval,
+            eval_every=3,
+            on_step=watch,
+            progress=False,
+        )
     finally:
         detach_lora(model)
     assert result.stop_reason is None
@@ -81,8 +99,16 @@ def test_gradients_are_clipped_to_max_grad_norm(ctx) -> None:  # type: ignore[no
         before = trainable_state(model)
         params = [p for p in model.parameters() if p.requires_grad]
         sgd = torch.optim.SGD(params, lr=1.0)
-        result = train(model, sgd, _fixed(ctx.blocks.train, 4), [1.0], grad_accum=1,
-                       max_grad_norm=0.01, precision=CPU, progress=False)
+        result = train(
+            model,
+            sgd,
+            _fixed(ctx.blocks.train, 4),
+            [1.0],
+            grad_accum=1,
+            max_grad_norm=0.01,
+            precision=CPU,
+            progress=False,
+        )
         after = trainable_state(model)
     finally:
         detach_lora(model)
@@ -95,9 +121,17 @@ def test_non_finite_loss_stops_before_the_update(ctx) -> None:  # type: ignore[n
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
         opt = make_optimizer(model, ctx.config.train)
-        result = train(model, opt, _fixed(ctx.blocks.train, 4), [1e-3] * 5, grad_accum=1,
-                       max_grad_norm=1.0, precision=CPU, progress=False,
-                       on_step=lambda r: _poison(model) if r.step == 1 else None)
+        result = train(
+            model,
+            opt,
+            _fixed(ctx.blocks.train, 4),
+            [1e-3] * 5,
+            grad_accum=1,
+            max_grad_norm=1.0,
+            precision=CPU,
+            progress=False,
+            on_step=lambda r: _poison(model) if r.step == 1 else None,
+        )
         grads = [p.grad for p in model.parameters() if p.requires_grad]
     finally:
         detach_lora(model)
@@ -120,9 +154,18 @@ def test_mixed_precision_paths_train(ctx, dtype: torch.dtype) -> None:  # type: 
     try:
         before = trainable_state(model)
         opt = make_optimizer(model, ctx.config.train)
-        result = train(model, opt, _fixed(ctx.blocks.train, 4), [1e-2] * 3, grad_accum=2,
-                       max_grad_norm=1.0, precision=precision, eval_blocks=ctx.blocks.eval,
-                       eval_every=3, progress=False)
+        result = train(
+            model,
+            opt,
+            _fixed(ctx.blocks.train, 4),
+            [1e-2] * 3,
+            grad_accum=2,
+            max_grad_norm=1.0,
+            precision=precision,
+            eval_blocks=ctx.blocks.eval,
+            eval_every=3,
+            progress=False,
+        )
         after = trainable_state(model)
     finally:
         detach_lora(model)
