@@ -61,11 +61,10 @@ def precision_of(trainer: Trainer) -> Precision:
     return Precision(args.device, dtype)
 
 
-def _config_of(trainer: Trainer, rangetest: RangeTestConfig, **sections: Any) -> StudyConfig:
-    """A StudyConfig that records what the Trainer's run depended on (for the metadata)."""
+def _train_config(trainer: Trainer) -> TrainConfig:
+    """What a Trainer's updates depend on, in lrsweep's terms (for metadata and export)."""
     args = trainer.args
-    name = getattr(getattr(trainer.model, "config", None), "name_or_path", "") or "trainer"
-    train = TrainConfig(
+    return TrainConfig(
         batch_size=args.per_device_train_batch_size,
         grad_accum=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
@@ -76,13 +75,16 @@ def _config_of(trainer: Trainer, rangetest: RangeTestConfig, **sections: Any) ->
         device=str(args.device.type),
         dtype=str(precision_of(trainer).dtype).removeprefix("torch."),
     )
+
+
+def _config_of(trainer: Trainer, rangetest: RangeTestConfig) -> StudyConfig:
+    name = getattr(getattr(trainer.model, "config", None), "name_or_path", "") or "trainer"
     return StudyConfig(
-        seed=args.seed,
+        seed=trainer.args.seed,
         model=ModelConfig(path=f"trainer:{name}"),
         data=DataConfig(path="trainer"),
-        train=train,
+        train=_train_config(trainer),
         rangetest=rangetest,
-        **sections,
     )
 
 
@@ -173,6 +175,7 @@ def training_overrides(
 
 def _trainer_runner(
     make_trainer: Callable[[dict[str, Any]], Trainer],
+    on_trainer: Callable[[Trainer], None],
     out: Path,
     eval_every: int,
     keep_checkpoints: bool,
@@ -236,6 +239,7 @@ def _trainer_runner(
                 "make_trainer(overrides) must pass the overrides on to "
                 "TrainingArguments(**overrides)"
             )
+        on_trainer(trainer)
         trainer.add_callback(_Watch(trainer, trial, result))
         # lrsweep prints one line per trial; the Trainer's per-step log lines would bury it.
         trainer.remove_callback(PrinterCallback)
@@ -280,6 +284,9 @@ def sweep(
     which is removed after the trial unless ``keep_checkpoints``. Same storage, result files
     and report as ``lrsweep sweep``.
     """
+    import optuna
+
+    from lrsweep.config import from_dict
     from lrsweep.storage import open_storage
     from lrsweep.sweep import SweepPlan, create_study, load_existing, run_worker
     from lrsweep.workers import write_results
@@ -301,6 +308,9 @@ def sweep(
     cfg.search.check()
     cfg.sweep.check()
     backend = open_storage(out, storage)
+    if study_name in optuna.study.get_all_study_names(backend):
+        # [train] comes from the user's Trainers (see record_train below), not from here.
+        cfg = cfg.replace(train=load_existing(backend, study_name, None)[1].train)
     study, cfg = load_existing(backend, study_name, cfg)
     if study is None:
         study = create_study(backend, study_name, cfg, tuple(peak_lr), None)  # type: ignore[arg-type]
@@ -311,10 +321,19 @@ def sweep(
         max_steps,
         trials,
     )
-    runner = _trainer_runner(make_trainer, out, eval_every, keep_checkpoints, pruner)
+
+    def record_train(trainer: Trainer) -> None:
+        # The study's [train] section describes the user's TrainingArguments, so that
+        # lrsweep export reproduces their batch size, accumulation and optimizer settings.
+        stored = from_dict(study.user_attrs["config"])
+        train = _train_config(trainer)
+        if stored.train != train:
+            study.set_user_attr("config", stored.replace(train=train).to_dict())
+
+    runner = _trainer_runner(make_trainer, record_train, out, eval_every, keep_checkpoints, pruner)
 
     def write(_: object = None) -> None:
-        write_results(study, out, cfg, storage)
+        write_results(study, out, from_dict(study.user_attrs["config"]), storage)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

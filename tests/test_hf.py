@@ -176,7 +176,11 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
         model = attach_lora(ctx.base, ctx.config.lora, seed=0)
         adapters.append(model)
         args = TrainingArguments(
-            per_device_train_batch_size=4, per_device_eval_batch_size=8, use_cpu=True, **overrides
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            per_device_eval_batch_size=8,
+            use_cpu=True,
+            **overrides,
         )
         return Trainer(
             model=model,
@@ -201,6 +205,9 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
     trials, curves, meta = load_results(tmp_path)
     assert len(trials) == 3 and meta["config"]["model"]["path"] == "trainer"
+    # The study describes the user's TrainingArguments, so the export reproduces them.
+    assert meta["config"]["train"]["batch_size"] == 2
+    assert meta["config"]["train"]["grad_accum"] == 2
     for _, t in trials.iterrows():
         expected = CosineSchedule(t["peak_lr"], 12, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
         got = curves[curves["number"] == t["number"]]["lr"].tolist()
