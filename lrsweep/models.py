@@ -7,6 +7,7 @@ model is a GGUF file; dequantising it is slow, so the converted weights are cach
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -209,9 +210,15 @@ def cache_root() -> Path:
 
 
 def gguf_cache_dir(file: Path) -> Path:
-    """The cache folder of one GGUF file; a changed file (size or mtime) gets a new one."""
-    stat = file.stat()
-    return cache_root() / f"{file.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    """The cache folder of one GGUF file, keyed by its content (size and a hash of its first
+    and last MiB), so that a reinstalled wheel (a new mtime) still finds its cache."""
+    size = file.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with file.open("rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, size - 2**20))
+        digest.update(f.read(2**20))
+    return cache_root() / f"{file.stem}-{size}-{digest.hexdigest()[:16]}"
 
 
 def _load_gguf(file: Path) -> tuple[PreTrainedModel, Tokenizer]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import os
 import sys
 import time
 import weakref
@@ -318,3 +319,15 @@ def test_bundled_lora_step(bundled: tuple[BaseModel, Path]) -> None:
     assert all(p.grad is not None for p in peft.parameters() if p.requires_grad)
     detach_lora(peft)
     assert torch.equal(base.model.model.layers[0].self_attn.q_proj.weight, before)
+
+
+def test_gguf_cache_is_keyed_by_content_not_mtime(tmp_path: Path) -> None:
+    from lrsweep.models import gguf_cache_dir
+
+    a = tmp_path / "m.gguf"
+    a.write_bytes(b"x" * 3_000_000)
+    key = gguf_cache_dir(a)
+    os.utime(a, (1, 1))  # a reinstalled wheel: same bytes, new mtime
+    assert gguf_cache_dir(a) == key
+    a.write_bytes(b"x" * 2_999_999 + b"y")
+    assert gguf_cache_dir(a) != key
