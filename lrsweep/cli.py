@@ -76,12 +76,7 @@ def find(study: Path | None, overrides: tuple[str, ...], out: Path | None, quiet
     )
     click.echo(f"\nWrote {out}/rangetest.parquet, rangetest.png, suggestion.json")
     if result.recommended_lr is not None:
-        click.echo(
-            "\nIn your own Trainer:\n"
-            + format_trainer_snippet(
-                result.recommended_lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.seed
-            )
-        )
+        click.echo("\nIn your own Trainer:\n" + format_trainer_snippet(result.recommended_lr, cfg))
 
 
 def _duration(text: str | None) -> float | None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from lrsweep.config import StudyConfig
 from lrsweep.suggest import Suggestion
 
 
@@ -105,18 +106,21 @@ def format_suggestion(suggestion: Suggestion, steps: int, stop_reason: str | Non
     return "\n".join(lines)
 
 
-def format_trainer_snippet(lr: float, batch_size: int, grad_accum: int, seed: int) -> str:
-    """A TrainingArguments call with the recommended LR and transformers 5's schedule names."""
+def format_trainer_snippet(lr: float, config: StudyConfig) -> str:
+    """A TrainingArguments call with the recommended LR, the study's batch shape and
+    clipping, and transformers 5's schedule names (the warmup and floor are common defaults;
+    lrsweep sweep tunes them)."""
+    train = config.train
     return (
         "TrainingArguments(\n"
         f"    learning_rate={lr:.3g},\n"
         '    lr_scheduler_type="cosine_with_min_lr",\n'
         '    lr_scheduler_kwargs={"min_lr_rate": 0.1},\n'
         "    warmup_steps=0.05,  # < 1 is read as a fraction of max_steps\n"
-        f"    per_device_train_batch_size={batch_size},\n"
-        f"    gradient_accumulation_steps={grad_accum},\n"
-        "    max_grad_norm=1.0,\n"
-        f"    seed={seed},\n"
+        f"    per_device_train_batch_size={train.batch_size},\n"
+        f"    gradient_accumulation_steps={train.grad_accum},\n"
+        f"    max_grad_norm={train.max_grad_norm},\n"
+        f"    seed={config.seed},\n"
         "    ...,\n"
         ")"
     )
