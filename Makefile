@@ -46,6 +46,7 @@ demo: setup
 	$(BIN)/lrsweep export $(DEMO) --format python
 
 bench: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python -m bench.run
 
 clean:

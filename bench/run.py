@@ -7,7 +7,7 @@ import runpy
 import sys
 
 
-BENCHMARKS = ["bench.overhead", "bench.memory", "bench.workers"]
+BENCHMARKS = ["bench.overhead", "bench.lrfinder", "bench.memory", "bench.workers"]
 
 if __name__ == "__main__":
     for name in BENCHMARKS:
