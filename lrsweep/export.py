@@ -14,6 +14,7 @@ import pandas as pd
 
 from lrsweep.config import StudyConfig
 from lrsweep.errors import StudyError
+from lrsweep.schedules import CosineSchedule
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series:
@@ -27,12 +28,14 @@ def best_trial(trials: pd.DataFrame) -> pd.Series:
 def training_arguments(trial: pd.Series, config: StudyConfig) -> dict[str, Any]:
     """Everything the trial's schedule and update depended on, as TrainingArguments kwargs."""
     train = config.train
+    schedule = CosineSchedule(
+        float(trial["peak_lr"]),
+        int(trial["total_steps"]),
+        float(trial["warmup_fraction"]),
+        float(trial["min_lr_ratio"]),
+    )
     kwargs: dict[str, Any] = {
-        "learning_rate": float(trial["peak_lr"]),
-        "lr_scheduler_type": "cosine_with_min_lr",
-        "lr_scheduler_kwargs": {"min_lr_rate": float(trial["min_lr_ratio"])},
-        "warmup_steps": int(trial["warmup_steps"]),
-        "max_steps": int(trial["total_steps"]),
+        **schedule.trainer_kwargs(),
         "per_device_train_batch_size": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "optim": "adamw_torch",

@@ -158,11 +158,7 @@ def training_overrides(
 ) -> dict[str, Any]:
     """TrainingArguments keyword arguments that make a Trainer run ``schedule``."""
     return {
-        "learning_rate": schedule.peak_lr,
-        "lr_scheduler_type": "cosine_with_min_lr",
-        "lr_scheduler_kwargs": {"min_lr_rate": schedule.min_lr_ratio},
-        "warmup_steps": schedule.warmup_steps,
-        "max_steps": schedule.total_steps,
+        **schedule.trainer_kwargs(),
         "eval_strategy": "steps",
         "eval_steps": eval_every,
         "logging_steps": 1,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.optimization import get_scheduler
@@ -43,6 +44,17 @@ class CosineSchedule:
     @property
     def min_lr(self) -> float:
         return self.min_lr_ratio * self.peak_lr
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The TrainingArguments keyword arguments that make a Trainer run this schedule;
+        ``warmup_steps`` an integer, never a fraction (transformers 5 reads < 1 as one)."""
+        return {
+            "learning_rate": self.peak_lr,
+            "lr_scheduler_type": "cosine_with_min_lr",
+            "lr_scheduler_kwargs": {"min_lr_rate": self.min_lr_ratio},
+            "warmup_steps": self.warmup_steps,
+            "max_steps": self.total_steps,
+        }
 
     def lrs(self) -> list[float]:
         """The LR of every optimizer step, as transformers' scheduler gives it."""
