@@ -7,7 +7,7 @@ import runpy
 import sys
 
 
-BENCHMARKS = ["bench.overhead", "bench.lrfinder", "bench.memory", "bench.workers"]
+BENCHMARKS = ["bench.overhead", "bench.lrfinder", "bench.memory", "bench.workers", "bench.scaling"]
 
 if __name__ == "__main__":
     for name in BENCHMARKS:
