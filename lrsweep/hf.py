@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 
     from lrsweep.trial import TrialRun
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def precision_of(trainer: Trainer) -> Precision:
     args = trainer.args
@@ -176,14 +174,13 @@ def _trainer_runner(
     eval_every: int,
     keep_checkpoints: bool,
     pruner: str,
+    device: torch.device,
 ) -> Callable[[Trial, CosineSchedule], TrialRun]:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from lrsweep.storage import retry
     from lrsweep.trial import TrialRun, free_memory
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     class _Watch(TrainerCallback):
         """Records each step's LR and loss, reports eval losses, stops pruned trials."""
@@ -228,7 +225,7 @@ def _trainer_runner(
 
     def run(trial: Trial, schedule: CosineSchedule) -> TrialRun:
         folder = out / "trials" / str(trial.number)
-        result = TrialRun(schedule, [], 0.0, 0.0)
+        result = TrialRun(schedule)
         trainer = make_trainer(training_overrides(schedule, eval_every, folder, keep_checkpoints))
         if trainer.args.learning_rate != schedule.peak_lr:
             raise StudyError(
@@ -326,12 +323,14 @@ def sweep(
         if stored.train != train:
             study.set_user_attr("config", stored.replace(train=train).to_dict())
 
-    runner = _trainer_runner(make_trainer, record_train, out, eval_every, keep_checkpoints, pruner)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runner = _trainer_runner(
+        make_trainer, record_train, out, eval_every, keep_checkpoints, pruner, device
+    )
 
     def write(_: object = None) -> None:
         write_results(study, out, from_dict(study.user_attrs["config"]), storage)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         run_worker(cfg, plan, runner, write, device=device, progress=progress)
     finally:

@@ -313,7 +313,7 @@ def _run_and_tell(
     device: torch.device,
 ) -> FrozenTrial:
     """Run one trial and record it; every failure becomes the trial's state and reason."""
-    run = TrialRun(schedule, [], 0.0, 0.0)
+    run = TrialRun(schedule)
     state, value, out_of_memory = TrialState.COMPLETE, None, False
     try:
         run = runner(trial, schedule)

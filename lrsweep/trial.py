@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -34,9 +34,9 @@ class TrialRun:
     """What one trial recorded; stored as the trial's user attributes before it is told."""
 
     schedule: CosineSchedule
-    records: list[StepRecord]
-    seconds: float
-    peak_memory_mb: float
+    records: list[StepRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_memory_mb: float = 0.0
     reason: str | None = None
 
     def attrs(self, seed: int, worker: str) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def run_trial(
     torch.manual_seed(cfg.seed)
     model = attach_lora(ctx.base, cfg.lora, cfg.seed)
     precision = Precision(device, ctx.precision.dtype)  # a fresh GradScaler for fp16
-    run = TrialRun(schedule, [], 0.0, 0.0)
+    run = TrialRun(schedule)
     start = time.perf_counter()
     losses: list[float] = []
 
