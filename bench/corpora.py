@@ -1,0 +1,64 @@
+"""The corpora of the quality and efficiency benchmarks, all read offline from this machine.
+
+- ``stdlib``: the Python standard library's modules (lrsweep's default corpus; code).
+- ``licenses``: the license texts Debian ships in /usr/share/common-licenses (legal prose).
+- ``manpages``: the roff sources of the section-1 manual pages (markup and terse prose); the
+  held-out corpus, on which no choice of the suggestion was tuned.
+
+Each non-default corpus is written once as a JSONL file of documents under runs/bench/corpora.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPORA_DIR = ROOT / "runs" / "bench" / "corpora"
+CORPORA = ("stdlib", "licenses", "manpages")
+HELD_OUT = "manpages"
+_MAN_BYTES = 2_000_000  # enough for 100k tokens after the seeded document shuffle
+_MAN_STRIDE = 7
+
+
+def _licenses() -> list[str]:
+    seen: set[Path] = set()
+    docs = []
+    for path in sorted(Path("/usr/share/common-licenses").iterdir()):
+        real = path.resolve()
+        if real not in seen and real.is_file():
+            seen.add(real)
+            docs.append(real.read_text(encoding="utf-8", errors="replace"))
+    return docs
+
+
+def _manpages() -> list[str]:
+    docs, size = [], 0
+    pages = sorted(Path("/usr/share/man/man1").glob("*.gz"))
+    for path in pages[::_MAN_STRIDE]:  # every few pages, so that no one tool family dominates
+        if path.is_symlink():
+            continue
+        text = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+        if text.startswith(".so "):  # a one-line alias of another page
+            continue
+        docs.append(text)
+        size += len(text)
+        if size >= _MAN_BYTES:
+            break
+    return docs
+
+
+def corpus_path(name: str) -> str:
+    """The ``data.path`` of a corpus: "stdlib", or a JSONL file built on first use."""
+    if name == "stdlib":
+        return "stdlib"
+    path = CORPORA_DIR / f"{name}.jsonl"
+    if not path.exists():
+        docs = {"licenses": _licenses, "manpages": _manpages}[name]()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+        tmp.replace(path)
+    return str(path)

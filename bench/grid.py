@@ -1,0 +1,205 @@
+"""The grid of complete fine-tunes that gives each corpus its best peak LR: the ground truth of
+the suggestion-quality benchmark (bench.quality) and the baseline of the sweep-efficiency one
+(bench.efficiency).
+
+    python -m bench.grid [--shard 0/2] [--corpora stdlib,licenses,manpages]
+
+Every point is a complete fine-tune of the bundled model as lrsweep's sweep runs it (the same
+``run_trial``): a fresh LoRA adapter, 100 optimizer steps of linear warmup and cosine decay with
+the sweep's first-trial defaults (5 % warmup, min_lr a tenth of the peak), scored by the final
+loss on 32 held-out blocks. The batch shape (4 x 64 tokens) keeps a point at about 5 minutes
+on one core. The grid is 7 peak LRs half a decade apart (1e-5 .. 1e-2), then refined a quarter
+decade either side of each corpus's best.
+
+Each finished point is appended as one JSON line to bench/results/grid.jsonl, so a run that is
+interrupted resumes where it stopped; ``--shard k/n`` lets n processes share the work (run them
+with OMP_NUM_THREADS=1: two one-thread processes do 1.44x the work of one two-thread process on
+the 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from bench.corpora import CORPORA, corpus_path
+from lrsweep import config as config_mod
+from lrsweep.config import StudyConfig
+from lrsweep.context import Context
+from lrsweep.data import load_blocks
+from lrsweep.models import load_base_model
+from lrsweep.schedules import CosineSchedule
+from lrsweep.sweep import first_trial
+from lrsweep.training import Precision
+from lrsweep.trial import run_trial
+
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "grid.jsonl"
+# The benchmark's study: the default one at 4 x 64 tokens per step, 100 steps.
+OVERRIDES = [
+    "train.seq_len=64",
+    "train.device=cpu",
+    "data.max_tokens=100000",
+    "sweep.steps=100",
+    "sweep.eval_every=25",
+]
+BASE_EXPONENTS = [-5 + 0.5 * i for i in range(7)]
+REFINE = 0.25  # decades either side of the best
+
+logger = logging.getLogger("bench.grid")
+
+
+def study_config(corpus: str, extra: list[str] | tuple[str, ...] = ()) -> StudyConfig:
+    overrides = [*OVERRIDES, f"data.path={corpus_path(corpus)}", *extra]
+    return config_mod.load(ROOT / "studies" / "default.toml", overrides)
+
+
+@dataclass(frozen=True)
+class Point:
+    corpus: str
+    exponent: float  # log10 of the peak LR, rounded to a quarter decade
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.corpus}/{self.exponent:+.2f}/{self.seed}"
+
+    @property
+    def peak_lr(self) -> float:
+        return 10**self.exponent
+
+
+def load_rows(path: Path = RESULTS) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+    return rows
+
+
+def score(row: dict) -> float:
+    """The final held-out loss; a run stopped early (diverged) ranks below every finished one."""
+    final = row["final_eval_loss"]
+    return final if row["steps_done"] == row["steps"] and final is not None else math.inf
+
+
+def best(rows: list[dict], corpus: str) -> dict | None:
+    """The best point of a corpus: lowest final loss, averaged over seeds."""
+    by_lr: dict[float, list[dict]] = {}
+    for row in rows:
+        if row["corpus"] == corpus:
+            by_lr.setdefault(row["exponent"], []).append(row)
+    if not by_lr:
+        return None
+    exponent = min(by_lr, key=lambda e: sum(score(r) for r in by_lr[e]) / len(by_lr[e]))
+    runs = by_lr[exponent]
+    return {
+        "corpus": corpus,
+        "exponent": exponent,
+        "peak_lr": 10**exponent,
+        "loss": sum(score(r) for r in runs) / len(runs),
+        "seeds": len(runs),
+    }
+
+
+def plan(rows: list[dict], corpora: list[str]) -> list[tuple[int, Point]]:
+    """Every point the grid needs given what is done, each with a fixed slot number (which
+    shard runs it): the base grid of each corpus, then the refinement either side of its best
+    once its base grid is complete."""
+    done = {Point(r["corpus"], r["exponent"], r["seed"]).key for r in rows}
+    slots = [
+        (i * len(corpora) + j, Point(c, e))
+        for i, e in enumerate(BASE_EXPONENTS)
+        for j, c in enumerate(corpora)
+    ]
+    for j, corpus in enumerate(corpora):
+        if all(Point(corpus, e).key in done for e in BASE_EXPONENTS):
+            top = best(rows, corpus)
+            assert top is not None
+            for m, d in enumerate((-REFINE, REFINE)):
+                slot = len(BASE_EXPONENTS) * len(corpora) + 2 * j + m
+                slots.append((slot, Point(corpus, top["exponent"] + d)))
+    return slots
+
+
+def run_point(ctx: Context, point: Point) -> dict:
+    cfg = ctx.config
+    params = first_trial(point.peak_lr, cfg, (point.peak_lr, point.peak_lr))
+    schedule = CosineSchedule(
+        point.peak_lr, cfg.sweep.steps, params["warmup_fraction"], params["min_lr_ratio"]
+    )
+    trial = optuna.create_study(pruner=optuna.pruners.NopPruner()).ask()
+    run = run_trial(ctx, trial, schedule, progress=False)
+    evals = [(r.step + 1, r.eval_loss) for r in run.records if r.eval_loss is not None]
+    return {
+        "corpus": point.corpus,
+        "exponent": point.exponent,
+        "seed": point.seed,
+        "peak_lr": point.peak_lr,
+        "warmup_fraction": params["warmup_fraction"],
+        "min_lr_ratio": params["min_lr_ratio"],
+        "steps": cfg.sweep.steps,
+        "steps_done": len(run.records),
+        "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
+        "final_eval_loss": evals[-1][1] if len(run.records) == cfg.sweep.steps else None,
+        "evals": evals,
+        "train_loss_first_last": [run.records[0].loss, run.records[-1].loss],
+        "reason": run.reason,
+        "seconds": round(run.seconds, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shard", default="0/1", help="k/n: run every n-th point from k")
+    parser.add_argument("--corpora", default=",".join(CORPORA))
+    args = parser.parse_args()
+    k, n = map(int, args.shard.split("/"))
+    corpora = args.corpora.split(",")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    base = None
+    contexts: dict[str, Context] = {}
+    while True:
+        rows = load_rows()
+        done = {Point(r["corpus"], r["exponent"], r["seed"]).key for r in rows}
+        points = plan(rows, corpora)
+        pending = [(slot, p) for slot, p in points if p.key not in done]
+        refined = len(points) == len(corpora) * (len(BASE_EXPONENTS) + 2)
+        if not pending and refined:
+            return
+        mine = [p for slot, p in pending if slot % n == k]
+        if not mine:
+            time.sleep(30)  # the other shards' points decide the refinement
+            continue
+        point = mine[0]
+        cfg = study_config(point.corpus)
+        if base is None:
+            base = load_base_model(cfg.model, cfg.train, cfg.seed)
+        if point.corpus not in contexts:
+            blocks = load_blocks(cfg.data, cfg.train, base.tokenizer, cfg.seed)
+            contexts[point.corpus] = Context(cfg, base, blocks, Precision(base.device, base.dtype))
+        row = run_point(contexts[point.corpus], point)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        logger.info(
+            "%s: final %s (%s) in %.0fs",
+            point.key,
+            row["final_eval_loss"],
+            row["reason"],
+            row["seconds"],
+        )
+
+
+if __name__ == "__main__":
+    main()
