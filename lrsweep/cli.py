@@ -57,8 +57,20 @@ def cli(verbose: bool) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Output folder (default runs/find-<timestamp>).",
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["ramp", "probe"]),
+    help="ramp: one run whose LR grows every step; probe: short runs at fixed LRs from the "
+    "same start (default: the study's rangetest.mode, ramp).",
+)
 @QUIET
-def find(study: Path | None, overrides: tuple[str, ...], out: Path | None, quiet: bool) -> None:
+def find(
+    study: Path | None,
+    overrides: tuple[str, ...],
+    out: Path | None,
+    mode: str | None,
+    quiet: bool,
+) -> None:
     """Run the LR range test and recommend a peak LR.
 
     STUDY is a TOML study file (default: the bundled SmolLM2-135M on the stdlib corpus).
@@ -68,11 +80,14 @@ def find(study: Path | None, overrides: tuple[str, ...], out: Path | None, quiet
     from lrsweep.find import find_lr
     from lrsweep.report import format_suggestion, format_trainer_snippet
 
+    if mode is not None:
+        overrides = (*overrides, f"rangetest.mode={mode}")
     cfg = config_mod.load(study, overrides)
     out = out or Path("runs") / time.strftime("find-%Y%m%d-%H%M%S")
     result = find_lr(cfg, out=out, progress=not quiet)
+    unit = "fixed-LR runs" if result.curve.mode == "probe" else "steps"
     click.echo(
-        format_suggestion(result.suggestion, len(result.curve.lrs), result.curve.stop_reason)
+        format_suggestion(result.suggestion, len(result.curve.lrs), result.curve.stop_reason, unit)
     )
     click.echo(f"\nWrote {out}/rangetest.parquet, rangetest.png, suggestion.json")
     if result.recommended_lr is not None:

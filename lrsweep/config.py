@@ -127,24 +127,34 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RangeTestConfig:
     """Args:
-    start_lr, end_lr: the ramp's first and last LR. steps: optimizer steps in the ramp.
-    mode: ``exp`` (geometric ramp) or ``linear``. smoothing: EMA beta of the recorded loss.
-    diverge_factor: stop once the smoothed loss exceeds this many times its best.
-    signal: the loss the curve records: ``eval`` (after every step, on ``probe_blocks`` fixed
+    mode: ``ramp`` (one run whose LR grows every step, the classic range test) or ``probe``
+        (``runs`` short runs at fixed LRs, each from the same start on the same batches,
+        scored by the held-out loss at their end).
+    start_lr, end_lr: the lowest and highest LR tested. steps: optimizer steps in all.
+    spacing: ``exp`` (geometric) or ``linear`` LRs between start_lr and end_lr.
+    runs: probe mode's number of fixed-LR runs; each trains steps // runs steps.
+    smoothing: EMA beta of the recorded loss (ramp).
+    diverge_factor: stop once the smoothed loss exceeds this many times its best (ramp).
+    signal: the loss a ramp records: ``eval`` (after every step, on ``probe_blocks`` fixed
         held-out blocks; costs a forward pass but removes the batch-to-batch noise that hides
-        a LoRA fine-tune's small loss drop) or ``train`` (each step's training batch).
+        a LoRA fine-tune's small loss drop) or ``train`` (each step's training batch). Probe
+        mode always scores on the whole held-out set.
     """
 
+    mode: str = "ramp"
     start_lr: float = 1e-5
     end_lr: float = 1e-1
     steps: int = 60
-    mode: str = "exp"
+    spacing: str = "exp"
+    runs: int = 9
     smoothing: float = 0.9
     diverge_factor: float = 4.0
     signal: str = "eval"
     probe_blocks: int = 4
 
     def check(self) -> None:
+        if self.mode not in ("ramp", "probe"):
+            _fail("rangetest.mode", f"must be 'ramp' or 'probe', got {self.mode!r}")
         for key in ("start_lr", "end_lr"):
             if getattr(self, key) <= 0:
                 _fail(f"rangetest.{key}", f"must be positive, got {getattr(self, key)}")
@@ -154,8 +164,10 @@ class RangeTestConfig:
             )
         if self.steps < 10:
             _fail("rangetest.steps", f"must be at least 10, got {self.steps}")
-        if self.mode not in ("exp", "linear"):
-            _fail("rangetest.mode", f"must be 'exp' or 'linear', got {self.mode!r}")
+        if self.spacing not in ("exp", "linear"):
+            _fail("rangetest.spacing", f"must be 'exp' or 'linear', got {self.spacing!r}")
+        if not 3 <= self.runs <= self.steps:
+            _fail("rangetest.runs", f"must be between 3 and steps ({self.steps}), got {self.runs}")
         if not 0 <= self.smoothing < 1:
             _fail("rangetest.smoothing", f"must be in [0, 1), got {self.smoothing}")
         if self.diverge_factor <= 1:

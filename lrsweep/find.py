@@ -16,9 +16,9 @@ from lrsweep.config import StudyConfig
 from lrsweep.context import Context, prepare
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora
-from lrsweep.rangetest import RangeTestCurve, run_range_test
+from lrsweep.rangetest import RangeTestCurve, run_probes, run_range_test
 from lrsweep.results import read_parquet, write_json, write_parquet
-from lrsweep.suggest import Suggestion, suggest
+from lrsweep.suggest import Suggestion, suggest, suggest_probe
 from lrsweep.training import make_optimizer
 
 
@@ -49,6 +49,7 @@ class FindResult:
             "suggestion": self.suggestion.to_dict(),
             "stop_reason": self.curve.stop_reason,
             "seconds_per_step": self.curve.seconds_per_step,
+            "start_loss": self.curve.start_loss,
         }
 
     def save(self, out: Path) -> None:
@@ -58,10 +59,22 @@ class FindResult:
         out.mkdir(parents=True, exist_ok=True)
         write_parquet(self.curve.frame(), out / RANGETEST_FILE, self.metadata())
         write_json(self.suggestion.to_dict(), out / SUGGESTION_FILE)
-        signal = self.config.rangetest.signal
-        ylabel = "held-out loss after each step" if signal == "eval" else "training loss"
-        plot_rangetest(self.curve.frame(), self.suggestion, out / PLOT_FILE, ylabel)
+        ylabel = {
+            "probe": "held-out loss at the end of each fixed-LR run",
+            "eval": "held-out loss after each step",
+            "train": "training loss",
+        }["probe" if self.curve.mode == "probe" else self.config.rangetest.signal]
+        plot_rangetest(
+            self.curve.frame(), self.suggestion, out / PLOT_FILE, ylabel, self.curve.start_loss
+        )
         self.out = out
+
+
+def suggestion_of(curve: RangeTestCurve, config: StudyConfig) -> Suggestion:
+    if curve.mode == "probe":
+        assert curve.start_loss is not None
+        return suggest_probe(curve.lrs, curve.losses, curve.start_loss)
+    return suggest(curve.lrs, curve.losses, diverge_factor=config.rangetest.diverge_factor)
 
 
 def run_find(ctx: Context, progress: bool = True) -> FindResult:
@@ -70,22 +83,25 @@ def run_find(ctx: Context, progress: bool = True) -> FindResult:
     model = attach_lora(ctx.base, cfg.lora, cfg.seed)
     try:
         optimizer = make_optimizer(model, cfg.train)
-        curve = run_range_test(
-            model,
-            optimizer,
-            batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
-            cfg.rangetest,
-            grad_accum=cfg.train.grad_accum,
-            max_grad_norm=cfg.train.max_grad_norm,
-            precision=ctx.precision,
-            probe=ctx.blocks.eval,
-            eval_batch_size=2 * cfg.train.batch_size,
-            progress=progress,
-        )
+        common: dict[str, Any] = {
+            "grad_accum": cfg.train.grad_accum,
+            "max_grad_norm": cfg.train.max_grad_norm,
+            "precision": ctx.precision,
+            "eval_batch_size": 2 * cfg.train.batch_size,
+            "progress": progress,
+        }
+        data = batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed)
+        if cfg.rangetest.mode == "probe":
+            curve = run_probes(
+                model, optimizer, data, cfg.rangetest, probe=ctx.blocks.eval, **common
+            )
+        else:
+            curve = run_range_test(
+                model, optimizer, data, cfg.rangetest, probe=ctx.blocks.eval, **common
+            )
     finally:
         detach_lora(model)
-    suggestion = suggest(curve.lrs, curve.losses, diverge_factor=cfg.rangetest.diverge_factor)
-    return FindResult(curve, suggestion, cfg)
+    return FindResult(curve, suggestion_of(curve, cfg), cfg)
 
 
 def find_lr(
@@ -126,6 +142,9 @@ def load_find(out: Path) -> FindResult | None:
         seconds=frame["seconds"].tolist(),
         stop_reason=meta.get("stop_reason"),
         seconds_per_step=meta["seconds_per_step"],
+        mode=meta["config"]["rangetest"].get("mode", "ramp"),
+        start_loss=meta.get("start_loss"),
+        run_losses=frame["run_losses"].map(list).tolist() if "run_losses" in frame else None,
     )
     return FindResult(
         curve, Suggestion.from_dict(meta["suggestion"]), config_mod.from_dict(meta["config"]), out

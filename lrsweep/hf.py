@@ -97,7 +97,7 @@ def find_lr(
     start_lr: float = 1e-5,
     end_lr: float = 1e-1,
     steps: int = 60,
-    mode: str = "exp",
+    spacing: str = "exp",
     probe_batches: int = 2,
     out: str | Path | None = None,
     progress: bool = True,
@@ -112,7 +112,7 @@ def find_lr(
         start_lr=start_lr,
         end_lr=end_lr,
         steps=steps,
-        mode=mode,
+        spacing=spacing,
         signal=signal,
         probe_blocks=probe_batches,
     )

@@ -1,6 +1,8 @@
-"""The LR range test: a short run whose LR grows each optimizer step, recording the loss.
+"""The LR range test, in two modes: a ramp (one short run whose LR grows each optimizer step,
+recording the loss) or probes (short runs at fixed LRs from the same start, each scored by the
+held-out loss at its end).
 
-It leaves no trace: the trainable weights, the optimizer state and the RNG states are
+Either leaves no trace: the trainable weights, the optimizer state and the RNG states are
 snapshotted before and restored afterwards, also when the run fails midway.
 """
 
@@ -21,7 +23,7 @@ from lrsweep.config import RangeTestConfig
 from lrsweep.models import load_trainable_state, trainable_state
 from lrsweep.schedules import ramp
 from lrsweep.suggest import divergence_index, ema
-from lrsweep.training import Precision, StepRecord, train
+from lrsweep.training import Precision, StepRecord, evaluate, train
 
 
 @dataclass
@@ -36,10 +38,15 @@ class RangeTestCurve:
     seconds: list[float]
     stop_reason: str | None
     seconds_per_step: float  # training steps alone, without the probe evaluations
+    mode: str = "ramp"  # probe: one point per run, and these two fields are set
+    start_loss: float | None = None  # the held-out loss before any training
+    run_losses: list[list[float]] | None = None  # each run's held-out loss at every eval
 
     def frame(self) -> pd.DataFrame:
+        extra = {} if self.run_losses is None else {"run_losses": self.run_losses}
         return pd.DataFrame(
             {
+                **extra,
                 "step": np.arange(len(self.lrs), dtype=np.int64),
                 "lr": self.lrs,
                 "loss": self.losses,
@@ -83,7 +90,9 @@ def _restore(
     saved: _Snapshot,
 ) -> None:
     load_trainable_state(model, saved.weights)
-    optimizer.load_state_dict(saved.optimizer)
+    # load_state_dict keeps the given tensors, which the next steps update in place: restore
+    # a copy, so that the snapshot serves every probe run.
+    optimizer.load_state_dict(copy.deepcopy(saved.optimizer))
     if precision.scaler is not None and saved.scaler is not None:
         precision.scaler.load_state_dict(saved.scaler)
     torch.set_rng_state(saved.torch_rng)
@@ -112,7 +121,7 @@ def run_range_test(
     blocks) after each step. Stops early when the loss is not finite or its smoothed value
     exceeds ``diverge_factor`` times its best. The model and optimizer come back as they were.
     """
-    lrs = ramp(config.start_lr, config.end_lr, config.steps, config.mode)
+    lrs = ramp(config.start_lr, config.end_lr, config.steps, config.spacing)
     use_eval = config.signal == "eval"
     if use_eval and probe is None:
         raise ValueError("rangetest.signal = 'eval' needs probe blocks")
@@ -165,4 +174,79 @@ def run_range_test(
         seconds=seconds,
         stop_reason=result.stop_reason,
         seconds_per_step=records[-1].train_seconds / len(records) if records else math.nan,
+    )
+
+
+def run_probes(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[torch.Tensor],
+    config: RangeTestConfig,
+    *,
+    grad_accum: int,
+    max_grad_norm: float,
+    precision: Precision,
+    probe: torch.Tensor,
+    eval_batch_size: int = 8,
+    eval_every: int = 0,
+    progress: bool = True,
+) -> RangeTestCurve:
+    """``config.runs`` runs of ``steps // runs`` steps at fixed LRs from ``start_lr`` to
+    ``end_lr``, each from the same weights, optimizer state, RNG state and batches, so that
+    they differ only by their LR; each is scored by the loss on all of ``probe`` at its end
+    (and every ``eval_every`` steps, for ``run_losses``). Runs stop at the first LR that ends
+    non-finite or above the untrained loss once a lower LR improved on it."""
+    lrs = ramp(config.start_lr, config.end_lr, config.runs, config.spacing)
+    per_run = max(1, config.steps // config.runs)
+    fixed = [next(batches) for _ in range(per_run * grad_accum)]
+    saved = _snapshot(model, optimizer, precision)
+    points: list[tuple[float, float, list[float], float, int, float]] = []
+    stop_reason = None
+    train_seconds = 0.0
+    start_loss = evaluate(model, probe, eval_batch_size, precision)
+    try:
+        for i, lr in enumerate(lrs):
+            _restore(model, optimizer, precision, saved)
+            result = train(
+                model,
+                optimizer,
+                iter(fixed),
+                [lr] * per_run,
+                grad_accum=grad_accum,
+                max_grad_norm=max_grad_norm,
+                precision=precision,
+                eval_blocks=probe,
+                eval_every=eval_every or per_run,
+                eval_batch_size=eval_batch_size,
+                desc=f"probe {i + 1}/{len(lrs)} lr {lr:.1e}",
+                progress=progress,
+            )
+            records = result.records
+            evals = [r.eval_loss for r in records if r.eval_loss is not None]
+            done = len(records) == per_run and evals
+            loss = evals[-1] if done else math.nan  # type: ignore[index]
+            train_loss = float(np.mean([r.loss for r in records])) if records else math.nan
+            tokens = (points[-1][4] if points else 0) + (records[-1].tokens if records else 0)
+            seconds = records[-1].seconds if records else 0.0
+            points.append((lr, loss, evals, train_loss, tokens, seconds))  # type: ignore[arg-type]
+            train_seconds += records[-1].train_seconds if records else 0.0
+            improved = any(p[1] < start_loss for p in points[:-1])
+            if not math.isfinite(loss) or (improved and loss > start_loss):
+                stop_reason = f"diverged at lr {lr:.3g} (held-out loss above the untrained one)"
+                break
+    finally:
+        _restore(model, optimizer, precision, saved)
+    losses = [p[1] for p in points]
+    return RangeTestCurve(
+        lrs=[p[0] for p in points],
+        losses=losses,
+        smoothed=losses,
+        train_losses=[p[3] for p in points],
+        tokens=[p[4] for p in points],
+        seconds=list(np.cumsum([p[5] for p in points])),
+        stop_reason=stop_reason,
+        seconds_per_step=train_seconds / (per_run * len(points)) if points else math.nan,
+        mode="probe",
+        start_loss=start_loss,
+        run_losses=[p[2] for p in points],
     )

@@ -40,19 +40,30 @@ def _fmt(lr: float | None) -> str:
 
 
 def plot_rangetest(
-    curve: pd.DataFrame, suggestion: Suggestion, path: Path, ylabel: str = "loss"
+    curve: pd.DataFrame,
+    suggestion: Suggestion,
+    path: Path,
+    ylabel: str = "loss",
+    start_loss: float | None = None,
 ) -> None:
-    """Loss against LR (log axis), raw and smoothed, with every suggestion marked."""
+    """Loss against LR (log axis), raw and smoothed, with every suggestion marked; probe
+    mode (``start_loss`` given) draws one point per run and the untrained loss."""
     fig = _figure()
     ax = fig.add_subplot()
-    ax.plot(curve["lr"], curve["loss"], color="0.7", lw=1, label="loss")
-    ax.plot(curve["lr"], curve["smoothed_loss"], color="C0", lw=2, label="smoothed loss")
+    if start_loss is None:
+        ax.plot(curve["lr"], curve["loss"], color="0.7", lw=1, label="loss")
+        ax.plot(curve["lr"], curve["smoothed_loss"], color="C0", lw=2, label="smoothed loss")
+    else:
+        ax.plot(curve["lr"], curve["loss"], "o-", color="C0", lw=2, label="loss after the run")
+        ax.axhline(start_loss, color="0.5", lw=1, ls="--", label="untrained")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel(ylabel)
     finite = curve["loss"][np.isfinite(curve["loss"])]
     if len(finite):
         low, first = finite.min(), finite.iloc[: max(1, len(finite) // 10)].median()
+        if start_loss is not None:
+            first = start_loss
         ax.set_ylim(low - 0.05 * (first - low + 1e-9), first + 0.5 * (first - low + 1e-9))
     if suggestion.interval:
         ax.axvspan(*suggestion.interval, color="C2", alpha=0.15, label="interval")
@@ -82,10 +93,12 @@ def plot_rangetest(
     _save(fig, path)
 
 
-def format_suggestion(suggestion: Suggestion, steps: int, stop_reason: str | None) -> str:
+def format_suggestion(
+    suggestion: Suggestion, points: int, stop_reason: str | None, unit: str = "steps"
+) -> str:
     """The table of methods and the recommendation, as the CLI prints it."""
     lines = [
-        f"Range test: {steps} steps" + (f", stopped: {stop_reason}" if stop_reason else ""),
+        f"Range test: {points} {unit}" + (f", stopped: {stop_reason}" if stop_reason else ""),
         "",
         f"  {'method':<9} {'lr':<10} note",
     ]

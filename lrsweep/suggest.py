@@ -340,3 +340,57 @@ def suggest(
     return Suggestion(
         rec, _interval(rec, found, divergence), divergence, methods, None, tuple(warnings), used
     )
+
+
+# ---------------------------------------------------------------- probe mode
+
+# Probe runs whose drop is at least this fraction of the best drop are "as good": the
+# interval spans them.
+_PROBE_AS_GOOD = 0.75
+# The best fixed LR of a short probe run, times this factor, predicts the best peak LR of a
+# full warmup + cosine fine-tune (see BENCHMARKS.md, suggestion quality).
+PROBE_SCALE = 1.0
+
+
+def suggest_probe(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    start_loss: float,
+    *,
+    scale: float = PROBE_SCALE,
+) -> Suggestion:
+    """The suggestion of probe mode: ``losses[i]`` is the held-out loss after a short run at
+    the fixed LR ``lrs[i]``, all from the same start, whose loss was ``start_loss``.
+
+    The best run's LR, refined by a parabola through it and its neighbours in log10(LR), times
+    ``scale``; the interval spans the runs whose loss drop is within 75% of the best drop."""
+    x = np.log10(np.asarray(lrs, dtype=float))
+    y = np.asarray(losses, dtype=float)
+    drops = start_loss - y
+    finite = np.isfinite(y)
+    if finite.sum() < 3:
+        return Suggestion(None, None, None, {}, TOO_FEW, (), "probe")
+    i = int(np.nanargmax(drops))
+    above = np.flatnonzero(~finite[i:] | (drops[i:] < 0))
+    divergence = float(10 ** x[i + above[0]]) if above.size else None
+    if drops[i] <= _MIN_DROP * abs(start_loss):
+        return Suggestion(None, None, divergence, {}, FLAT, (), "probe")
+    best = x[i]
+    if 0 < i < len(y) - 1 and finite[i - 1] and finite[i + 1]:
+        a, b, _ = np.polyfit(x[i - 1 : i + 2], y[i - 1 : i + 2], 2)
+        if a > 0:  # a minimum: its vertex, kept within half a spacing of the best run
+            half = (x[i + 1] - x[i - 1]) / 4
+            best = float(np.clip(-b / (2 * a), x[i] - half, x[i] + half))
+    good = np.flatnonzero(finite & (drops >= _PROBE_AS_GOOD * drops[i]))
+    low, high = 10 ** x[good.min()], 10 ** x[good.max()]
+    rec = float(10**best * scale)
+    methods = {"probe": MethodResult(rec), "best run": MethodResult(float(10 ** x[i]))}
+    warnings = []
+    if i == 0:
+        warnings.append("the lowest LR tested was the best: lower start_lr")
+    if divergence is None:
+        warnings.append("never diverged: end_lr may be too low")
+    if i == len(y) - 1:
+        warnings.append("suggestion at the edge of the tested range")
+    interval = _interval(rec, [low * scale, high * scale], divergence)
+    return Suggestion(rec, interval, divergence, methods, None, tuple(warnings), "probe")

@@ -10,7 +10,7 @@ from lrsweep.config import RangeTestConfig
 from lrsweep.context import prepare
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora, trainable_state
-from lrsweep.rangetest import run_range_test
+from lrsweep.rangetest import run_probes, run_range_test
 from lrsweep.schedules import ramp
 from lrsweep.training import Precision, make_optimizer, train
 from tests.conftest import tiny_config
@@ -144,3 +144,44 @@ def test_range_test_stops_at_a_non_finite_loss(trained) -> None:  # type: ignore
         "seconds",
     ]
     _assert_same(before, _state(model, opt))
+
+
+def _probes(ctx, model, opt, cfg: RangeTestConfig):  # type: ignore[no-untyped-def]
+    return run_probes(
+        model,
+        opt,
+        batches(ctx.blocks.train, 4, seed=1),
+        cfg,
+        grad_accum=1,
+        max_grad_norm=1.0,
+        precision=CPU,
+        probe=ctx.blocks.eval,
+        eval_every=2,
+        progress=False,
+    )
+
+
+def test_probe_runs_start_alike_and_leave_no_trace(trained) -> None:  # type: ignore[no-untyped-def]
+    ctx, model, opt = trained
+    before = _state(model, opt)
+    wide = _probes(ctx, model, opt, RangeTestConfig(start_lr=1e-3, end_lr=1e-1, steps=12, runs=3))
+    _assert_same(before, _state(model, opt))
+    # Another set of LRs: each run starts from the same state on the same batches, so a run's
+    # loss depends on its own LR only, not on the runs before it.
+    narrow = _probes(ctx, model, opt, RangeTestConfig(start_lr=1e-2, end_lr=1e-1, steps=8, runs=2))
+    assert wide.lrs[1:] == pytest.approx(narrow.lrs)
+    assert wide.losses[1:] == narrow.losses
+    assert [r[:2] for r in wide.run_losses[1:]] == narrow.run_losses  # eval every 2 of 4 steps
+    assert len(wide.run_losses[0]) == 2 and wide.run_losses[0][-1] == wide.losses[0]
+    assert wide.mode == "probe" and wide.start_loss is not None
+    assert all(loss < wide.start_loss for loss in wide.losses)
+
+
+def test_probe_stops_at_the_first_run_that_ends_worse_than_untrained(trained) -> None:  # type: ignore[no-untyped-def]
+    ctx, model, opt = trained
+    curve = _probes(ctx, model, opt, RangeTestConfig(start_lr=1e-3, end_lr=1e3, steps=21, runs=7))
+    assert curve.stop_reason is not None and "diverged" in curve.stop_reason
+    assert len(curve.lrs) < 7
+    last = curve.losses[-1]
+    assert not np.isfinite(last) or last > curve.start_loss
+    assert all(loss < curve.start_loss for loss in curve.losses[:-1])

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from lrsweep.suggest import (
+    FLAT,
     METHODS,
+    TOO_FEW,
     MethodResult,
     Suggestion,
     divergence_index,
@@ -18,6 +20,7 @@ from lrsweep.suggest import (
     slide,
     steep,
     suggest,
+    suggest_probe,
     valley,
 )
 
@@ -235,3 +238,46 @@ def test_suggestion_round_trips_through_json(curve: str) -> None:
         "basis",
     }
     assert Suggestion.from_dict(d) == s
+
+
+def _probe_curve(best: float, start: float = 3.0, depth: float = 0.3) -> tuple[list, list]:
+    """Losses of fixed-LR runs: a parabola in log10(lr) with its minimum at ``best``."""
+    lrs = [10 ** (-5 + 0.5 * i) for i in range(9)]
+    losses = [start - depth + 0.3 * (math.log10(lr) - math.log10(best)) ** 2 for lr in lrs]
+    return lrs, losses
+
+
+@pytest.mark.parametrize("best", [3e-4, 1.3e-3, 5e-3])
+def test_probe_finds_the_vertex_between_the_runs(best: float) -> None:
+    lrs, losses = _probe_curve(best)
+    s = suggest_probe(lrs, losses, 3.0, scale=1.0)
+    assert s.recommended_lr == pytest.approx(best, rel=1e-6)
+    assert s.interval is not None and s.interval[0] < best < s.interval[1]
+    # The first run above the best that ends worse than untrained is the divergence LR.
+    first_worse = next(lr for lr, loss in zip(lrs, losses) if lr > best and loss > 3.0)
+    assert s.divergence_lr == first_worse
+    assert s.interval[1] <= first_worse / 2
+    assert suggest_probe(lrs, losses, 3.0, scale=0.5).recommended_lr == pytest.approx(best / 2)
+
+
+def test_probe_interval_spans_the_runs_that_are_as_good() -> None:
+    lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    sharp = suggest_probe(lrs, [2.99, 2.95, 2.7, 2.96, 3.5], 3.0, scale=1.0)
+    broad = suggest_probe(lrs, [2.99, 2.72, 2.7, 2.71, 3.5], 3.0, scale=1.0)
+    assert sharp.interval is not None and broad.interval is not None
+    assert broad.interval[0] <= 1e-4 and broad.interval[1] >= 1e-2 / 2
+    assert sharp.interval[1] / sharp.interval[0] < broad.interval[1] / broad.interval[0]
+
+
+def test_probe_flat_edges_and_too_few() -> None:
+    lrs = [1e-5, 1e-4, 1e-3, 1e-2]
+    flat = suggest_probe(lrs, [3.0, 2.999, 2.9995, 3.0], 3.0)
+    assert flat.recommended_lr is None and flat.reason == FLAT
+    low = suggest_probe(lrs, [2.5, 2.7, 2.9, 3.2], 3.0)
+    assert any("lowest LR" in w for w in low.warnings)
+    high = suggest_probe(lrs, [2.95, 2.9, 2.8, 2.6], 3.0)
+    assert high.divergence_lr is None
+    assert any("never diverged" in w for w in high.warnings)
+    assert any("edge" in w for w in high.warnings)
+    nan = suggest_probe(lrs, [2.9, math.nan, math.nan, math.nan], 3.0)
+    assert nan.recommended_lr is None and nan.reason == TOO_FEW

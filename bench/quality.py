@@ -1,0 +1,124 @@
+"""Suggestion quality: how far each range-test suggestion lands from the best peak LR that the
+grid of complete fine-tunes (bench.grid) found, per corpus, as log10(suggested / best).
+
+    python -m bench.quality run [--corpora ...]   # the range tests, saved under bench/results
+    python -m bench.quality                       # the table, from what is saved
+
+Each corpus gets two range tests on the grid's study (same model, LoRA, 4 x 64 tokens):
+- ``ramp``: lrsweep find's default ramp, 60 steps from 1e-5 to 1e-1 scored on 4 probe blocks;
+- ``probe``: 9 fixed-LR runs from 1e-5 to 1e-1 of 12 steps each, scored on all 32 held-out
+  blocks every 3 steps, so that one run shows what 3, 6, 9 or 12 steps per run would suggest
+  (with a constant LR, the first k steps of a 12-step run are exactly a k-step run).
+A finished range test is saved and skipped on the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+
+from bench.corpora import CORPORA, HELD_OUT
+from bench.grid import ROOT, best, load_rows, study_config
+from lrsweep.context import prepare
+from lrsweep.data import batches
+from lrsweep.find import FindResult, load_find, run_find, suggestion_of
+from lrsweep.models import attach_lora, detach_lora
+from lrsweep.rangetest import run_probes
+from lrsweep.suggest import suggest_probe
+from lrsweep.training import make_optimizer
+
+
+FINDS = ROOT / "bench" / "results" / "find"
+PROBE_STEPS, PROBE_EVERY = 108, 3
+
+logger = logging.getLogger("bench.quality")
+
+
+def find_dir(corpus: str, mode: str):  # type: ignore[no-untyped-def]
+    return FINDS / f"{corpus}-{mode}"
+
+
+def run_ramp(corpus: str) -> None:
+    ctx = prepare(study_config(corpus))
+    run_find(ctx, progress=False).save(find_dir(corpus, "ramp"))
+
+
+def run_probe(corpus: str) -> None:
+    cfg = study_config(corpus, ["rangetest.mode=probe", f"rangetest.steps={PROBE_STEPS}"])
+    ctx = prepare(cfg)
+    model = attach_lora(ctx.base, cfg.lora, cfg.seed)
+    try:
+        curve = run_probes(
+            model,
+            make_optimizer(model, cfg.train),
+            batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
+            cfg.rangetest,
+            grad_accum=cfg.train.grad_accum,
+            max_grad_norm=cfg.train.max_grad_norm,
+            precision=ctx.precision,
+            probe=ctx.blocks.eval,
+            eval_batch_size=2 * cfg.train.batch_size,
+            eval_every=PROBE_EVERY,
+            progress=False,
+        )
+    finally:
+        detach_lora(model)
+    FindResult(curve, suggestion_of(curve, cfg), cfg).save(find_dir(corpus, "probe"))
+
+
+def probe_at(found: FindResult, k: int, scale: float = 1.0) -> float | None:
+    """What a probe of k steps per run would recommend (no scale unless given)."""
+    curve = found.curve
+    assert curve.run_losses is not None and curve.start_loss is not None
+    j = k // PROBE_EVERY - 1
+    losses = [r[j] if len(r) > j else math.nan for r in curve.run_losses]
+    return suggest_probe(curve.lrs, losses, curve.start_loss, scale=scale).recommended_lr
+
+
+def table() -> None:
+    rows = load_rows()
+    print("log10(suggested / best) per corpus; best = the grid's best peak LR")
+    print(f"{'corpus':<10} {'best':>8} {'loss':>7}  {'method':<14} {'suggested':>9} {'log10':>6}")
+    for corpus in CORPORA:
+        top = best(rows, corpus)
+        if top is None:
+            continue
+        lines = []
+        ramp = load_find(find_dir(corpus, "ramp"))
+        if ramp is not None:
+            for name, method in ramp.suggestion.methods.items():
+                lines.append((f"ramp {name}", method.lr))
+            lines.append(("ramp divergence", ramp.suggestion.divergence_lr))
+        probe = load_find(find_dir(corpus, "probe"))
+        if probe is not None:
+            for k in range(PROBE_EVERY, PROBE_STEPS // 9 + 1, PROBE_EVERY):
+                lines.append((f"probe k={k}", probe_at(probe, k)))
+            lines.append(("probe divergence", probe.suggestion.divergence_lr))
+        name = corpus + (" (held out)" if corpus == HELD_OUT else "")
+        for i, (method, lr) in enumerate(lines):
+            ratio = f"{math.log10(lr / top['peak_lr']):+.2f}" if lr else "-"
+            head = f"{name:<10} {top['peak_lr']:>8.2e} {top['loss']:>7.4f}" if i == 0 else " " * 27
+            print(f"{head}  {method:<17} {lr or math.nan:>9.2e} {ratio:>6}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", nargs="?", default="table", choices=["run", "table"])
+    parser.add_argument("--corpora", default=",".join(CORPORA))
+    parser.add_argument("--modes", default="ramp,probe")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    if args.action == "table":
+        table()
+        return
+    for corpus in args.corpora.split(","):
+        for mode in args.modes.split(","):
+            if load_find(find_dir(corpus, mode)) is None:
+                logger.info("range test %s on %s", mode, corpus)
+                {"ramp": run_ramp, "probe": run_probe}[mode](corpus)
+
+
+if __name__ == "__main__":
+    main()
