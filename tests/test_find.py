@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import lrsweep
+from lrsweep.find import load_find, suggestion_of
 from lrsweep.results import read_parquet
 from tests.conftest import ROOT, run_cli, tiny_config
 
@@ -67,6 +68,27 @@ def test_cli_find_prints_the_suggestion_and_a_snippet(
     assert "Recommended peak LR" in out and "valley" in out
     assert "TrainingArguments(" in out and 'lr_scheduler_type="cosine_with_min_lr"' in out
     assert (tmp_path / "f" / "suggestion.json").exists()
+
+
+def test_cli_find_probe_mode_writes_one_point_per_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out_dir = tmp_path / "p"
+    args = ["find", str(ROOT / "studies" / "tiny.toml"), "--out", str(out_dir), "-q"]
+    code, out, err = run_cli(capsys, monkeypatch, *args, "--mode", "probe")
+    assert code == 0, err
+    assert "fixed-LR runs" in out and "Recommended peak LR" in out
+    frame, meta = read_parquet(out_dir / "rangetest.parquet")
+    assert meta["config"]["rangetest"]["mode"] == "probe"
+    assert 3 <= len(frame) <= 9 and frame["lr"].is_monotonic_increasing
+    assert meta["start_loss"] > frame["loss"].min()
+    # 30 steps over 9 runs: 3 steps each, scored once at the end of each run.
+    assert all(len(losses) == 1 for losses in frame["run_losses"])
+    found = load_find(out_dir)
+    assert found is not None and found.curve.mode == "probe"
+    assert found.suggestion == suggestion_of(found.curve, found.config)
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--set", "rangetest.runs=2")
+    assert code == 2 and err == "error: rangetest.runs: must be between 3 and steps (30), got 2\n"
 
 
 def test_bad_data_path_is_one_line(
