@@ -7,7 +7,18 @@ import runpy
 import sys
 
 
-BENCHMARKS = ["bench.overhead", "bench.lrfinder", "bench.memory", "bench.workers", "bench.scaling"]
+BENCHMARKS = [
+    "bench.overhead",
+    "bench.lrfinder",
+    "bench.memory",
+    "bench.workers",
+    "bench.scaling",
+    "bench.peakmem",
+    # Tables from the committed results of the long runs (bench.grid, bench.quality run,
+    # bench.efficiency run: hours on a CPU, resumable).
+    "bench.quality",
+    "bench.efficiency",
+]
 
 if __name__ == "__main__":
     for name in BENCHMARKS:

@@ -4,23 +4,26 @@ where the time of one step goes (forward, backward, optimizer, lrsweep's own wor
     python -m bench.scaling [--model bundled|tiny] [--steps 3]
 
 Each configuration varies one knob from the default study (seq_len 128, batch 4, r 16);
-the step time is the median of ``--steps`` steps after one warm-up step. Peak memory is CUDA's
-max allocated on a GPU; on the CPU, the peak of the process RSS (sampled every 5 ms) above
-its level before the configuration: activations, gradients and optimizer state.
+the step time is the median of ``--steps`` steps after one warm-up step. Each configuration
+runs in a fresh process, so that no earlier one's freed memory hides its peak: CUDA's max
+allocated on a GPU; on the CPU, the peak of the process RSS (sampled every 5 ms) above its
+level once model and data are loaded: activations, gradients and optimizer state.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
+from bench.peakmem import PeakRss
 from lrsweep import config as config_mod
 from lrsweep.context import prepare
 from lrsweep.data import batches
@@ -29,31 +32,6 @@ from lrsweep.training import make_optimizer, train
 
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class _PeakRss:
-    """Samples the process RSS every few milliseconds: its peak above the starting level
-    (large CPU tensors are returned to the OS when freed, so RSS follows the working set)."""
-
-    def __enter__(self) -> _PeakRss:
-        self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def measure(ctx, seq_len: int, batch: int, rank: int, steps: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -65,7 +43,7 @@ def measure(ctx, seq_len: int, batch: int, rank: int, steps: int) -> tuple[float
     device = ctx.base.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with _PeakRss() as rss:
+    with PeakRss() as rss:
         model = attach_lora(ctx.base, lora, 0)
         try:
             result = train(
@@ -169,9 +147,14 @@ def main() -> None:
     parser.add_argument("--model", default="bundled", choices=["tiny", "bundled"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--profile-only", action="store_true", help="skip the scaling table")
+    parser.add_argument("--config", help="seq_len,batch,rank: measure one in this process")
     args = parser.parse_args()
     study = "tiny.toml" if args.model == "tiny" else "default.toml"
     ctx = prepare(config_mod.load(ROOT / "studies" / study, ["data.max_tokens=60000"]))
+    if args.config:
+        seq_len, batch, rank = map(int, args.config.split(","))
+        print(json.dumps(measure(ctx, seq_len, batch, rank, args.steps)))
+        return
     base = ctx.config
     grid = [("seq_len", v, v, base.train.batch_size, base.lora.r) for v in (64, 128, 256, 512)]
     grid += [("batch", v, base.train.seq_len, v, base.lora.r) for v in (1, 2, 4, 8)]
@@ -181,7 +164,12 @@ def main() -> None:
     print("| knob | value | s/step | tokens/s | peak memory above the model (MiB) |")
     print("|---|---|---|---|---|")
     for knob, value, seq_len, batch, rank in grid:
-        secs, mem = measure(ctx, seq_len, batch, rank, args.steps)
+        cmd = [sys.executable, "-m", "bench.scaling", "--model", args.model]
+        cmd += ["--steps", str(args.steps), "--config", f"{seq_len},{batch},{rank}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise SystemExit(done.stderr)
+        secs, mem = json.loads(done.stdout.strip().splitlines()[-1])
         print(
             f"| {knob} | {value} | {secs:.3f} | {seq_len * batch / secs:.0f} | {mem:.0f} |",
             flush=True,
