@@ -38,10 +38,9 @@ from lrsweep.config import (
     TrainConfig,
 )
 from lrsweep.errors import StudyError
-from lrsweep.find import FindResult
-from lrsweep.rangetest import run_range_test
+from lrsweep.find import FindResult, suggestion_of
+from lrsweep.rangetest import run_probes, run_range_test
 from lrsweep.schedules import CosineSchedule
-from lrsweep.suggest import suggest
 from lrsweep.training import Batch, Precision, StepRecord
 
 
@@ -99,16 +98,26 @@ def find_lr(
     steps: int = 60,
     spacing: str = "exp",
     probe_batches: int = 2,
+    mode: str = "ramp",
+    runs: int = 9,
     out: str | Path | None = None,
     progress: bool = True,
 ) -> FindResult:
     """The LR range test on ``trainer``'s model and data; the Trainer is left as it was.
 
-    The curve records the loss on the first ``probe_batches`` batches of the Trainer's eval
-    set after every step, or the training loss when it has no eval set.
+    A ramp records the loss on the first ``probe_batches`` batches of the Trainer's eval set
+    after every step, or the training loss when it has no eval set. Probe mode (``runs``
+    fixed-LR runs of ``steps // runs`` steps) scores each run on those batches.
     """
     signal = "eval" if trainer.eval_dataset is not None else "train"
+    if mode == "probe" and signal == "train":
+        raise StudyError(
+            "find_lr(mode='probe') scores on held-out data: give the Trainer an "
+            "eval_dataset, or use mode='ramp'"
+        )
     cfg = RangeTestConfig(
+        mode=mode,
+        runs=runs,
         start_lr=start_lr,
         end_lr=end_lr,
         steps=steps,
@@ -128,8 +137,9 @@ def find_lr(
     # The Trainer's own optimizer (its class, parameter groups and weight decay); the
     # range test restores its state afterwards.
     optimizer = trainer.create_optimizer()
+    run = run_probes if mode == "probe" else run_range_test
     try:
-        curve = run_range_test(
+        curve = run(
             model,
             optimizer,
             _cycle(trainer.get_train_dataloader()),
@@ -137,7 +147,7 @@ def find_lr(
             grad_accum=args.gradient_accumulation_steps,
             max_grad_norm=args.max_grad_norm,
             precision=precision_of(trainer),
-            probe=probe,
+            probe=probe,  # type: ignore[arg-type]
             eval_batch_size=args.per_device_eval_batch_size,
             progress=progress,
         )
@@ -145,7 +155,8 @@ def find_lr(
         model.train(was_training)
         if not had_optimizer:
             trainer.optimizer = None
-    result = FindResult(curve, suggest(curve.lrs, curve.losses), _config_of(trainer, cfg))
+    config = _config_of(trainer, cfg)
+    result = FindResult(curve, suggestion_of(curve, config), config)
     if out is not None:
         result.save(Path(out))
     return result

@@ -14,6 +14,7 @@ from transformers import Trainer, TrainingArguments
 from lrsweep import hf
 from lrsweep.context import Context, prepare
 from lrsweep.data import batches
+from lrsweep.errors import StudyError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.schedules import CosineSchedule
 from lrsweep.training import make_optimizer, train
@@ -63,7 +64,8 @@ def _args(tmp_path: Path, **kw: Any) -> TrainingArguments:
     )
 
 
-def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ramp", "probe"])
+def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path, mode: str) -> None:
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
         trainer = Trainer(
@@ -83,9 +85,17 @@ def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path) -> N
             for k, v in trainer.optimizer.state_dict()["state"].items()
         }
         result = hf.find_lr(
-            trainer, start_lr=1e-4, end_lr=1.0, steps=12, out=tmp_path / "f", progress=False
+            trainer,
+            start_lr=1e-4,
+            end_lr=1.0,
+            steps=12,
+            mode=mode,
+            runs=3,
+            out=tmp_path / "f",
+            progress=False,
         )
-        assert len(result.curve.lrs) == 12
+        assert result.curve.mode == mode
+        assert len(result.curve.lrs) == (12 if mode == "ramp" else 3)
         assert (tmp_path / "f" / "suggestion.json").exists()
         assert result.config.train.grad_accum == 2
         for name, value in trainable_state(model).items():
@@ -106,6 +116,8 @@ def test_find_lr_without_optimizer_leaves_none(ctx: Context, tmp_path: Path) -> 
         result = hf.find_lr(trainer, steps=10, progress=False)
         assert trainer.optimizer is None
         assert result.config.rangetest.signal == "train"  # no eval set: training loss
+        with pytest.raises(StudyError, match="eval_dataset"):
+            hf.find_lr(trainer, steps=10, mode="probe", progress=False)
     finally:
         detach_lora(model)
 
