@@ -26,7 +26,7 @@ from lrsweep.data import batches
 from lrsweep.find import FindResult, load_find, run_find, suggestion_of
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.rangetest import run_probes
-from lrsweep.suggest import suggest_probe
+from lrsweep.suggest import Suggestion, suggest_probe
 from lrsweep.training import make_optimizer
 
 
@@ -68,39 +68,60 @@ def run_probe(corpus: str) -> None:
     FindResult(curve, suggestion_of(curve, cfg), cfg).save(find_dir(corpus, "probe"))
 
 
-def probe_at(found: FindResult, k: int, scale: float = 1.0) -> float | None:
-    """What a probe of k steps per run would recommend (no scale unless given)."""
+def probe_at(found: FindResult, k: int) -> Suggestion:
+    """What a probe of k steps per run would suggest: its runs' losses after k steps."""
     curve = found.curve
     assert curve.run_losses is not None and curve.start_loss is not None
     j = k // PROBE_EVERY - 1
     losses = [r[j] if len(r) > j else math.nan for r in curve.run_losses]
-    return suggest_probe(curve.lrs, losses, curve.start_loss, scale=scale).recommended_lr
+    return suggest_probe(curve.lrs, losses, curve.start_loss)
+
+
+def _contains(span: tuple[float, float] | None, lr: float) -> str:
+    return "-" if span is None else ("yes" if span[0] <= lr <= span[1] else "NO")
+
+
+def _bounds(s: Suggestion, tested_max: float) -> tuple[float, float] | None:
+    """The sweep's default peak-LR bounds from this suggestion (sweep.peak_lr_bounds)."""
+    if s.recommended_lr is None:
+        return None
+    low = s.recommended_lr / 10
+    return low, max(s.divergence_lr or tested_max, low * 10)
 
 
 def table() -> None:
     rows = load_rows()
-    print("log10(suggested / best) per corpus; best = the grid's best peak LR")
-    print(f"{'corpus':<10} {'best':>8} {'loss':>7}  {'method':<14} {'suggested':>9} {'log10':>6}")
+    print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
+    print("sweep's default bounds (recommendation / 10 .. divergence) checked for containing it")
+    print(
+        f"{'corpus':<20} {'best':>8}  {'method':<18} {'suggested':>9} {'log10':>6} "
+        f"{'interval':>8} {'bounds':>6}"
+    )
     for corpus in CORPORA:
         top = best(rows, corpus)
         if top is None:
             continue
-        lines = []
+        lines: list[tuple[str, float | None, Suggestion | None]] = []
         ramp = load_find(find_dir(corpus, "ramp"))
         if ramp is not None:
             for name, method in ramp.suggestion.methods.items():
-                lines.append((f"ramp {name}", method.lr))
-            lines.append(("ramp divergence", ramp.suggestion.divergence_lr))
+                basis = name == ramp.suggestion.basis
+                lines.append((f"ramp {name}", method.lr, ramp.suggestion if basis else None))
         probe = load_find(find_dir(corpus, "probe"))
         if probe is not None:
-            for k in range(PROBE_EVERY, PROBE_STEPS // 9 + 1, PROBE_EVERY):
-                lines.append((f"probe k={k}", probe_at(probe, k)))
-            lines.append(("probe divergence", probe.suggestion.divergence_lr))
+            for k in range(PROBE_EVERY, PROBE_STEPS // probe.config.rangetest.runs + 1, 3):
+                s = probe_at(probe, k)
+                lines.append((f"probe k={k}", s.recommended_lr, s))
         name = corpus + (" (held out)" if corpus == HELD_OUT else "")
-        for i, (method, lr) in enumerate(lines):
+        for i, (method, lr, s) in enumerate(lines):
             ratio = f"{math.log10(lr / top['peak_lr']):+.2f}" if lr else "-"
-            head = f"{name:<10} {top['peak_lr']:>8.2e} {top['loss']:>7.4f}" if i == 0 else " " * 27
-            print(f"{head}  {method:<17} {lr or math.nan:>9.2e} {ratio:>6}")
+            interval = _contains(s.interval, top["peak_lr"]) if s else ""
+            tested = max(ramp.curve.lrs) if ramp else 0.1
+            bounds = _contains(_bounds(s, tested), top["peak_lr"]) if s else ""
+            head = f"{name:<20} {top['peak_lr']:>8.2e}" if i == 0 else " " * 29
+            print(
+                f"{head}  {method:<18} {lr or math.nan:>9.2e} {ratio:>6} {interval:>8} {bounds:>6}"
+            )
 
 
 def main() -> None:

@@ -98,18 +98,20 @@ def find_lr(
     steps: int = 60,
     spacing: str = "exp",
     probe_batches: int = 2,
-    mode: str = "ramp",
+    mode: str | None = None,
     runs: int = 9,
     out: str | Path | None = None,
     progress: bool = True,
 ) -> FindResult:
     """The LR range test on ``trainer``'s model and data; the Trainer is left as it was.
 
-    A ramp records the loss on the first ``probe_batches`` batches of the Trainer's eval set
-    after every step, or the training loss when it has no eval set. Probe mode (``runs``
-    fixed-LR runs of ``steps // runs`` steps) scores each run on those batches.
+    ``mode`` is ``probe`` (``runs`` fixed-LR runs of ``steps // runs`` steps, each scored on
+    the first ``probe_batches`` batches of the Trainer's eval set; the default when it has
+    one) or ``ramp`` (scored on those batches after every step, or by the training loss when
+    there is no eval set; the default then).
     """
     signal = "eval" if trainer.eval_dataset is not None else "train"
+    mode = mode or ("probe" if signal == "eval" else "ramp")
     if mode == "probe" and signal == "train":
         raise StudyError(
             "find_lr(mode='probe') scores on held-out data: give the Trainer an "

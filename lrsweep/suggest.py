@@ -347,23 +347,16 @@ def suggest(
 # Probe runs whose drop is at least this fraction of the best drop are "as good": the
 # interval spans them.
 _PROBE_AS_GOOD = 0.75
-# The best fixed LR of a short probe run, times this factor, predicts the best peak LR of a
-# full warmup + cosine fine-tune (see BENCHMARKS.md, suggestion quality).
-PROBE_SCALE = 1.0
 
 
-def suggest_probe(
-    lrs: Sequence[float],
-    losses: Sequence[float],
-    start_loss: float,
-    *,
-    scale: float = PROBE_SCALE,
-) -> Suggestion:
+def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: float) -> Suggestion:
     """The suggestion of probe mode: ``losses[i]`` is the held-out loss after a short run at
     the fixed LR ``lrs[i]``, all from the same start, whose loss was ``start_loss``.
 
-    The best run's LR, refined by a parabola through it and its neighbours in log10(LR), times
-    ``scale``; the interval spans the runs whose loss drop is within 75% of the best drop."""
+    The best run's LR, refined by a parabola through it and its neighbours in log10(LR); the
+    interval spans the runs whose loss drop is within 75% of the best drop. No correction
+    factor: on the quality benchmark (BENCHMARKS.md) the best LR of 6-step runs landed within
+    a factor of 1.5 of the best peak LR of complete 100-step cosine fine-tunes, unscaled."""
     x = np.log10(np.asarray(lrs, dtype=float))
     y = np.asarray(losses, dtype=float)
     drops = start_loss - y
@@ -383,7 +376,7 @@ def suggest_probe(
             best = float(np.clip(-b / (2 * a), x[i] - half, x[i] + half))
     good = np.flatnonzero(finite & (drops >= _PROBE_AS_GOOD * drops[i]))
     low, high = 10 ** x[good.min()], 10 ** x[good.max()]
-    rec = float(10**best * scale)
+    rec = float(10**best)
     methods = {"probe": MethodResult(rec), "best run": MethodResult(float(10 ** x[i]))}
     warnings = []
     if i == 0:
@@ -392,5 +385,5 @@ def suggest_probe(
         warnings.append("never diverged: end_lr may be too low")
     if i == len(y) - 1:
         warnings.append("suggestion at the edge of the tested range")
-    interval = _interval(rec, [low * scale, high * scale], divergence)
+    interval = _interval(rec, [low, high], divergence)
     return Suggestion(rec, interval, divergence, methods, None, tuple(warnings), "probe")

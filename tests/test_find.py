@@ -17,7 +17,7 @@ from tests.conftest import ROOT, run_cli, tiny_config
 def test_find_lr_writes_the_three_files(tmp_path: Path) -> None:
     result = lrsweep.find_lr(
         ROOT / "studies" / "tiny.toml",
-        overrides=["rangetest.steps=20"],
+        overrides=["rangetest.steps=20", "rangetest.mode=ramp"],
         out=tmp_path,
         progress=False,
     )
@@ -65,7 +65,7 @@ def test_cli_find_prints_the_suggestion_and_a_snippet(
         "-q",
     )
     assert code == 0, err
-    assert "Recommended peak LR" in out and "valley" in out
+    assert "Recommended peak LR" in out and "probe" in out  # the default mode
     assert "TrainingArguments(" in out and 'lr_scheduler_type="cosine_with_min_lr"' in out
     assert (tmp_path / "f" / "suggestion.json").exists()
 

@@ -250,20 +250,19 @@ def _probe_curve(best: float, start: float = 3.0, depth: float = 0.3) -> tuple[l
 @pytest.mark.parametrize("best", [3e-4, 1.3e-3, 5e-3])
 def test_probe_finds_the_vertex_between_the_runs(best: float) -> None:
     lrs, losses = _probe_curve(best)
-    s = suggest_probe(lrs, losses, 3.0, scale=1.0)
+    s = suggest_probe(lrs, losses, 3.0)
     assert s.recommended_lr == pytest.approx(best, rel=1e-6)
     assert s.interval is not None and s.interval[0] < best < s.interval[1]
     # The first run above the best that ends worse than untrained is the divergence LR.
     first_worse = next(lr for lr, loss in zip(lrs, losses) if lr > best and loss > 3.0)
     assert s.divergence_lr == first_worse
     assert s.interval[1] <= first_worse / 2
-    assert suggest_probe(lrs, losses, 3.0, scale=0.5).recommended_lr == pytest.approx(best / 2)
 
 
 def test_probe_interval_spans_the_runs_that_are_as_good() -> None:
     lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-    sharp = suggest_probe(lrs, [2.99, 2.95, 2.7, 2.96, 3.5], 3.0, scale=1.0)
-    broad = suggest_probe(lrs, [2.99, 2.72, 2.7, 2.71, 3.5], 3.0, scale=1.0)
+    sharp = suggest_probe(lrs, [2.99, 2.95, 2.7, 2.96, 3.5], 3.0)
+    broad = suggest_probe(lrs, [2.99, 2.72, 2.7, 2.71, 3.5], 3.0)
     assert sharp.interval is not None and broad.interval is not None
     assert broad.interval[0] <= 1e-4 and broad.interval[1] >= 1e-2 / 2
     assert sharp.interval[1] / sharp.interval[0] < broad.interval[1] / broad.interval[0]
