@@ -35,7 +35,8 @@ ARMS = {
     "lrsweep": [],
     "random": ["search.peak_lr=[1e-6, 1e-2]", "sweep.sampler=random", "sweep.pruner=none"],
 }
-WITHIN = 0.01
+WITHIN = (0.01, 0.0025)  # the target, and a tighter one (a decade around the best is
+# within 0.3 % on stdlib, so 1 % separates little)
 
 logger = logging.getLogger("bench.efficiency")
 
@@ -82,22 +83,22 @@ def traces() -> dict[str, pd.DataFrame]:
 def table() -> None:
     found = traces()
     grid = found["grid"]
-    target = grid["best"].min() * (1 + WITHIN)
+    best = grid["best"].min()
     total = int(grid["steps"].iloc[-1])
-    print(f"grid best {grid['best'].min():.4f} after {total} steps; within 1 %: <= {target:.4f}")
-    print(f"{'arm':<8} {'runs':>4} {'steps':>6} {'best':>7} {'steps to within 1 %':>20}")
+    print(f"grid best {best:.4f} after {total} steps")
+    heads = " ".join(f"{f'steps to within {w:.2%}':>26}" for w in WITHIN)
+    print(f"{'arm':<8} {'runs':>4} {'steps':>6} {'best':>7} {heads}")
     for arm, trace in found.items():
-        hit = trace[trace["best"] <= target]
-        reach = (
-            f"{int(hit['steps'].iloc[0])} ({hit['steps'].iloc[0] / total:.0%} of grid)"
-            if len(hit)
-            else "never"
-        )
+        reach = []
+        for within in WITHIN:
+            hit = trace[trace["best"] <= best * (1 + within)]
+            steps = int(hit["steps"].iloc[0]) if len(hit) else None
+            reach.append(f"{steps} ({steps / total:.0%} of grid)" if steps else "never")
         print(
             f"{arm:<8} {len(trace):>4} {int(trace['steps'].iloc[-1]):>6} "
-            f"{trace['best'].iloc[-1]:>7.4f} {reach:>20}"
+            f"{trace['best'].iloc[-1]:>7.4f} " + " ".join(f"{r:>26}" for r in reach)
         )
-    plot(found, target, ROOT / "bench" / "results" / "efficiency.png")
+    plot(found, best * (1 + WITHIN[0]), ROOT / "bench" / "results" / "efficiency.png")
 
 
 def plot(found: dict[str, pd.DataFrame], target: float, path: Path) -> None:

@@ -36,6 +36,7 @@ def _context(model: str, steps: int) -> Any:
         config_mod.load(
             ROOT / "studies" / study,
             [
+                "rangetest.mode=ramp",  # the same kind of test as torch-lr-finder's
                 f"rangetest.steps={steps}",
                 f"rangetest.start_lr={start}",
                 f"rangetest.end_lr={end}",
