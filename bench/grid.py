@@ -9,7 +9,8 @@ Every point is a complete fine-tune of the bundled model as lrsweep's sweep runs
 the sweep's first-trial defaults (5 % warmup, min_lr a tenth of the peak), scored by the final
 loss on 32 held-out blocks. The batch shape (4 x 64 tokens) keeps a point at about 5 minutes
 on one core. The grid is 7 peak LRs half a decade apart (1e-5 .. 1e-2), then refined a quarter
-decade either side of each corpus's best.
+decade either side of each corpus's best; where the two best points then lie within 0.5 % of
+each other, both get a second seed.
 
 Each finished point is appended as one JSON line to bench/results/grid.jsonl, so a run that is
 interrupted resumes where it stopped; ``--shard k/n`` lets n processes share the work (run them
@@ -53,6 +54,9 @@ OVERRIDES = [
 ]
 BASE_EXPONENTS = [-5 + 0.5 * i for i in range(7)]
 REFINE = 0.25  # decades either side of the best
+# Where the two best points of a corpus are closer than this (relative final loss), both
+# get a second seed, and the best is decided on the mean of the two.
+SEED_GAP = 0.005
 
 logger = logging.getLogger("bench.grid")
 
@@ -123,13 +127,20 @@ def plan(rows: list[dict], corpora: list[str]) -> list[tuple[int, Point]]:
         for i, e in enumerate(BASE_EXPONENTS)
         for j, c in enumerate(corpora)
     ]
+    n_base = len(BASE_EXPONENTS) * len(corpora)
     for j, corpus in enumerate(corpora):
-        if all(Point(corpus, e).key in done for e in BASE_EXPONENTS):
-            top = best(rows, corpus)
-            assert top is not None
-            for m, d in enumerate((-REFINE, REFINE)):
-                slot = len(BASE_EXPONENTS) * len(corpora) + 2 * j + m
-                slots.append((slot, Point(corpus, top["exponent"] + d)))
+        if not all(Point(corpus, e).key in done for e in BASE_EXPONENTS):
+            continue
+        seed0 = [r for r in rows if r["corpus"] == corpus and r["seed"] == 0]
+        top = min(seed0, key=score)  # the refinement is planned from seed 0 alone
+        refine = [Point(corpus, top["exponent"] + d) for d in (-REFINE, REFINE)]
+        slots += [(n_base + 2 * j + m, p) for m, p in enumerate(refine)]
+        if all(p.key in done for p in refine):
+            seed0 = [r for r in rows if r["corpus"] == corpus and r["seed"] == 0]
+            first, second = sorted(seed0, key=score)[:2]
+            if score(second) - score(first) < SEED_GAP * score(first):
+                seeds = [Point(corpus, r["exponent"], 1) for r in (first, second)]
+                slots += [(n_base + 2 * (len(corpora) + j) + m, p) for m, p in enumerate(seeds)]
     return slots
 
 
@@ -175,8 +186,8 @@ def main() -> None:
         done = {Point(r["corpus"], r["exponent"], r["seed"]).key for r in rows}
         points = plan(rows, corpora)
         pending = [(slot, p) for slot, p in points if p.key not in done]
-        refined = len(points) == len(corpora) * (len(BASE_EXPONENTS) + 2)
-        if not pending and refined:
+        refined = {p.corpus for _, p in points if p.exponent not in BASE_EXPONENTS}
+        if not pending and len(refined) == len(corpora):
             return
         mine = [p for slot, p in pending if slot % n == k]
         if not mine:
