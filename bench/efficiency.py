@@ -27,6 +27,7 @@ import pandas as pd
 
 from bench.grid import BASE_EXPONENTS, ROOT, load_rows, score, study_config
 from bench.quality import find_dir
+from lrsweep.find import load_find
 from lrsweep.workers import load_results, run_sweep
 
 
@@ -73,9 +74,9 @@ def traces() -> dict[str, pd.DataFrame]:
         steps = curves.groupby("number")["step"].count()
         costs = [int(steps.get(n, 0)) for n in trials["number"]]
         losses = trials["eval_loss"].tolist()
-        if arm == "lrsweep" and (path / "rangetest.parquet").exists():
-            found = pd.read_parquet(path / "rangetest.parquet")
-            costs, losses = [len(found), *costs], [math.nan, *losses]
+        found = load_find(path) if arm == "lrsweep" else None
+        if found is not None:
+            costs, losses = [found.curve.optimizer_steps, *costs], [math.nan, *losses]
         out[arm] = _trace(costs, losses)
     return out
 

@@ -61,7 +61,7 @@ def cli(verbose: bool) -> None:
     "--mode",
     type=click.Choice(["ramp", "probe"]),
     help="ramp: one run whose LR grows every step; probe: short runs at fixed LRs from the "
-    "same start (default: the study's rangetest.mode, ramp).",
+    "same start (default: the study's rangetest.mode, probe).",
 )
 @QUIET
 def find(
@@ -292,7 +292,7 @@ def report(out: Path, top: int, storage: str | None, study_name: str) -> None:
     trials, curves, _ = load_results(out, storage, study_name)
     click.echo(format_trials(trials, top=top))
     found = load_find(out)
-    paths = plot_sweep(trials, curves, out, len(found.curve.lrs) if found else 0)
+    paths = plot_sweep(trials, curves, out, found.curve.optimizer_steps if found else 0)
     click.echo("\nPlots: " + ", ".join(str(p) for p in paths))
 
 

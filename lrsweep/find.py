@@ -50,6 +50,7 @@ class FindResult:
             "stop_reason": self.curve.stop_reason,
             "seconds_per_step": self.curve.seconds_per_step,
             "start_loss": self.curve.start_loss,
+            "optimizer_steps": self.curve.optimizer_steps,
         }
 
     def save(self, out: Path) -> None:
@@ -144,6 +145,7 @@ def load_find(out: Path) -> FindResult | None:
         seconds_per_step=meta["seconds_per_step"],
         mode=meta["config"]["rangetest"].get("mode", "ramp"),
         start_loss=meta.get("start_loss"),
+        spent_steps=meta.get("optimizer_steps", 0),
         run_losses=frame["run_losses"].map(list).tolist() if "run_losses" in frame else None,
     )
     return FindResult(

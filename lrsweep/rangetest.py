@@ -38,9 +38,15 @@ class RangeTestCurve:
     seconds: list[float]
     stop_reason: str | None
     seconds_per_step: float  # training steps alone, without the probe evaluations
-    mode: str = "ramp"  # probe: one point per run, and these two fields are set
+    mode: str = "ramp"  # probe: one point per run, and the fields below are set
+    spent_steps: int = 0  # optimizer steps of the probe runs (ramp: one per point)
     start_loss: float | None = None  # the held-out loss before any training
     run_losses: list[list[float]] | None = None  # each run's held-out loss at every eval
+
+    @property
+    def optimizer_steps(self) -> int:
+        """What the range test cost in optimizer steps."""
+        return self.spent_steps if self.mode == "probe" else len(self.lrs)
 
     def frame(self) -> pd.DataFrame:
         extra = {} if self.run_losses is None else {"run_losses": self.run_losses}
@@ -247,6 +253,7 @@ def run_probes(
         stop_reason=stop_reason,
         seconds_per_step=train_seconds / (per_run * len(points)) if points else math.nan,
         mode="probe",
+        spent_steps=per_run * len(points),
         start_loss=start_loss,
         run_losses=[p[2] for p in points],
     )

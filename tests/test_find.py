@@ -86,6 +86,7 @@ def test_cli_find_probe_mode_writes_one_point_per_run(
     assert all(len(losses) == 1 for losses in frame["run_losses"])
     found = load_find(out_dir)
     assert found is not None and found.curve.mode == "probe"
+    assert found.curve.optimizer_steps == 3 * len(frame)
     assert found.suggestion == suggestion_of(found.curve, found.config)
     code, _, err = run_cli(capsys, monkeypatch, *args, "--set", "rangetest.runs=2")
     assert code == 2 and err == "error: rangetest.runs: must be between 3 and steps (30), got 2\n"
