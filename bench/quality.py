@@ -20,7 +20,7 @@ import math
 import sys
 
 from bench.corpora import CORPORA, HELD_OUT
-from bench.grid import ROOT, best, load_rows, study_config
+from bench.grid import ROOT, best, load_rows, score, study_config
 from lrsweep.context import prepare
 from lrsweep.data import batches
 from lrsweep.find import FindResult, load_find, run_find, suggestion_of
@@ -89,8 +89,28 @@ def _bounds(s: Suggestion, tested_max: float) -> tuple[float, float] | None:
     return low, max(s.divergence_lr or tested_max, low * 10)
 
 
+def grid_table(rows: list[dict]) -> None:
+    """Final held-out loss of every grid point (mean over seeds), one column per corpus."""
+    cells: dict[tuple[float, str], list[float]] = {}
+    for r in rows:
+        cells.setdefault((r["exponent"], r["corpus"]), []).append(score(r))
+    print("| peak LR | " + " | ".join(CORPORA) + " |")
+    print("|---" * (len(CORPORA) + 1) + "|")
+    for exponent in sorted({e for e, _ in cells}):
+        values = [cells.get((exponent, c)) for c in CORPORA]
+        text = [
+            ""
+            if v is None
+            else f"{sum(v) / len(v):.4f}" + (f" ({len(v)} seeds)" if len(v) > 1 else "")
+            for v in values
+        ]
+        print(f"| {10**exponent:.2e} | " + " | ".join(text) + " |")
+    print()
+
+
 def table() -> None:
     rows = load_rows()
+    grid_table(rows)
     print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
     print("sweep's default bounds (recommendation / 10 .. divergence) checked for containing it")
     print(
