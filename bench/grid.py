@@ -21,6 +21,7 @@ the 2-core CPU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -145,7 +146,9 @@ def plan(rows: list[dict], corpora: list[str]) -> list[tuple[int, Point]]:
 
 
 def run_point(ctx: Context, point: Point) -> dict:
-    cfg = ctx.config
+    # The seed of the adapter init, data order and dropout; the train/eval split stays.
+    cfg = ctx.config.replace(seed=point.seed)
+    ctx = dataclasses.replace(ctx, config=cfg)
     params = first_trial(point.peak_lr, cfg, (point.peak_lr, point.peak_lr))
     schedule = CosineSchedule(
         point.peak_lr, cfg.sweep.steps, params["warmup_fraction"], params["min_lr_ratio"]
