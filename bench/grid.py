@@ -133,7 +133,8 @@ def plan(rows: list[dict], corpora: list[str]) -> list[tuple[int, Point]]:
         if not all(Point(corpus, e).key in done for e in BASE_EXPONENTS):
             continue
         seed0 = [r for r in rows if r["corpus"] == corpus and r["seed"] == 0]
-        top = min(seed0, key=score)  # the refinement is planned from seed 0 alone
+        # Planned from the base grid's best alone, so that the plan does not move later.
+        top = min((r for r in seed0 if r["exponent"] in BASE_EXPONENTS), key=score)
         refine = [Point(corpus, top["exponent"] + d) for d in (-REFINE, REFINE)]
         slots += [(n_base + 2 * j + m, p) for m, p in enumerate(refine)]
         if all(p.key in done for p in refine):
@@ -189,8 +190,8 @@ def main() -> None:
         done = {Point(r["corpus"], r["exponent"], r["seed"]).key for r in rows}
         points = plan(rows, corpora)
         pending = [(slot, p) for slot, p in points if p.key not in done]
-        refined = {p.corpus for _, p in points if p.exponent not in BASE_EXPONENTS}
-        if not pending and len(refined) == len(corpora):
+        base_done = all(Point(c, e).key in done for c in corpora for e in BASE_EXPONENTS)
+        if not pending and base_done:
             return
         mine = [p for slot, p in pending if slot % n == k]
         if not mine:

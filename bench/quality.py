@@ -45,15 +45,17 @@ def run_ramp(corpus: str) -> None:
     run_find(ctx, progress=False).save(find_dir(corpus, "ramp"))
 
 
-def run_probe(corpus: str) -> None:
-    cfg = study_config(corpus, ["rangetest.mode=probe", f"rangetest.steps={PROBE_STEPS}"])
+def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS) -> None:
+    """Probe mode with its runs' losses every 3 steps; ``seed`` varies the adapter init and
+    the batches (the train/eval split stays the grid's)."""
+    cfg = study_config(corpus, ["rangetest.mode=probe", f"rangetest.steps={steps}"])
     ctx = prepare(cfg)
-    model = attach_lora(ctx.base, cfg.lora, cfg.seed)
+    model = attach_lora(ctx.base, cfg.lora, seed)
     try:
         curve = run_probes(
             model,
             make_optimizer(model, cfg.train),
-            batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
+            batches(ctx.blocks.train, cfg.train.batch_size, seed),
             cfg.rangetest,
             grad_accum=cfg.train.grad_accum,
             max_grad_norm=cfg.train.max_grad_norm,
@@ -65,7 +67,8 @@ def run_probe(corpus: str) -> None:
         )
     finally:
         detach_lora(model)
-    FindResult(curve, suggestion_of(curve, cfg), cfg).save(find_dir(corpus, "probe"))
+    mode = "probe" if seed == 0 else f"probe-seed{seed}"
+    FindResult(curve, suggestion_of(curve, cfg), cfg).save(find_dir(corpus, mode))
 
 
 def probe_at(found: FindResult, k: int) -> Suggestion:
@@ -158,7 +161,12 @@ def main() -> None:
         for mode in args.modes.split(","):
             if load_find(find_dir(corpus, mode)) is None:
                 logger.info("range test %s on %s", mode, corpus)
-                {"ramp": run_ramp, "probe": run_probe}[mode](corpus)
+                if mode == "ramp":
+                    run_ramp(corpus)
+                elif mode == "probe":
+                    run_probe(corpus)
+                else:  # probe-seed1: a second seed, runs of 6 steps
+                    run_probe(corpus, int(mode.removeprefix("probe-seed")), 54)
 
 
 if __name__ == "__main__":
