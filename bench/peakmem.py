@@ -61,7 +61,12 @@ def run_job(job: str, model: str, steps: int) -> dict[str, float]:
     from lrsweep.trial import run_trial
 
     study = "tiny.toml" if model == "tiny" else "default.toml"
-    overrides = ["data.max_tokens=60000", f"rangetest.steps={steps}", "rangetest.runs=3"]
+    overrides = [
+        "data.max_tokens=60000",
+        f"rangetest.steps={steps}",
+        "rangetest.runs=3",
+        f"rangetest.run_steps={steps // 3}",
+    ]
     if job == "probe":
         overrides.append("rangetest.mode=probe")
     ctx = prepare(config_mod.load(ROOT / "studies" / study, overrides))

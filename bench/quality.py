@@ -48,7 +48,7 @@ def run_ramp(corpus: str) -> None:
 def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS) -> None:
     """Probe mode with its runs' losses every 3 steps; ``seed`` varies the adapter init and
     the batches (the train/eval split stays the grid's)."""
-    cfg = study_config(corpus, ["rangetest.mode=probe", f"rangetest.steps={steps}"])
+    cfg = study_config(corpus, ["rangetest.mode=probe", f"rangetest.run_steps={steps // 9}"])
     ctx = prepare(cfg)
     model = attach_lora(ctx.base, cfg.lora, seed)
     try:
@@ -132,7 +132,7 @@ def table() -> None:
                 lines.append((f"ramp {name}", method.lr, ramp.suggestion if basis else None))
         probe = load_find(find_dir(corpus, "probe"))
         if probe is not None:
-            for k in range(PROBE_EVERY, PROBE_STEPS // probe.config.rangetest.runs + 1, 3):
+            for k in range(PROBE_EVERY, PROBE_STEPS // 9 + 1, PROBE_EVERY):
                 s = probe_at(probe, k)
                 lines.append((f"probe k={k}", s.recommended_lr, s))
         name = corpus + (" (held out)" if corpus == HELD_OUT else "")

@@ -100,12 +100,13 @@ def find_lr(
     probe_batches: int = 2,
     mode: str | None = None,
     runs: int = 9,
+    run_steps: int = 3,
     out: str | Path | None = None,
     progress: bool = True,
 ) -> FindResult:
     """The LR range test on ``trainer``'s model and data; the Trainer is left as it was.
 
-    ``mode`` is ``probe`` (``runs`` fixed-LR runs of ``steps // runs`` steps, each scored on
+    ``mode`` is ``probe`` (``runs`` fixed-LR runs of ``run_steps`` steps, each scored on
     the first ``probe_batches`` batches of the Trainer's eval set; the default when it has
     one) or ``ramp`` (scored on those batches after every step, or by the training loss when
     there is no eval set; the default then).
@@ -120,6 +121,7 @@ def find_lr(
     cfg = RangeTestConfig(
         mode=mode,
         runs=runs,
+        run_steps=run_steps,
         start_lr=start_lr,
         end_lr=end_lr,
         steps=steps,

@@ -197,13 +197,13 @@ def run_probes(
     eval_every: int = 0,
     progress: bool = True,
 ) -> RangeTestCurve:
-    """``config.runs`` runs of ``steps // runs`` steps at fixed LRs from ``start_lr`` to
+    """``config.runs`` runs of ``run_steps`` steps at fixed LRs from ``start_lr`` to
     ``end_lr``, each from the same weights, optimizer state, RNG state and batches, so that
     they differ only by their LR; each is scored by the loss on all of ``probe`` at its end
     (and every ``eval_every`` steps, for ``run_losses``). Runs stop at the first LR that ends
     non-finite or above the untrained loss once a lower LR improved on it."""
     lrs = ramp(config.start_lr, config.end_lr, config.runs, config.spacing)
-    per_run = max(1, config.steps // config.runs)
+    per_run = config.run_steps
     fixed = [next(batches) for _ in range(per_run * grad_accum)]
     saved = _snapshot(model, optimizer, precision)
     points: list[tuple[float, float, list[float], float, int, float]] = []

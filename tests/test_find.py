@@ -82,14 +82,14 @@ def test_cli_find_probe_mode_writes_one_point_per_run(
     assert meta["config"]["rangetest"]["mode"] == "probe"
     assert 3 <= len(frame) <= 9 and frame["lr"].is_monotonic_increasing
     assert meta["start_loss"] > frame["loss"].min()
-    # 30 steps over 9 runs: 3 steps each, scored once at the end of each run.
+    # 9 runs of 3 steps, each scored once at its end.
     assert all(len(losses) == 1 for losses in frame["run_losses"])
     found = load_find(out_dir)
     assert found is not None and found.curve.mode == "probe"
     assert found.curve.optimizer_steps == 3 * len(frame)
     assert found.suggestion == suggestion_of(found.curve, found.config)
     code, _, err = run_cli(capsys, monkeypatch, *args, "--set", "rangetest.runs=2")
-    assert code == 2 and err == "error: rangetest.runs: must be between 3 and steps (30), got 2\n"
+    assert code == 2 and err == "error: rangetest.runs: must be at least 3, got 2\n"
 
 
 def test_bad_data_path_is_one_line(

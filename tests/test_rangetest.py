@@ -164,11 +164,15 @@ def _probes(ctx, model, opt, cfg: RangeTestConfig):  # type: ignore[no-untyped-d
 def test_probe_runs_start_alike_and_leave_no_trace(trained) -> None:  # type: ignore[no-untyped-def]
     ctx, model, opt = trained
     before = _state(model, opt)
-    wide = _probes(ctx, model, opt, RangeTestConfig(start_lr=1e-3, end_lr=1e-1, steps=12, runs=3))
+    wide = _probes(
+        ctx, model, opt, RangeTestConfig(start_lr=1e-3, end_lr=1e-1, runs=3, run_steps=4)
+    )
     _assert_same(before, _state(model, opt))
     # Another set of LRs: each run starts from the same state on the same batches, so a run's
     # loss depends on its own LR only, not on the runs before it.
-    narrow = _probes(ctx, model, opt, RangeTestConfig(start_lr=1e-2, end_lr=1e-1, steps=8, runs=2))
+    narrow = _probes(
+        ctx, model, opt, RangeTestConfig(start_lr=1e-2, end_lr=1e-1, runs=2, run_steps=4)
+    )
     assert wide.lrs[1:] == pytest.approx(narrow.lrs)
     assert wide.losses[1:] == narrow.losses
     assert [r[:2] for r in wide.run_losses[1:]] == narrow.run_losses  # eval every 2 of 4 steps
@@ -179,7 +183,9 @@ def test_probe_runs_start_alike_and_leave_no_trace(trained) -> None:  # type: ig
 
 def test_probe_stops_at_the_first_run_that_ends_worse_than_untrained(trained) -> None:  # type: ignore[no-untyped-def]
     ctx, model, opt = trained
-    curve = _probes(ctx, model, opt, RangeTestConfig(start_lr=1e-3, end_lr=1e3, steps=21, runs=7))
+    curve = _probes(
+        ctx, model, opt, RangeTestConfig(start_lr=1e-3, end_lr=1e3, runs=7, run_steps=3)
+    )
     assert curve.stop_reason is not None and "diverged" in curve.stop_reason
     assert len(curve.lrs) < 7
     last = curve.losses[-1]
