@@ -21,6 +21,7 @@ import sys
 
 from bench.corpora import CORPORA, HELD_OUT
 from bench.grid import ROOT, best, load_rows, score, study_config
+from lrsweep.config import RangeTestConfig
 from lrsweep.context import prepare
 from lrsweep.data import batches
 from lrsweep.find import FindResult, load_find, run_find, suggestion_of
@@ -117,7 +118,7 @@ def table() -> None:
     print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
     print("sweep's default bounds (recommendation / 10 .. divergence) checked for containing it")
     print(
-        f"{'corpus':<20} {'best':>8}  {'method':<18} {'suggested':>9} {'log10':>6} "
+        f"{'corpus':<20} {'best':>8}  {'method':<26} {'suggested':>9} {'log10':>6} "
         f"{'interval':>8} {'bounds':>6}"
     )
     for corpus in CORPORA:
@@ -130,11 +131,15 @@ def table() -> None:
             for name, method in ramp.suggestion.methods.items():
                 basis = name == ramp.suggestion.basis
                 lines.append((f"ramp {name}", method.lr, ramp.suggestion if basis else None))
-        probe = load_find(find_dir(corpus, "probe"))
-        if probe is not None:
-            for k in range(PROBE_EVERY, PROBE_STEPS // 9 + 1, PROBE_EVERY):
+        for mode, runs in (("probe", PROBE_STEPS // 9), ("probe-seed1", 6)):
+            probe = load_find(find_dir(corpus, mode))
+            if probe is None:
+                continue
+            for k in range(PROBE_EVERY, runs + 1, PROBE_EVERY):
                 s = probe_at(probe, k)
-                lines.append((f"probe k={k}", s.recommended_lr, s))
+                default = " (default)" if k == RangeTestConfig().run_steps else ""
+                seed = "" if mode == "probe" else " seed 1"
+                lines.append((f"probe k={k}{seed}{default}", s.recommended_lr, s))
         name = corpus + (" (held out)" if corpus == HELD_OUT else "")
         for i, (method, lr, s) in enumerate(lines):
             ratio = f"{math.log10(lr / top['peak_lr']):+.2f}" if lr else "-"
@@ -143,7 +148,7 @@ def table() -> None:
             bounds = _contains(_bounds(s, tested), top["peak_lr"]) if s else ""
             head = f"{name:<20} {top['peak_lr']:>8.2e}" if i == 0 else " " * 29
             print(
-                f"{head}  {method:<18} {lr or math.nan:>9.2e} {ratio:>6} {interval:>8} {bounds:>6}"
+                f"{head}  {method:<26} {lr or math.nan:>9.2e} {ratio:>6} {interval:>8} {bounds:>6}"
             )
 
 

@@ -260,12 +260,14 @@ def test_probe_finds_the_vertex_between_the_runs(best: float) -> None:
 
 
 def test_probe_interval_spans_the_runs_that_are_as_good() -> None:
-    lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-    sharp = suggest_probe(lrs, [2.99, 2.95, 2.7, 2.96, 3.5], 3.0)
-    broad = suggest_probe(lrs, [2.99, 2.72, 2.7, 2.71, 3.5], 3.0)
+    lrs = [10 ** (-5 + 0.5 * i) for i in range(9)]  # 1e-5 .. 1e-1, half a decade apart
+    sharp = suggest_probe(lrs, [2.99, 2.98, 2.97, 2.95, 2.7, 2.95, 2.97, 3.1, 3.5], 3.0)
+    broad = suggest_probe(lrs, [2.99, 2.98, 2.72, 2.71, 2.7, 2.71, 2.72, 3.1, 3.5], 3.0)
     assert sharp.interval is not None and broad.interval is not None
-    assert broad.interval[0] <= 1e-4 and broad.interval[1] >= 1e-2 / 2
-    assert sharp.interval[1] / sharp.interval[0] < broad.interval[1] / broad.interval[0]
+    # One best run: the interval is one run spacing either side of it.
+    assert sharp.interval == pytest.approx((10**-3.5, 10**-2.5))
+    # Runs as good as the best widen it to their span.
+    assert broad.interval == pytest.approx((1e-4, 1e-2))
 
 
 def test_probe_flat_edges_and_too_few() -> None:
