@@ -135,8 +135,8 @@ class RangeTestConfig:
     start_lr, end_lr: the lowest and highest LR tested. steps: the ramp's optimizer steps.
     spacing: ``exp`` (geometric) or ``linear`` LRs between start_lr and end_lr.
     runs, run_steps: probe mode's number of fixed-LR runs and optimizer steps per run (3:
-        on the quality benchmark, the best LR of 3-step runs matched the best peak LR of
-        complete fine-tunes best, and moved least from seed to seed).
+        on the quality benchmark, the best LR of 3-step runs came closest to the best peak LR
+        of complete fine-tunes, and moved least between seeds).
     smoothing: EMA beta of the recorded loss (ramp).
     diverge_factor: stop once the smoothed loss exceeds this many times its best (ramp).
     signal: the loss a ramp records: ``eval`` (after every step, on ``probe_blocks`` fixed

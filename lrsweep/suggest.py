@@ -355,9 +355,9 @@ def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: flo
 
     The best run's LR, refined by a parabola through it and its neighbours in log10(LR); the
     interval spans the runs whose loss drop is within 75% of the best drop, and at least one
-    run spacing either side of the recommendation. No correction
-    factor: on the quality benchmark (BENCHMARKS.md) the best LR of 3-step runs landed within
-    a factor of 1.6 of the best peak LR of complete 100-step cosine fine-tunes, unscaled."""
+    run spacing either side of the recommendation. No correction factor: on the quality
+    benchmark (BENCHMARKS.md) the best LR of 3-step runs landed within a factor of 1.6 of the
+    best peak LR of complete 100-step cosine fine-tunes, unscaled."""
     x = np.log10(np.asarray(lrs, dtype=float))
     y = np.asarray(losses, dtype=float)
     drops = start_loss - y
@@ -378,7 +378,7 @@ def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: flo
     good = np.flatnonzero(finite & (drops >= _PROBE_AS_GOOD * drops[i]))
     rec = float(10**best)
     # At least one run spacing either side: the runs cannot resolve finer, and on the quality
-    # benchmark the recommendation moved by up to 0.26 decade between seeds.
+    # benchmark the recommendation moved by up to 0.24 decade between seeds.
     spacing = float(np.median(np.diff(x)))
     low = min(10 ** x[good.min()], rec / 10**spacing)
     high = max(10 ** x[good.max()], rec * 10**spacing)
