@@ -92,14 +92,8 @@ def run_find(ctx: Context, progress: bool = True) -> FindResult:
             "progress": progress,
         }
         data = batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed)
-        if cfg.rangetest.mode == "probe":
-            curve = run_probes(
-                model, optimizer, data, cfg.rangetest, probe=ctx.blocks.eval, **common
-            )
-        else:
-            curve = run_range_test(
-                model, optimizer, data, cfg.rangetest, probe=ctx.blocks.eval, **common
-            )
+        run = run_probes if cfg.rangetest.mode == "probe" else run_range_test
+        curve = run(model, optimizer, data, cfg.rangetest, probe=ctx.blocks.eval, **common)
     finally:
         detach_lora(model)
     return FindResult(curve, suggestion_of(curve, cfg), cfg)
