@@ -28,6 +28,7 @@ from lrsweep.find import FindResult, load_find, run_find, suggestion_of
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.rangetest import run_probes
 from lrsweep.suggest import Suggestion, suggest_probe
+from lrsweep.sweep import peak_lr_bounds
 from lrsweep.training import make_optimizer
 
 
@@ -85,12 +86,9 @@ def _contains(span: tuple[float, float] | None, lr: float) -> str:
     return "-" if span is None else ("yes" if span[0] <= lr <= span[1] else "NO")
 
 
-def _bounds(s: Suggestion, tested_max: float) -> tuple[float, float] | None:
-    """The sweep's default peak-LR bounds from this suggestion (sweep.peak_lr_bounds)."""
-    if s.recommended_lr is None:
-        return None
-    low = s.recommended_lr / 10
-    return low, max(s.divergence_lr or tested_max, low * 10)
+def _bounds(found: FindResult) -> tuple[float, float] | None:
+    """The sweep's default peak-LR bounds from this range test, as the sweep sets them."""
+    return peak_lr_bounds(found.config, found) if found.recommended_lr is not None else None
 
 
 def grid_table(rows: list[dict]) -> None:
@@ -125,12 +123,12 @@ def table() -> None:
         top = best(rows, corpus)
         if top is None:
             continue
-        lines: list[tuple[str, float | None, Suggestion | None]] = []
+        lines: list[tuple[str, float | None, FindResult | None]] = []
         ramp = load_find(find_dir(corpus, "ramp"))
         if ramp is not None:
             for name, method in ramp.suggestion.methods.items():
                 basis = name == ramp.suggestion.basis
-                lines.append((f"ramp {name}", method.lr, ramp.suggestion if basis else None))
+                lines.append((f"ramp {name}", method.lr, ramp if basis else None))
         for mode, runs in (("probe", PROBE_STEPS // 9), ("probe-seed1", 6)):
             probe = load_find(find_dir(corpus, mode))
             if probe is None:
@@ -139,13 +137,13 @@ def table() -> None:
                 s = probe_at(probe, k)
                 default = " (default)" if k == RangeTestConfig().run_steps else ""
                 seed = "" if mode == "probe" else " seed 1"
-                lines.append((f"probe k={k}{seed}{default}", s.recommended_lr, s))
+                at_k = FindResult(probe.curve, s, probe.config)
+                lines.append((f"probe k={k}{seed}{default}", s.recommended_lr, at_k))
         name = corpus + (" (held out)" if corpus == HELD_OUT else "")
-        for i, (method, lr, s) in enumerate(lines):
+        for i, (method, lr, found) in enumerate(lines):
             ratio = f"{math.log10(lr / top['peak_lr']):+.2f}" if lr else "-"
-            interval = _contains(s.interval, top["peak_lr"]) if s else ""
-            tested = max(ramp.curve.lrs) if ramp else 0.1
-            bounds = _contains(_bounds(s, tested), top["peak_lr"]) if s else ""
+            interval = _contains(found.suggestion.interval, top["peak_lr"]) if found else ""
+            bounds = _contains(_bounds(found), top["peak_lr"]) if found else ""
             head = f"{name:<20} {top['peak_lr']:>8.2e}" if i == 0 else " " * 29
             print(
                 f"{head}  {method:<26} {lr or math.nan:>9.2e} {ratio:>6} {interval:>8} {bounds:>6}"
