@@ -28,7 +28,8 @@ import pandas as pd
 from bench.grid import BASE_EXPONENTS, ROOT, load_rows, score, study_config
 from bench.quality import find_dir
 from lrsweep.find import load_find
-from lrsweep.workers import load_results, run_sweep
+from lrsweep.sweep.collect import load_results
+from lrsweep.sweep.plan import run_sweep
 
 
 SWEEPS = ROOT / "bench" / "results" / "sweep"

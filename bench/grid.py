@@ -38,9 +38,9 @@ from lrsweep.context import Context
 from lrsweep.data import load_blocks
 from lrsweep.models import load_base_model
 from lrsweep.schedules import CosineSchedule
-from lrsweep.sweep import first_trial
+from lrsweep.sweep.space import first_trial
+from lrsweep.sweep.trial import run_trial
 from lrsweep.training import Precision
-from lrsweep.trial import run_trial
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -93,7 +93,7 @@ def _torch_lr_finder(ctx: Any) -> dict[str, Any]:
         shuffle=True,
         generator=generator,
     )
-    val = DataLoader(TensorDataset(probe, probe), batch_size=2 * cfg.train.batch_size)
+    val = DataLoader(TensorDataset(probe, probe), batch_size=cfg.train.eval_batch_size)
     optimizer = make_optimizer(model, cfg.train)
     optimizer.param_groups[0]["lr"] = cfg.rangetest.start_lr
     finder = LRFinder(Logits(), optimizer, criterion, device=ctx.base.device)

@@ -15,9 +15,9 @@ from pathlib import Path
 import psutil
 
 from lrsweep import config as config_mod
-from lrsweep.sweep import run_worker
-from lrsweep.trial import run_trial
-from lrsweep.workers import prepare_sweep
+from lrsweep.sweep.plan import prepare_sweep
+from lrsweep.sweep.trial import run_trial
+from lrsweep.sweep.worker import run_worker
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +36,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prepared = prepare_sweep(cfg, Path(tmp), trials=args.trials, progress=False)
         ctx = prepared.ctx
-        run_worker(
-            ctx.config,
-            prepared.plan,
-            lambda t, s: run_trial(ctx, t, s, False),
-            lambda _: rss.append(process.memory_info().rss / 2**20),
-            device=ctx.base.device,
-            progress=False,
-        )
+
+        def measured(trial, schedule):  # type: ignore[no-untyped-def]
+            run = run_trial(ctx, trial, schedule, False)
+            rss.append(process.memory_info().rss / 2**20)
+            return run
+
+        run_worker(ctx.config, prepared.plan, measured, device=ctx.base.device, progress=False)
     for i, value in enumerate(rss):
         print(f"after trial {i:>2}: RSS {value:.1f} MiB")
     base = rss[min(4, len(rss) - 1)]

@@ -58,7 +58,7 @@ def run_job(job: str, model: str, steps: int) -> dict[str, float]:
     from lrsweep.context import prepare
     from lrsweep.find import run_find
     from lrsweep.schedules import CosineSchedule
-    from lrsweep.trial import run_trial
+    from lrsweep.sweep.trial import run_trial
 
     study = "tiny.toml" if model == "tiny" else "default.toml"
     overrides = [

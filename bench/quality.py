@@ -24,11 +24,11 @@ from bench.grid import ROOT, best, load_rows, score, study_config
 from lrsweep.config import RangeTestConfig
 from lrsweep.context import prepare
 from lrsweep.data import batches
-from lrsweep.find import FindResult, load_find, run_find, suggestion_of
+from lrsweep.find import FindResult, load_find, run_find, save_and_draw
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.rangetest import run_probes
 from lrsweep.suggest import Suggestion, suggest_probe
-from lrsweep.sweep import peak_lr_bounds
+from lrsweep.sweep.space import peak_lr_bounds
 from lrsweep.training import make_optimizer
 
 
@@ -44,7 +44,7 @@ def find_dir(corpus: str, mode: str):  # type: ignore[no-untyped-def]
 
 def run_ramp(corpus: str) -> None:
     ctx = prepare(study_config(corpus))
-    run_find(ctx, progress=False).save(find_dir(corpus, "ramp"))
+    save_and_draw(run_find(ctx, progress=False), find_dir(corpus, "ramp"))
 
 
 def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS) -> None:
@@ -63,14 +63,16 @@ def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS) -> None:
             max_grad_norm=cfg.train.max_grad_norm,
             precision=ctx.precision,
             probe=ctx.blocks.eval,
-            eval_batch_size=2 * cfg.train.batch_size,
+            eval_batch_size=cfg.train.eval_batch_size,
             eval_every=PROBE_EVERY,
             progress=False,
         )
     finally:
         detach_lora(model)
     mode = "probe" if seed == 0 else f"probe-seed{seed}"
-    FindResult(curve, suggestion_of(curve, cfg), cfg).save(find_dir(corpus, mode))
+    assert curve.start_loss is not None
+    suggestion = suggest_probe(curve.lrs, curve.losses, curve.start_loss)
+    save_and_draw(FindResult(curve, suggestion, cfg), find_dir(corpus, mode))
 
 
 def probe_at(found: FindResult, k: int) -> Suggestion:
@@ -88,7 +90,9 @@ def _contains(span: tuple[float, float] | None, lr: float) -> str:
 
 def _bounds(found: FindResult) -> tuple[float, float] | None:
     """The sweep's default peak-LR bounds from this range test, as the sweep sets them."""
-    return peak_lr_bounds(found.config, found) if found.recommended_lr is not None else None
+    if found.recommended_lr is None:
+        return None
+    return peak_lr_bounds(found.config, found.suggestion, max(found.curve.lrs))
 
 
 def grid_table(rows: list[dict]) -> None:

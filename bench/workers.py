@@ -22,7 +22,7 @@ from pathlib import Path
 
 import optuna
 
-from lrsweep.storage import open_storage
+from lrsweep.sweep.storage import open_storage
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def one_sweep(out: Path, workers: int, trials: int, steps: int) -> tuple[float, 
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    study = optuna.load_study(study_name="lrsweep", storage=open_storage(out))
+    study = optuna.load_study(study_name="lrsweep", storage=open_storage(out).backend)
     done = [t for t in study.trials if t.datetime_complete is not None]
     span = (
         max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)

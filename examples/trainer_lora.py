@@ -28,7 +28,7 @@ from lrsweep.config import DataConfig, ModelConfig, TrainConfig
 from lrsweep.data import load_blocks
 from lrsweep.export import best_trial, training_arguments
 from lrsweep.models import load_base_model
-from lrsweep.workers import load_results
+from lrsweep.sweep.collect import load_results
 
 
 class Blocks(Dataset):  # type: ignore[type-arg]

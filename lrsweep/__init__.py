@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from lrsweep.config import load as load_config
     from lrsweep.find import FindResult, find_lr
     from lrsweep.suggest import Suggestion
-    from lrsweep.workers import run_sweep
+    from lrsweep.sweep.plan import run_sweep
 
 _LAZY = {
     "FindResult": ("lrsweep.find", "FindResult"),
@@ -25,7 +25,7 @@ _LAZY = {
     "StudyConfig": ("lrsweep.config", "StudyConfig"),
     "load_config": ("lrsweep.config", "load"),
     "Suggestion": ("lrsweep.suggest", "Suggestion"),
-    "run_sweep": ("lrsweep.workers", "run_sweep"),
+    "run_sweep": ("lrsweep.sweep.plan", "run_sweep"),
 }
 
 

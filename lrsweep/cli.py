@@ -7,7 +7,9 @@ A user error prints one line and exits with code 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -94,17 +96,37 @@ def find(
         click.echo("\nIn your own Trainer:\n" + format_trainer_snippet(result.recommended_lr, cfg))
 
 
-def _duration(text: str | None) -> float | None:
-    """'8h', '90m', '45s' or plain seconds -> seconds."""
+def _duration(text: str | None, option: str = "--timeout") -> float | None:
+    """'8h', '90m', '45s' or plain seconds -> seconds (positive and finite)."""
     if text is None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        if text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
+        seconds = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
-        raise LrsweepError(f"--timeout {text}: expected a duration like 8h, 90m or 3600") from None
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise LrsweepError(
+            f"{option} {text}: expected a positive duration like 8h, 90m or 3600"
+        ) from None
+    return seconds
+
+
+_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+
+
+def _devices(text: str | None) -> list[str]:
+    """``--devices cuda:0,cuda:1`` -> ["cuda:0", "cuda:1"], each name checked."""
+    if text is None:
+        return []
+    names = [d.strip() for d in text.split(",")]
+    for name in names:
+        if not _DEVICE.fullmatch(name):
+            raise LrsweepError(
+                f"--devices {text}: {name!r} is not a device; use cpu, mps, cuda or cuda:N, "
+                "comma-separated"
+            )
+    return names
 
 
 STORAGE = click.option(
@@ -173,30 +195,33 @@ def sweep(
     config stored in the study. Ctrl-C stops it (exit code 130) and loses no finished trial.
     """
     from lrsweep import config as config_mod
-    from lrsweep.report import format_trials
-    from lrsweep.workers import execute, load_results, prepare_sweep, spawn_workers
+    from lrsweep.report import format_trials, plot_find
+    from lrsweep.sweep.collect import load_results
+    from lrsweep.sweep.launch import spawn_workers
+    from lrsweep.sweep.plan import execute, prepare_sweep
 
+    seconds = _duration(timeout)
+    device_list = _devices(devices)
     cfg = config_mod.load(study, overrides) if study or overrides else None
-    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else []
     prepared = prepare_sweep(
         cfg,
         out,
         storage=storage,
         study_name=study_name,
         trials=trials,
-        timeout=_duration(timeout),
+        timeout=seconds,
         progress=not quiet,
         dry_run=dry_run,
         device=device_list[0] if device_list else None,
     )
+    if prepared.ran_find:
+        plot_find(out)
     click.echo(prepared.estimate())
     if dry_run:
         return
     _stop_on_sigterm()
     if workers > 1:
-        code = spawn_workers(
-            prepared, workers, device_list, timeout=_duration(timeout), quiet=quiet
-        )
+        code = spawn_workers(prepared, workers, device_list, quiet=quiet)
         if code:
             sys.exit(code)
     else:
@@ -223,7 +248,14 @@ def sweep(
 @TIMEOUT
 @click.option("--device", help="Override train.device for this worker, e.g. cuda:1.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option(
+    "--wait",
+    default="10m",
+    show_default=True,
+    help="How long to wait for the study to appear (start workers with the sweep).",
+)
 @click.option("--sweep-json", hidden=True, help="The [sweep] section to use, as JSON.")
+@click.option("--deadline", type=float, hidden=True, help="Start no trial after this epoch time.")
 @QUIET
 def worker(
     out: Path,
@@ -233,33 +265,44 @@ def worker(
     timeout: str | None,
     device: str | None,
     threads: int | None,
+    wait: str,
     sweep_json: str | None,
+    deadline: float | None,
     quiet: bool,
 ) -> None:
     """Join an existing study and run its trials (on this or another machine).
 
     The study's config travels in the storage; the model and data paths it names must exist
-    here too.
+    here too. Started before the study exists, it waits for it (--wait).
     """
-    from lrsweep.workers import execute, prepare_sweep
+    import json
 
+    from lrsweep.sweep.plan import execute, prepare_sweep
+
+    seconds, wait_seconds = _duration(timeout), _duration(wait, "--wait")
+    if device is not None:
+        _devices(device)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    import json
-
     prepared = prepare_sweep(
         None,
         out,
         storage=storage,
         study_name=study_name,
         trials=trials,
-        timeout=_duration(timeout),
+        timeout=seconds,
         device=device,
         progress=not quiet,
         sweep_section=json.loads(sweep_json) if sweep_json else None,
+        wait=wait_seconds or 0.0,
     )
+    if deadline is not None:
+        prepared.plan.deadline = deadline
+    if prepared.left == 0:
+        click.echo(f"Nothing to do: the study has its {prepared.plan.trials} finished trials.")
+        return
     _stop_on_sigterm()
     execute(prepared, progress=not quiet, part=True)
 
@@ -280,20 +323,23 @@ class Terminated(KeyboardInterrupt):
 
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--top", default=10, show_default=True, help="Rows in the table.")
+@click.option(
+    "--top", default=10, show_default=True, type=click.IntRange(min=1), help="Rows in the table."
+)
 @STORAGE
 @STUDY_NAME
 def report(out: Path, top: int, storage: str | None, study_name: str) -> None:
     """Table of the best trials and plots (PNG) of a sweep in OUT."""
-    from lrsweep.find import load_find
     from lrsweep.report import format_trials, plot_sweep
-    from lrsweep.workers import load_results
+    from lrsweep.results import read_find
+    from lrsweep.sweep.collect import load_results
 
     trials, curves, _ = load_results(out, storage, study_name)
     click.echo(format_trials(trials, top=top))
-    found = load_find(out)
-    paths = plot_sweep(trials, curves, out, found.curve.optimizer_steps if found else 0)
-    click.echo("\nPlots: " + ", ".join(str(p) for p in paths))
+    found = read_find(out)
+    spent = found[1].get("optimizer_steps", 0) if found else 0
+    paths, missing = plot_sweep(trials, curves, out, spent)
+    click.echo("\n" + (missing or "Plots: " + ", ".join(str(p) for p in paths)))
 
 
 @cli.command()
@@ -307,7 +353,7 @@ def export(out: Path, fmt: str, storage: str | None, study_name: str) -> None:
     """Print the best trial's schedule as TrainingArguments keyword arguments."""
     from lrsweep import config as config_mod
     from lrsweep.export import best_trial, to_json, to_python, training_arguments
-    from lrsweep.workers import load_results
+    from lrsweep.sweep.collect import load_results
 
     trials, _, meta = load_results(out, storage, study_name)
     best = best_trial(trials)

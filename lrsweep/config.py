@@ -1,7 +1,8 @@
 """Study configuration: frozen dataclasses, TOML loading, ``--set`` overrides, validation.
 
 Defaults live only here. A study file overrides what it needs; unknown keys, wrong types and
-impossible values raise :class:`ConfigError` naming the key.
+impossible values raise :class:`ConfigError` naming the key. Each section checks its values in
+``__post_init__``, so a config built in code or with ``dataclasses.replace`` is checked too.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class ModelConfig:
     path: str = "bundled"
     gradient_checkpointing: bool = False
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if not self.path:
             _fail("model.path", "must not be empty; use 'bundled', 'tiny' or a local path")
 
@@ -56,7 +57,7 @@ class DataConfig:
     max_tokens: int = 400_000
     eval_blocks: int = 32
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.max_tokens < 1000:
             _fail("data.max_tokens", f"must be at least 1000, got {self.max_tokens}")
         if self.eval_blocks < 1:
@@ -76,7 +77,7 @@ class LoraSettings:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     rslora: bool = False
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.r < 1:
             _fail("lora.r", f"must be at least 1, got {self.r}")
         if self.alpha <= 0:
@@ -105,7 +106,12 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
 
-    def check(self) -> None:
+    @property
+    def eval_batch_size(self) -> int:
+        """Batch size of evaluations: forward passes only, so twice the training batch."""
+        return 2 * self.batch_size
+
+    def __post_init__(self) -> None:
         if self.seq_len < 8:
             _fail("train.seq_len", f"must be at least 8, got {self.seq_len}")
         for key in ("batch_size", "grad_accum"):
@@ -157,7 +163,7 @@ class RangeTestConfig:
     signal: str = "eval"
     probe_blocks: int = 4
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.mode not in ("ramp", "probe"):
             _fail("rangetest.mode", f"must be 'ramp' or 'probe', got {self.mode!r}")
         for key in ("start_lr", "end_lr"):
@@ -201,7 +207,7 @@ class SearchConfig:
     min_lr_ratio: list[float] = field(default_factory=lambda: [0.0, 0.3])
     min_lr: float = 0.0
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.peak_lr:
             _check_range("search.peak_lr", self.peak_lr, positive=True)
         _check_range("search.warmup_fraction", self.warmup_fraction, upper=1.0)
@@ -241,7 +247,7 @@ class SweepConfig:
     diverge_factor: float = 2.0
     heartbeat_seconds: float = 10.0
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.trials < 1:
             _fail("sweep.trials", f"must be at least 1, got {self.trials}")
         if self.steps < 1:
@@ -280,7 +286,26 @@ class StudyConfig:
         return dataclasses.replace(self, **sections)
 
 
-_SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(StudyConfig)}  # type: ignore[misc]
+# What every run of one study must share: its trials are ranked together (the device and the
+# run's own budget, sampler and pruner may differ).
+STUDY_KEYS = ("seed", "model", "data", "lora", "train", "search", "sweep.steps", "sweep.epochs")
+# What a saved range test must share with a sweep that takes its bounds from it.
+RANGETEST_KEYS = ("seed", "model", "data", "lora", "train", "rangetest")
+
+
+def differences(a: StudyConfig, b: StudyConfig, keys: tuple[str, ...]) -> list[str]:
+    """The ``keys`` (sections, or ``section.key``) in which ``a`` and ``b`` differ;
+    ``train.device`` never counts (a worker may run on another device)."""
+    flat_a, flat_b = a.to_dict(), b.to_dict()
+    for flat in (flat_a, flat_b):
+        flat["train"].pop("device")
+    diff = []
+    for key in keys:
+        section, _, name = key.partition(".")
+        va, vb = flat_a[section], flat_b[section]
+        if (va.get(name) != vb.get(name)) if name else (va != vb):
+            diff.append(key)
+    return diff
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -337,12 +362,7 @@ def from_dict(raw: dict[str, Any]) -> StudyConfig:
             values[name] = hint(**kwargs)  # type: ignore[operator]
         else:
             values[name] = _coerce(name, value, hint)
-    config = StudyConfig(**values)
-    for section in dataclasses.fields(config):
-        sub = getattr(config, section.name)
-        if dataclasses.is_dataclass(sub):
-            sub.check()  # type: ignore[attr-defined]
-    return config
+    return StudyConfig(**values)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

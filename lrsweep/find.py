@@ -1,32 +1,31 @@
 """``lrsweep find``: the range test on a fresh LoRA adapter, its suggestion and its files.
 
-Data flow: config -> context (model + data) -> rangetest -> suggest -> results -> report.
+Data flow: config -> context (model + data) -> rangetest -> suggest -> results; the plot is
+drawn afterwards from the saved files (``lrsweep.report``). ``lrsweep.hf.find_lr`` runs the
+same :func:`measure` on a user's Trainer.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import lrsweep
 from lrsweep import config as config_mod
-from lrsweep.config import StudyConfig
+from lrsweep.config import RANGETEST_KEYS, RangeTestConfig, StudyConfig
 from lrsweep.context import Context, prepare
-from lrsweep.data import batches
-from lrsweep.models import attach_lora, detach_lora
 from lrsweep.rangetest import RangeTestCurve, run_probes, run_range_test
-from lrsweep.results import read_parquet, write_json, write_parquet
+from lrsweep.results import read_find, write_find
 from lrsweep.suggest import Suggestion, suggest, suggest_probe
-from lrsweep.training import make_optimizer
+from lrsweep.training import Batch, Precision
 
 
 logger = logging.getLogger(__name__)
-
-RANGETEST_FILE = "rangetest.parquet"
-SUGGESTION_FILE = "suggestion.json"
-PLOT_FILE = "rangetest.png"
 
 
 @dataclass
@@ -53,50 +52,79 @@ class FindResult:
             "optimizer_steps": self.curve.optimizer_steps,
         }
 
-    def save(self, out: Path) -> None:
-        """Write rangetest.parquet, suggestion.json and rangetest.png into ``out``."""
-        from lrsweep.report import plot_rangetest
 
-        out.mkdir(parents=True, exist_ok=True)
-        write_parquet(self.curve.frame(), out / RANGETEST_FILE, self.metadata())
-        write_json(self.suggestion.to_dict(), out / SUGGESTION_FILE)
-        ylabel = {
-            "probe": "held-out loss at the end of each fixed-LR run",
-            "eval": "held-out loss after each step",
-            "train": "training loss",
-        }["probe" if self.curve.mode == "probe" else self.config.rangetest.signal]
-        plot_rangetest(
-            self.curve.frame(), self.suggestion, out / PLOT_FILE, ylabel, self.curve.start_loss
-        )
-        self.out = out
-
-
-def suggestion_of(curve: RangeTestCurve, config: StudyConfig) -> Suggestion:
+def measure(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    config: RangeTestConfig,
+    *,
+    probe: torch.Tensor | Sequence[Batch] | None,
+    grad_accum: int,
+    max_grad_norm: float,
+    precision: Precision,
+    eval_batch_size: int,
+    progress: bool = True,
+) -> tuple[RangeTestCurve, Suggestion]:
+    """The range test of ``config.mode`` on ``model`` and its suggestion; the model and
+    optimizer are left exactly as they were."""
+    run = run_probes if config.mode == "probe" else run_range_test
+    curve = run(
+        model,
+        optimizer,
+        batches,
+        config,
+        probe=probe,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        precision=precision,
+        eval_batch_size=eval_batch_size,
+        progress=progress,
+    )
     if curve.mode == "probe":
         assert curve.start_loss is not None
-        return suggest_probe(curve.lrs, curve.losses, curve.start_loss)
-    return suggest(curve.lrs, curve.losses, diverge_factor=config.rangetest.diverge_factor)
+        return curve, suggest_probe(curve.lrs, curve.losses, curve.start_loss)
+    return curve, suggest(curve.lrs, curve.losses, diverge_factor=config.diverge_factor)
 
 
 def run_find(ctx: Context, progress: bool = True) -> FindResult:
     """The range test on a fresh adapter over ``ctx``'s base model; the base is left clean."""
+    from lrsweep.data import batches
+    from lrsweep.models import attach_lora, detach_lora
+    from lrsweep.training import make_optimizer
+
     cfg = ctx.config
     model = attach_lora(ctx.base, cfg.lora, cfg.seed)
     try:
-        optimizer = make_optimizer(model, cfg.train)
-        common: dict[str, Any] = {
-            "grad_accum": cfg.train.grad_accum,
-            "max_grad_norm": cfg.train.max_grad_norm,
-            "precision": ctx.precision,
-            "eval_batch_size": 2 * cfg.train.batch_size,
-            "progress": progress,
-        }
-        data = batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed)
-        run = run_probes if cfg.rangetest.mode == "probe" else run_range_test
-        curve = run(model, optimizer, data, cfg.rangetest, probe=ctx.blocks.eval, **common)
+        curve, suggestion = measure(
+            model,
+            make_optimizer(model, cfg.train),
+            batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
+            cfg.rangetest,
+            probe=ctx.blocks.eval,
+            grad_accum=cfg.train.grad_accum,
+            max_grad_norm=cfg.train.max_grad_norm,
+            precision=ctx.precision,
+            eval_batch_size=cfg.train.eval_batch_size,
+            progress=progress,
+        )
     finally:
         detach_lora(model)
-    return FindResult(curve, suggestion_of(curve, cfg), cfg)
+    return FindResult(curve, suggestion, cfg)
+
+
+def save_find(result: FindResult, out: Path) -> None:
+    """rangetest.parquet and suggestion.json in ``out`` (the plot is drawn from them)."""
+    write_find(out, result.curve.frame(), result.suggestion.to_dict(), result.metadata())
+    result.out = out
+
+
+def save_and_draw(result: FindResult, out: Path) -> None:
+    """The files of a range test that a user asked for, and its plot drawn from them."""
+    from lrsweep.report import plot_find
+
+    save_find(result, out)
+    plot_find(out)
 
 
 def find_lr(
@@ -118,16 +146,20 @@ def find_lr(
         cfg = config_mod.from_dict(config_mod.apply_overrides(cfg.to_dict(), overrides))
     result = run_find(prepare(cfg), progress=progress)
     if out is not None:
-        result.save(Path(out))
+        save_and_draw(result, Path(out))
     return result
 
 
-def load_find(out: Path) -> FindResult | None:
-    """The range test saved in ``out``, or None when there is none."""
-    path = out / RANGETEST_FILE
-    if not path.exists():
+def load_find(out: Path, config: StudyConfig | None = None) -> FindResult | None:
+    """The range test saved in ``out``, or None when there is none (or, with ``config``,
+    when it was made with a different model, data, LoRA, training or range test)."""
+    saved = read_find(out)
+    if saved is None:
         return None
-    frame, meta = read_parquet(path)
+    frame, meta = saved
+    stored = config_mod.from_dict(meta["config"])
+    if config is not None and config_mod.differences(stored, config, RANGETEST_KEYS):
+        return None
     curve = RangeTestCurve(
         lrs=frame["lr"].tolist(),
         losses=frame["loss"].tolist(),
@@ -142,6 +174,4 @@ def load_find(out: Path) -> FindResult | None:
         spent_steps=meta.get("optimizer_steps", 0),
         run_losses=frame["run_losses"].map(list).tolist() if "run_losses" in frame else None,
     )
-    return FindResult(
-        curve, Suggestion.from_dict(meta["suggestion"]), config_mod.from_dict(meta["config"]), out
-    )
+    return FindResult(curve, Suggestion.from_dict(meta["suggestion"]), stored, out)

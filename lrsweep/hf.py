@@ -38,8 +38,7 @@ from lrsweep.config import (
     TrainConfig,
 )
 from lrsweep.errors import StudyError
-from lrsweep.find import FindResult, suggestion_of
-from lrsweep.rangetest import run_probes, run_range_test
+from lrsweep.find import FindResult, measure, save_and_draw
 from lrsweep.schedules import CosineSchedule
 from lrsweep.training import Batch, Precision, StepRecord
 
@@ -49,7 +48,7 @@ if TYPE_CHECKING:
     from optuna.trial import Trial
     from transformers import Trainer
 
-    from lrsweep.trial import TrialRun
+    from lrsweep.sweep.trial import Runner
 
 
 def precision_of(trainer: Trainer) -> Precision:
@@ -129,7 +128,6 @@ def find_lr(
         signal=signal,
         probe_blocks=probe_batches,
     )
-    cfg.check()
     args, model = trainer.args, trainer.model
     probe = (
         list(itertools.islice(trainer.get_eval_dataloader(), probe_batches))
@@ -141,9 +139,8 @@ def find_lr(
     # The Trainer's own optimizer (its class, parameter groups and weight decay); the
     # range test restores its state afterwards.
     optimizer = trainer.create_optimizer()
-    run = run_probes if mode == "probe" else run_range_test
     try:
-        curve = run(
+        curve, suggestion = measure(
             model,
             optimizer,
             _cycle(trainer.get_train_dataloader()),
@@ -159,10 +156,9 @@ def find_lr(
         model.train(was_training)
         if not had_optimizer:
             trainer.optimizer = None
-    config = _config_of(trainer, cfg)
-    result = FindResult(curve, suggestion_of(curve, config), config)
+    result = FindResult(curve, suggestion, _config_of(trainer, cfg))
     if out is not None:
-        result.save(Path(out))
+        save_and_draw(result, Path(out))
     return result
 
 
@@ -186,16 +182,14 @@ def _trainer_runner(
     make_trainer: Callable[[dict[str, Any]], Trainer],
     on_trainer: Callable[[Trainer], None],
     out: Path,
-    eval_every: int,
+    sweep: SweepConfig,
     keep_checkpoints: bool,
-    pruner: str,
     device: torch.device,
-) -> Callable[[Trial, CosineSchedule], TrialRun]:
+) -> Runner:
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from lrsweep.storage import retry
-    from lrsweep.trial import TrialRun, free_memory
+    from lrsweep.sweep.trial import TrialRun, free_memory, report_eval
 
     class _Watch(TrainerCallback):
         """Records each step's LR and loss, reports eval losses, stops pruned trials."""
@@ -211,17 +205,16 @@ def _trainer_runner(
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
             if logs and "loss" in logs:
                 elapsed = time.perf_counter() - self.start
-                self.run.records.append(
-                    StepRecord(
-                        state.global_step - 1,
-                        self.lr,
-                        float(logs["loss"]),
-                        math.nan,
-                        0,
-                        elapsed,
-                        elapsed,
-                    )
+                record = StepRecord(
+                    state.global_step - 1,
+                    self.lr,
+                    float(logs["loss"]),
+                    math.nan,
+                    0,
+                    elapsed,
+                    elapsed,
                 )
+                self.run.records.append(record)
 
         def on_evaluate(
             self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
@@ -229,19 +222,15 @@ def _trainer_runner(
             loss = float((metrics or {}).get("eval_loss", math.nan))
             if self.run.records:
                 self.run.records[-1].eval_loss = loss
-            if not math.isfinite(loss):
-                self.run.reason = f"non-finite eval loss at step {state.global_step}"
-            else:
-                retry(lambda: self.trial.report(loss, state.global_step), what="report")
-                if retry(self.trial.should_prune, what="ask the pruner"):
-                    self.run.reason = f"pruned by the {pruner} pruner at step {state.global_step}"
+            self.run.reason = report_eval(self.trial, loss, state.global_step, sweep.pruner)
             if self.run.reason:
                 control.should_training_stop = True
 
     def run(trial: Trial, schedule: CosineSchedule) -> TrialRun:
         folder = out / "trials" / str(trial.number)
         result = TrialRun(schedule)
-        trainer = make_trainer(training_overrides(schedule, eval_every, folder, keep_checkpoints))
+        overrides = training_overrides(schedule, sweep.eval_every, folder, keep_checkpoints)
+        trainer = make_trainer(overrides)
         if trainer.args.learning_rate != schedule.peak_lr:
             raise StudyError(
                 "make_trainer(overrides) must pass the overrides on to "
@@ -289,15 +278,13 @@ def sweep(
     ``make_trainer(overrides)`` must build a fresh Trainer (a fresh LoRA adapter) with
     ``TrainingArguments(..., **overrides)``: the overrides carry the trial's peak LR, warmup,
     min_lr, ``max_steps``, evaluation every ``eval_every`` steps and its own output folder,
-    which is removed after the trial unless ``keep_checkpoints``. Same storage, result files
-    and report as ``lrsweep sweep``.
+    which is removed after the trial unless ``keep_checkpoints``. Same storage, study, worker
+    loop, result files and report as ``lrsweep sweep``.
     """
-    import optuna
-
     from lrsweep.config import from_dict
-    from lrsweep.storage import open_storage
-    from lrsweep.sweep import SweepPlan, create_study, load_existing, run_worker
-    from lrsweep.workers import write_results
+    from lrsweep.sweep.storage import open_storage
+    from lrsweep.sweep.study import budget, create_study, join_study
+    from lrsweep.sweep.worker import SweepPlan, run_worker
 
     out = Path(out)
     cfg = StudyConfig(
@@ -313,22 +300,17 @@ def sweep(
             trials=trials, steps=max_steps, eval_every=eval_every, sampler=sampler, pruner=pruner
         ),
     )
-    cfg.search.check()
-    cfg.sweep.check()
-    backend = open_storage(out, storage)
-    if study_name in optuna.study.get_all_study_names(backend):
+    backend = open_storage(out, storage, cfg.sweep.heartbeat_seconds)
+    stored = _stored_train(backend.backend, study_name)
+    if stored is not None:
         # [train] comes from the user's Trainers (see record_train below), not from here.
-        cfg = cfg.replace(train=load_existing(backend, study_name, None)[1].train)
-    study, cfg = load_existing(backend, study_name, cfg)
+        cfg = cfg.replace(train=stored)
+    study, cfg = join_study(backend, study_name, cfg)
     if study is None:
-        study = create_study(backend, study_name, cfg, tuple(peak_lr), None)  # type: ignore[arg-type]
-    plan = SweepPlan(
-        out,
-        study,
-        tuple(study.user_attrs["peak_lr_bounds"]),  # type: ignore[arg-type]
-        max_steps,
-        trials,
-    )
+        study, cfg = create_study(backend, study_name, cfg, peak_lr, None, trials)
+    assert study is not None and cfg is not None
+    bounds = tuple(study.user_attrs["peak_lr_bounds"])
+    plan = SweepPlan(out, study, backend, bounds, max_steps, budget(study, trials, cfg))  # type: ignore[arg-type]
 
     def record_train(trainer: Trainer) -> None:
         # The study's [train] section describes the user's TrainingArguments, so that
@@ -339,15 +321,18 @@ def sweep(
             study.set_user_attr("config", stored.replace(train=train).to_dict())
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runner = _trainer_runner(
-        make_trainer, record_train, out, eval_every, keep_checkpoints, pruner, device
-    )
+    runner = _trainer_runner(make_trainer, record_train, out, cfg.sweep, keep_checkpoints, device)
+    run_worker(cfg, plan, runner, device=device, progress=progress)
+    return study
 
-    def write(_: object = None) -> None:
-        write_results(study, out, from_dict(study.user_attrs["config"]), storage)
+
+def _stored_train(storage: optuna.storages.BaseStorage, name: str) -> TrainConfig | None:
+    import optuna
+
+    from lrsweep.config import from_dict
 
     try:
-        run_worker(cfg, plan, runner, write, device=device, progress=progress)
-    finally:
-        write()
-    return study
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    return from_dict(study.user_attrs["config"]).train if "config" in study.user_attrs else None

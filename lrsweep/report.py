@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from lrsweep.config import StudyConfig
+from lrsweep.results import RANGETEST_PLOT, SWEEP_PLOTS, atomic_write, read_find
+from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION
 from lrsweep.suggest import Suggestion
 
 
@@ -30,13 +32,31 @@ def _figure(width: float = 8, height: float = 5) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    from lrsweep.results import atomic_write
-
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def _fmt(lr: float | None) -> str:
     return "-" if lr is None else f"{lr:.2e}"
+
+
+_YLABELS = {
+    "probe": "held-out loss at the end of each fixed-LR run",
+    "eval": "held-out loss after each step",
+    "train": "training loss",
+}
+
+
+def plot_find(out: Path) -> Path:
+    """rangetest.png in ``out``, drawn from the range test saved there."""
+    saved = read_find(out)
+    assert saved is not None, f"no range test in {out}"
+    frame, meta = saved
+    rangetest = meta["config"]["rangetest"]
+    kind = "probe" if rangetest.get("mode") == "probe" else rangetest["signal"]
+    path = out / RANGETEST_PLOT
+    suggestion = Suggestion.from_dict(meta["suggestion"])
+    plot_rangetest(frame, suggestion, path, _YLABELS[kind], meta.get("start_loss"))
+    return path
 
 
 def plot_rangetest(
@@ -128,8 +148,8 @@ def format_trainer_snippet(lr: float, config: StudyConfig) -> str:
         "TrainingArguments(\n"
         f"    learning_rate={lr:.3g},\n"
         '    lr_scheduler_type="cosine_with_min_lr",\n'
-        '    lr_scheduler_kwargs={"min_lr_rate": 0.1},\n'
-        "    warmup_steps=0.05,  # < 1 is read as a fraction of max_steps\n"
+        f'    lr_scheduler_kwargs={{"min_lr_rate": {FIRST_MIN_LR_RATIO}}},\n'
+        f"    warmup_steps={FIRST_WARMUP_FRACTION},  # < 1 is read as a fraction of max_steps\n"
         f"    per_device_train_batch_size={train.batch_size},\n"
         f"    gradient_accumulation_steps={train.grad_accum},\n"
         f"    max_grad_norm={train.max_grad_norm},\n"
@@ -178,13 +198,17 @@ def format_trials(trials: pd.DataFrame, top: int = 10) -> str:
 
 def plot_sweep(
     trials: pd.DataFrame, curves: pd.DataFrame, out: Path, rangetest_steps: int = 0
-) -> list[Path]:
-    """sweep_lr.png, sweep_top5.png and sweep_progress.png in ``out``; returns their paths."""
-    paths = [out / "sweep_lr.png", out / "sweep_top5.png", out / "sweep_progress.png"]
+) -> tuple[list[Path], str | None]:
+    """sweep_lr.png, sweep_top5.png and sweep_progress.png in ``out``: their paths, or
+    none and the reason when no trial has an eval loss to draw yet."""
+    scored = trials["eval_loss"].notna() | trials["best_eval_loss"].notna()
+    if not (scored & trials["peak_lr"].notna()).any():
+        return [], "no plots yet: no trial has an eval loss (none finished an evaluation)"
+    paths = [out / name for name in SWEEP_PLOTS]
     _plot_lr(trials, paths[0])
     _plot_top(trials, curves, paths[1])
     _plot_progress(trials, curves, paths[2], rangetest_steps)
-    return paths
+    return paths, None
 
 
 def _plot_lr(trials: pd.DataFrame, path: Path) -> None:

@@ -1,12 +1,18 @@
-"""Result files: parquet with lrsweep's metadata, JSON, all written atomically.
+"""Result files: every file name lrsweep writes, and their writers, readers and merges.
 
 Every file is written to a temporary name in the same folder and then renamed over the
-target, so that a crash at any moment leaves either the old file or the new one.
+target, so that a crash at any moment leaves either the old file or the new one. No writer
+replaces a sweep's result files with ones that hold fewer trials: a process that cannot see
+every trial (a worker's part, a storage that lags) leaves the files alone and says so.
+
+This module imports pandas and pyarrow only: ``lrsweep report`` and ``export`` read the
+files without torch, transformers or peft.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -18,8 +24,30 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lrsweep.errors import StudyError, first_line
+
+
+logger = logging.getLogger(__name__)
 
 META_KEY = b"lrsweep"
+
+# lrsweep find
+RANGETEST_FILE = "rangetest.parquet"
+SUGGESTION_FILE = "suggestion.json"
+RANGETEST_PLOT = "rangetest.png"
+# lrsweep sweep
+JOURNAL_FILE = "study.journal"
+LIVE_DIR = "live"  # liveness records of a journal's running trials
+PARTS_DIR = "parts"  # one folder of result files per worker process
+TRIALS_FILE = "trials.parquet"
+CURVES_FILE = "curves.parquet"
+SWEEP_PLOTS = ("sweep_lr.png", "sweep_top5.png", "sweep_progress.png")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -27,7 +55,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
+    # mkstemp makes it private; a result file gets the mode any new file would (the umask).
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -46,10 +75,14 @@ def write_parquet(frame: pd.DataFrame, path: Path, metadata: dict[str, Any]) -> 
 
 
 def read_parquet(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The frame and lrsweep's metadata of a file written by :func:`write_parquet`."""
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(META_KEY, b"{}")
-    return table.to_pandas(), json.loads(raw)
+    """The frame and lrsweep's metadata of a file written by :func:`write_parquet`; a
+    damaged file is a one-line :class:`StudyError`."""
+    try:
+        table = pq.read_table(path)
+        raw = (table.schema.metadata or {}).get(META_KEY, b"{}")
+        return table.to_pandas(), json.loads(raw)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise StudyError(f"{path}: damaged or not an lrsweep file ({first_line(err)})") from None
 
 
 def write_json(data: Any, path: Path) -> None:
@@ -57,10 +90,22 @@ def write_json(data: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-# ---------------------------------------------------------------- sweep results
+# ---------------------------------------------------------------- range test
 
-TRIALS_FILE = "trials.parquet"
-CURVES_FILE = "curves.parquet"
+
+def write_find(out: Path, curve: pd.DataFrame, suggestion: dict[str, Any], meta: dict) -> None:
+    """rangetest.parquet (the curve, with ``meta``) and suggestion.json."""
+    write_parquet(curve, out / RANGETEST_FILE, meta)
+    write_json(suggestion, out / SUGGESTION_FILE)
+
+
+def read_find(out: Path) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """The saved range test of ``out`` (curve and metadata), or None when there is none."""
+    path = out / RANGETEST_FILE
+    return read_parquet(path) if path.exists() else None
+
+
+# ---------------------------------------------------------------- sweep
 
 TRIAL_COLUMNS = {
     "number": "trial number in the study",
@@ -88,52 +133,37 @@ CURVE_COLUMNS = {
     "loss": "training loss of that step (token-weighted over grad_accum)",
     "eval_loss": "eval loss measured after that step, null where not evaluated",
 }
+_INTS = ("warmup_steps", "total_steps", "best_step", "tokens", "seed")
+_STRINGS = ("state", "reason", "worker")
+# Which copy of a trial is newest when files disagree: a finished state beats a waiting or
+# running one (the trial moved on since the other file was written).
+_STATE_RANK = {"WAITING": 0, "RUNNING": 1, "FAIL": 2, "PRUNED": 2, "COMPLETE": 2}
 
 
-def _attr(trial: Any, key: str) -> Any:
-    return trial.user_attrs.get(key)
+def _trial_row(t: Any) -> dict[str, Any]:
+    attrs = t.user_attrs
+    row = {c: attrs.get(c) for c in TRIAL_COLUMNS}
+    row.update(
+        number=t.number,
+        state=t.state.name,
+        peak_lr=t.params.get("peak_lr"),
+        warmup_fraction=t.params.get("warmup_fraction"),
+        min_lr_ratio=attrs.get("min_lr_ratio", t.params.get("min_lr_ratio")),
+        eval_loss=t.value if t.state.name == "COMPLETE" else None,
+    )
+    return row
 
 
 def trials_frame(trials: list[Any]) -> pd.DataFrame:
     """One row per trial (Optuna FrozenTrials), in the schema of ``TRIAL_COLUMNS``."""
-    rows = []
-    for t in trials:
-        attrs = t.user_attrs
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name,
-                "peak_lr": t.params.get("peak_lr"),
-                "warmup_fraction": t.params.get("warmup_fraction"),
-                "warmup_steps": attrs.get("warmup_steps"),
-                "min_lr_ratio": attrs.get("min_lr_ratio", t.params.get("min_lr_ratio")),
-                "min_lr": attrs.get("min_lr"),
-                "total_steps": attrs.get("total_steps"),
-                "eval_loss": t.value if t.state.name == "COMPLETE" else None,
-                "best_eval_loss": attrs.get("best_eval_loss"),
-                "best_step": attrs.get("best_step"),
-                "tokens": attrs.get("tokens"),
-                "seconds": attrs.get("seconds"),
-                "peak_memory_mb": attrs.get("peak_memory_mb"),
-                "reason": attrs.get("reason"),
-                "seed": attrs.get("seed"),
-                "worker": attrs.get("worker"),
-            }
-        )
-    frame = pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
-    types = {
-        "number": "int64",
-        "warmup_steps": "Int64",
-        "total_steps": "Int64",
-        "best_step": "Int64",
-        "tokens": "Int64",
-        "seed": "Int64",
-    }
-    float_cols = [
-        c for c in TRIAL_COLUMNS if c not in types and c not in ("state", "reason", "worker")
-    ]
-    frame = frame.astype(types | {c: "float64" for c in float_cols})
-    return frame.astype({"state": "string", "reason": "string", "worker": "string"})
+    frame = pd.DataFrame([_trial_row(t) for t in trials], columns=list(TRIAL_COLUMNS))
+    floats = [c for c in TRIAL_COLUMNS if c not in (*_INTS, *_STRINGS, "number")]
+    return frame.astype(
+        {"number": "int64"}
+        | {c: "Int64" for c in _INTS}
+        | {c: "float64" for c in floats}
+        | {c: "string" for c in _STRINGS}
+    )
 
 
 def curves_frame(trials: list[Any]) -> pd.DataFrame:
@@ -162,8 +192,92 @@ def curves_frame(trials: list[Any]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True).astype({"number": "int64", "step": "int64"})
 
 
-def write_sweep_results(trials: list[Any], out: Path, metadata: dict[str, Any]) -> None:
-    """Rewrite trials.parquet and curves.parquet (atomically) from the study's trials."""
+def part_folder(out: Path, worker: str) -> Path:
+    """Where the worker ``host:pid`` writes the result files of the trials it ran."""
+    return out / PARTS_DIR / worker.replace(":", "-")
+
+
+def _known_trials(folder: Path) -> set[int]:
+    path = folder / TRIALS_FILE
+    if not path.exists():
+        return set()
+    try:
+        return set(read_parquet(path)[0]["number"])
+    except StudyError:
+        return set()  # a damaged file holds nothing worth keeping; it is rebuilt
+
+
+def write_sweep(trials: list[Any], folder: Path, metadata: dict[str, Any]) -> bool:
+    """Rewrite trials.parquet and curves.parquet in ``folder`` (atomically) from ``trials``
+    (Optuna FrozenTrials), unless the files there hold a trial that ``trials`` lacks: then
+    they are left alone and False returned."""
+    missing = _known_trials(folder) - {t.number for t in trials}
+    if missing:
+        logger.warning(
+            "%s holds %d trials that this process cannot see (e.g. %d); left as it is",
+            folder / TRIALS_FILE,
+            len(missing),
+            min(missing),
+        )
+        return False
     # Curves first: a reader that finds trials.parquet up to date may trust curves.parquet.
-    write_parquet(curves_frame(trials), out / CURVES_FILE, {**metadata, "columns": CURVE_COLUMNS})
-    write_parquet(trials_frame(trials), out / TRIALS_FILE, {**metadata, "columns": TRIAL_COLUMNS})
+    meta = {**metadata, "columns": CURVE_COLUMNS}
+    write_parquet(curves_frame(trials), folder / CURVES_FILE, meta)
+    write_parquet(
+        trials_frame(trials), folder / TRIALS_FILE, {**metadata, "columns": TRIAL_COLUMNS}
+    )
+    return True
+
+
+def sweep_states(out: Path) -> dict[int, str] | None:
+    """Trial number -> state in ``out``'s trials.parquet (None when it is missing, damaged,
+    or its curves.parquet is), to see whether the files lag behind the storage."""
+    if not (out / CURVES_FILE).exists() or not (out / TRIALS_FILE).exists():
+        return None
+    try:
+        read_parquet(out / CURVES_FILE)
+        frame, _ = read_parquet(out / TRIALS_FILE)
+    except StudyError:
+        return None
+    return dict(zip(frame["number"], frame["state"], strict=True))
+
+
+def merge_parts(out: Path) -> bool:
+    """Merge the workers' part files and ``out``'s own files into ``out``'s files: every
+    trial any of them holds, each in its newest state. Returns False when there was
+    nothing to merge."""
+    sources = [out] + sorted(p.parent for p in (out / PARTS_DIR).glob(f"*/{TRIALS_FILE}"))
+    frames, curves, meta = [], [], {}
+    for folder in sources:
+        try:
+            frame, meta_ = read_parquet(folder / TRIALS_FILE)
+            curve, _ = read_parquet(folder / CURVES_FILE)
+        except StudyError as err:
+            if folder != out or (folder / TRIALS_FILE).exists():
+                logger.warning("skipping %s", err)
+            continue
+        frames.append(frame.assign(_rank=frame["state"].map(_STATE_RANK).fillna(0)))
+        curves.append(curve)
+        meta = meta or meta_
+    if not frames:
+        return False
+    merged = pd.concat(frames, ignore_index=True).sort_values("_rank", kind="stable")
+    merged = merged.drop_duplicates("number", keep="last").drop(columns="_rank")
+    merged = merged.sort_values("number").reset_index(drop=True)
+    curve = pd.concat(curves, ignore_index=True).drop_duplicates(["number", "step"], keep="last")
+    curve = curve[curve["number"].isin(merged["number"])].sort_values(["number", "step"])
+    write_parquet(curve.reset_index(drop=True), out / CURVES_FILE, meta)
+    write_parquet(merged, out / TRIALS_FILE, meta)
+    return True
+
+
+def read_sweep(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """trials.parquet, curves.parquet and their metadata."""
+    if not (out / TRIALS_FILE).exists():
+        raise StudyError(
+            f"{out}: no sweep here (no {JOURNAL_FILE}, {TRIALS_FILE} or "
+            f"{PARTS_DIR}/); run lrsweep sweep --out there, or give --storage"
+        )
+    trials, meta = read_parquet(out / TRIALS_FILE)
+    curves, _ = read_parquet(out / CURVES_FILE)
+    return trials, curves, meta

@@ -12,8 +12,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers.optimization import get_scheduler
+
+# The schedule of a first try before any sweep: the range test's recommendation as the
+# study's first trial, and the snippet lrsweep find prints.
+FIRST_WARMUP_FRACTION = 0.05
+FIRST_MIN_LR_RATIO = 0.1
 
 
 def ramp(start_lr: float, end_lr: float, steps: int, mode: str = "exp") -> list[float]:
@@ -58,6 +61,10 @@ class CosineSchedule:
 
     def lrs(self) -> list[float]:
         """The LR of every optimizer step, as transformers' scheduler gives it."""
+        # Imported here: reading and exporting a finished sweep needs no torch.
+        import torch
+        from transformers.optimization import get_scheduler
+
         param = torch.nn.Parameter(torch.zeros(1))
         optimizer = torch.optim.SGD([param], lr=self.peak_lr)
         scheduler = get_scheduler(

@@ -16,8 +16,9 @@ import pytest
 from optuna.trial import TrialState
 
 from lrsweep.results import read_parquet
-from lrsweep.storage import open_storage
-from lrsweep.workers import load_results, prepare_sweep
+from lrsweep.sweep.collect import load_results
+from lrsweep.sweep.plan import prepare_sweep
+from lrsweep.sweep.storage import open_storage
 from tests.conftest import ROOT, tiny_config
 from tests.postgres import PASSWORD, Server, postgres  # noqa: F401 - the fixture
 
@@ -46,7 +47,7 @@ def _lrsweep(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def _study(server: Server, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(Path("."), server.url))
+    return optuna.load_study(study_name=name, storage=open_storage(Path("."), server.url).backend)
 
 
 def _check_merged(server: Server, out: Path, name: str) -> None:

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 import lrsweep
-from lrsweep.find import load_find, suggestion_of
+from lrsweep.find import load_find
 from lrsweep.results import read_parquet
+from lrsweep.suggest import suggest_probe
 from tests.conftest import ROOT, run_cli, tiny_config
 
 
@@ -87,7 +88,9 @@ def test_cli_find_probe_mode_writes_one_point_per_run(
     found = load_find(out_dir)
     assert found is not None and found.curve.mode == "probe"
     assert found.curve.optimizer_steps == 3 * len(frame)
-    assert found.suggestion == suggestion_of(found.curve, found.config)
+    assert found.curve.start_loss is not None
+    suggested = suggest_probe(found.curve.lrs, found.curve.losses, found.curve.start_loss)
+    assert found.suggestion == suggested
     code, _, err = run_cli(capsys, monkeypatch, *args, "--set", "rangetest.runs=2")
     assert code == 2 and err == "error: rangetest.runs: must be at least 3, got 2\n"
 

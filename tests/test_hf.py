@@ -17,8 +17,8 @@ from lrsweep.data import batches
 from lrsweep.errors import StudyError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.schedules import CosineSchedule
+from lrsweep.sweep.collect import load_results
 from lrsweep.training import make_optimizer, train
-from lrsweep.workers import load_results
 from tests.conftest import tiny_config
 
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lrsweep.storage import open_storage
+from lrsweep.sweep.storage import open_storage
 from tests.conftest import ROOT
 
 
@@ -66,7 +66,7 @@ def _wait_mid_trial(out: Path, proc: subprocess.Popen[str]) -> int:
 
 
 def _study(out: Path) -> optuna.Study:
-    return optuna.load_study(study_name="lrsweep", storage=open_storage(out))
+    return optuna.load_study(study_name="lrsweep", storage=open_storage(out).backend)
 
 
 def _finish_and_check(out: Path, killed: int, reason: str) -> None:

@@ -11,15 +11,16 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lrsweep import sweep as sweep_mod
-from lrsweep import trial as trial_mod
-from lrsweep import workers
 from lrsweep.errors import StudyError
 from lrsweep.find import load_find
 from lrsweep.results import read_parquet
 from lrsweep.suggest import MethodResult, Suggestion
-from lrsweep.sweep import peak_lr_bounds, worker_seed
-from lrsweep.workers import execute, load_results, prepare_sweep
+from lrsweep.sweep import plan as plan_mod
+from lrsweep.sweep import trial as trial_mod
+from lrsweep.sweep import worker as worker_mod
+from lrsweep.sweep.collect import load_results
+from lrsweep.sweep.plan import execute, prepare_sweep
+from lrsweep.sweep.space import peak_lr_bounds, worker_seed
 from tests.conftest import run_cli, tiny_config
 
 
@@ -30,35 +31,21 @@ def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 # ---------------------------------------------------------------- pure parts
 
 
-def _found(rec: float | None, divergence: float | None) -> Any:
-    from lrsweep.find import FindResult
-    from lrsweep.rangetest import RangeTestCurve
-
-    curve = RangeTestCurve(
-        [1e-6, 1e-3, 1e-1],
-        [2.0, 1.5, 3.0],
-        [2.0, 1.8, 2.2],
-        [2.0, 1.5, 3.0],
-        [1, 2, 3],
-        [1.0, 2.0, 3.0],
-        None,
-        1.0,
-    )
-    suggestion = Suggestion(
+def _found(rec: float | None, divergence: float | None) -> Suggestion:
+    return Suggestion(
         rec,
         (rec / 3, rec * 3) if rec else None,
         divergence,
         {"valley": MethodResult(rec, None if rec else "flat curve")},
         None if rec else "flat curve",
     )
-    return FindResult(curve, suggestion, tiny_config())
 
 
 def test_bounds_follow_the_documented_rule() -> None:
     cfg = tiny_config()
     assert peak_lr_bounds(cfg, _found(1e-3, 2e-2)) == pytest.approx((1e-4, 2e-2))
     # Never diverged: up to the highest LR tested.
-    assert peak_lr_bounds(cfg, _found(1e-3, None)) == pytest.approx((1e-4, 1e-1))
+    assert peak_lr_bounds(cfg, _found(1e-3, None), 1e-1) == pytest.approx((1e-4, 1e-1))
     assert peak_lr_bounds(tiny_config("search.peak_lr=[1e-5, 1e-3]"), None) == (1e-5, 1e-3)
     with pytest.raises(StudyError, match="search.peak_lr: the range test gave no"):
         peak_lr_bounds(cfg, _found(None, None))
@@ -92,17 +79,24 @@ def test_sweep_runs_the_budget_and_resumes_without_adding_to_it(tmp_path: Path) 
     assert len(set(params)) == len(params)
 
 
-def test_parquet_matches_the_storage_after_every_trial(tmp_path: Path) -> None:
+def test_parquet_matches_the_storage_after_every_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prepared = prepare_sweep(tiny_config(), tmp_path, trials=4, progress=False)
+    study = prepared.plan.study
     checked: list[int] = []
+    real_write = worker_mod.write_results
 
-    def check(frozen: optuna.trial.FrozenTrial) -> None:
-        workers.write_results(prepared.plan.study, tmp_path, prepared.ctx.config)
+    def write_and_check(*args: Any) -> None:
+        real_write(*args)
         trials, meta = read_parquet(tmp_path / "trials.parquet")
         curves, _ = read_parquet(tmp_path / "curves.parquet")
-        stored = prepared.plan.study.get_trials()
+        stored = study.get_trials()
         assert trials["number"].tolist() == [t.number for t in stored]
         assert trials["state"].tolist() == [t.state.name for t in stored]
+        frozen = stored[-1]
+        if frozen.state == TrialState.RUNNING:
+            return  # the final write at exit sees no new trial
         row = trials.set_index("number").loc[frozen.number]
         assert row["peak_lr"] == frozen.params["peak_lr"]
         assert row["warmup_steps"] == frozen.user_attrs["warmup_steps"]
@@ -113,16 +107,10 @@ def test_parquet_matches_the_storage_after_every_trial(tmp_path: Path) -> None:
         assert meta["config"] == prepared.ctx.config.to_dict()
         checked.append(frozen.number)
 
-    ctx = prepared.ctx
-    sweep_mod.run_worker(
-        ctx.config,
-        prepared.plan,
-        lambda t, s: trial_mod.run_trial(ctx, t, s, False),
-        check,
-        device=ctx.base.device,
-        progress=False,
-    )
-    assert checked == [0, 1, 2, 3]
+    monkeypatch.setattr(worker_mod, "write_results", write_and_check)
+    execute(prepared, progress=False)
+    # After every trial, and once more at exit.
+    assert checked == [0, 1, 2, 3, 3]
 
 
 def test_trial_lrs_are_transformers_schedule(tmp_path: Path) -> None:
@@ -142,7 +130,7 @@ def test_trial_lrs_are_transformers_schedule(tmp_path: Path) -> None:
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = workers.run_trial
+    real = plan_mod.run_trial
 
     def flaky(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
         if trial.number == 1:
@@ -151,7 +139,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         return real(ctx, trial, schedule, progress)
 
-    monkeypatch.setattr(workers, "run_trial", flaky)
+    monkeypatch.setattr(plan_mod, "run_trial", flaky)
     study = execute(
         prepare_sweep(tiny_config(), tmp_path, trials=3, progress=False), progress=False
     )
@@ -270,7 +258,7 @@ def test_dry_run_creates_no_study(
     )
     assert code == 0, err
     assert out.startswith("Estimate: 4 trials x 12 steps")
-    assert optuna.study.get_all_study_names(workers.open_storage(tmp_path)) == []
+    assert not (tmp_path / "study.journal").exists()
 
 
 def test_changed_config_is_refused(
@@ -288,7 +276,7 @@ def test_changed_config_is_refused(
     code, _, err = run_cli(
         capsys, monkeypatch, "sweep", tiny, "--set", "lora.r=2", "--out", str(tmp_path), "-q"
     )
-    assert code == 2 and "different [lora]" in err and err.count("\n") == 1
+    assert code == 2 and "different lora" in err and err.count("\n") == 1
 
 
 def test_report_rebuilds_lagging_results_and_draws(
@@ -338,7 +326,7 @@ def test_a_cause_that_fails_every_trial_stops_the_sweep(
     def broken(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
         raise RuntimeError("batch does not fit")
 
-    monkeypatch.setattr(workers, "run_trial", broken)
+    monkeypatch.setattr(plan_mod, "run_trial", broken)
     prepared = prepare_sweep(
         tiny_config("search.peak_lr=[1e-3, 1e-2]"), tmp_path, trials=3, progress=False
     )

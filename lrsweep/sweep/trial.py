@@ -1,8 +1,9 @@
-"""One sweep trial: a fresh adapter trained with one cosine schedule, and what it recorded.
+"""One sweep trial: what it records, the eval-report-and-prune rule every runner shares, and
+lrsweep's own runner (a fresh adapter trained with one cosine schedule).
 
 The adapter is attached to the shared base model and detached afterwards; the optimizer and
 the adapter are then unreachable and collected, and on CUDA the cache is emptied, so memory
-does not grow from trial to trial.
+does not grow from trial to trial. ``lrsweep.hf`` has the other runner, the user's Trainer.
 """
 
 from __future__ import annotations
@@ -10,21 +11,25 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import torch
-from optuna.trial import Trial
 
-from lrsweep.context import Context
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.schedules import CosineSchedule
-from lrsweep.storage import retry
 from lrsweep.suggest import ema
+from lrsweep.sweep.storage import retry
 from lrsweep.training import Precision, StepRecord, make_optimizer, train
 
+
+if TYPE_CHECKING:
+    from optuna.trial import Trial
+
+    from lrsweep.context import Context
 
 _EMA_WINDOW = 100
 
@@ -64,7 +69,22 @@ class TrialRun:
         }
 
 
-def _peak_memory_mb(device: torch.device) -> float:
+# A runner trains one trial with one schedule and returns what it recorded: lrsweep's own
+# loop (run_trial) or a user's Trainer (lrsweep.hf).
+Runner = Callable[["Trial", CosineSchedule], TrialRun]
+
+
+def report_eval(trial: Trial, loss: float, steps_done: int, pruner: str) -> str | None:
+    """Report an eval loss to the pruner; the reason to stop the trial, or None."""
+    if not math.isfinite(loss):
+        return f"non-finite eval loss at step {steps_done}"
+    retry(lambda: trial.report(loss, steps_done), what="report")
+    if retry(trial.should_prune, what="ask the pruner"):
+        return f"pruned by the {pruner} pruner at step {steps_done}"
+    return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return psutil.Process().memory_info().rss / 2**20
@@ -104,11 +124,9 @@ def run_trial(
         run.records.append(record)
         losses.append(record.loss)
         if record.eval_loss is not None:
-            if not math.isfinite(record.eval_loss):
-                return f"non-finite eval loss at step {record.step}"
-            retry(lambda: trial.report(record.eval_loss, record.step + 1), what="report")
-            if retry(trial.should_prune, what="ask the pruner"):
-                return f"pruned by the {cfg.sweep.pruner} pruner at step {record.step + 1}"
+            reason = report_eval(trial, record.eval_loss, record.step + 1, cfg.sweep.pruner)
+            if reason is not None:
+                return reason
         # An EMA with beta 0.9 forgets within ~50 steps: a window keeps this O(1) per step.
         smoothed = ema(losses[-_EMA_WINDOW:], 0.9)[-1]
         if smoothed > cfg.sweep.diverge_factor * losses[0]:
@@ -130,7 +148,7 @@ def run_trial(
             precision=precision,
             eval_blocks=ctx.blocks.eval,
             eval_every=cfg.sweep.eval_every,
-            eval_batch_size=cfg.train.batch_size * 2,
+            eval_batch_size=cfg.train.eval_batch_size,
             on_step=on_step,
             desc=f"trial {trial.number}",
             progress=progress,
@@ -138,7 +156,7 @@ def run_trial(
         run.reason = result.stop_reason
     finally:
         run.seconds = time.perf_counter() - start
-        run.peak_memory_mb = _peak_memory_mb(device)
+        run.peak_memory_mb = peak_memory_mb(device)
         detach_lora(model)
         del model
         optimizer = None  # noqa: F841 - drop the last reference before collecting

@@ -1,0 +1,79 @@
+"""The sweep's search space and the trial length: pure functions of the config."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any
+
+from optuna.distributions import BaseDistribution, FloatDistribution
+
+from lrsweep.config import StudyConfig, SweepConfig
+from lrsweep.errors import StudyError
+from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, CosineSchedule
+from lrsweep.suggest import Suggestion
+
+
+def peak_lr_bounds(
+    config: StudyConfig, suggestion: Suggestion | None, highest_tested: float = math.inf
+) -> tuple[float, float]:
+    """The log-uniform bounds of the peak LR: the study file's, or from the range test:
+    a tenth of the recommendation up to the divergence LR (or the highest LR tested)."""
+    if config.search.peak_lr:
+        low, high = config.search.peak_lr
+        return low, high
+    if suggestion is None or suggestion.recommended_lr is None:
+        reason = suggestion.reason if suggestion else "no range test"
+        raise StudyError(
+            f"search.peak_lr: the range test gave no recommendation ({reason}); "
+            "set search.peak_lr = [low, high] in the study file"
+        )
+    low = suggestion.recommended_lr / 10
+    high = suggestion.divergence_lr or highest_tested
+    return low, max(high, low * 10)
+
+
+def distributions(config: StudyConfig, bounds: tuple[float, float]) -> dict[str, BaseDistribution]:
+    space: dict[str, BaseDistribution] = {
+        "peak_lr": FloatDistribution(*bounds, log=True),
+        "warmup_fraction": FloatDistribution(*config.search.warmup_fraction),
+    }
+    if config.search.min_lr == 0:
+        space["min_lr_ratio"] = FloatDistribution(*config.search.min_lr_ratio)
+    return space
+
+
+def total_steps(sweep: SweepConfig, train_sequences: int, sequences_per_step: int) -> int:
+    """A trial's optimizer steps: ``sweep.steps``, or ``sweep.epochs`` over the training set."""
+    if sweep.epochs > 0:
+        return max(1, math.ceil(sweep.epochs * train_sequences / sequences_per_step))
+    return sweep.steps
+
+
+def schedule_of(params: dict[str, Any], config: StudyConfig, steps: int) -> CosineSchedule:
+    peak = params["peak_lr"]
+    ratio = params.get("min_lr_ratio", min(1.0, config.search.min_lr / peak))
+    return CosineSchedule(peak, steps, params["warmup_fraction"], ratio)
+
+
+def first_trial(
+    recommended_lr: float, config: StudyConfig, bounds: tuple[float, float]
+) -> dict[str, float]:
+    """The range test's recommendation with common schedule defaults, clipped to the space."""
+
+    def clip(value: float, low: float, high: float) -> float:
+        return min(max(value, low), high)
+
+    params = {
+        "peak_lr": clip(recommended_lr, *bounds),
+        "warmup_fraction": clip(FIRST_WARMUP_FRACTION, *config.search.warmup_fraction),
+    }
+    if config.search.min_lr == 0:
+        params["min_lr_ratio"] = clip(FIRST_MIN_LR_RATIO, *config.search.min_lr_ratio)
+    return params
+
+
+def worker_seed(seed: int, worker: str, trials_so_far: int) -> int:
+    """A sampler seed of its own for every worker and every (re)start, so that a resumed or
+    parallel study does not repeat the same startup parameters."""
+    return zlib.crc32(f"{seed}/{worker}/{trials_so_far}".encode())

@@ -1,0 +1,166 @@
+"""The Optuna study of a sweep: creating it, joining it, and what travels in it.
+
+A study carries its resolved config, peak LR bounds, budget and lrsweep version as user
+attributes, so that a worker needs only the storage and the study name. Whoever joins a
+study, by creating it second in a race or by resuming it, passes the same compatibility
+check (:data:`lrsweep.config.STUDY_KEYS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+import lrsweep
+from lrsweep import config as config_mod
+from lrsweep.config import STUDY_KEYS, StudyConfig, SweepConfig
+from lrsweep.errors import StudyError
+from lrsweep.sweep.storage import StudyStorage, retry
+
+
+logger = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_POLL_SECONDS = 2.0
+_CREATION_SECONDS = 30.0  # how long a study being created may lack its version
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        try:
+            import scipy  # noqa: F401
+        except ImportError:
+            raise StudyError(
+                "sweep.sampler = 'gp' needs scipy: pip install 'lrsweep[gp]'"
+            ) from None
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+
+
+def make_pruner(sweep: SweepConfig, steps: int) -> optuna.pruners.BasePruner:
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=sweep.eval_every, max_resource=steps)
+    if sweep.pruner == "none":
+        return optuna.pruners.NopPruner()
+    # The first evaluation (at step eval_every) is mostly warmup, so it never prunes.
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=sweep.eval_every + 1)
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _load(storage: StudyStorage, name: str) -> optuna.Study | None:
+    try:
+        return optuna.load_study(study_name=name, storage=storage.backend)
+    except KeyError:
+        return None
+
+
+def _complete(study: optuna.Study, storage: StudyStorage, wait: float) -> optuna.Study:
+    """``study`` once its creator has written everything (the version is written last)."""
+    deadline = time.time() + wait
+    while "lrsweep_version" not in study.user_attrs:
+        if time.time() >= deadline:
+            raise StudyError(
+                f"study {study.study_name!r} is incomplete (its creation was interrupted); "
+                "remove its storage or use a new --out"
+            )
+        time.sleep(_POLL_SECONDS)
+        study = optuna.load_study(study_name=study.study_name, storage=storage.backend)
+    return study
+
+
+def check_joinable(study: optuna.Study, config: StudyConfig | None) -> StudyConfig:
+    """The config to run ``study`` with: the stored one, with this run's own sweep,
+    rangetest and device settings when ``config`` is given and agrees with it."""
+    version = study.user_attrs["lrsweep_version"]
+    if version != lrsweep.__version__:
+        raise StudyError(
+            f"study {study.study_name!r} was made by lrsweep {version}, this is "
+            f"{lrsweep.__version__}; use the same version on every worker"
+        )
+    stored = config_mod.from_dict(study.user_attrs["config"])
+    if config is None:
+        return stored
+    diff = config_mod.differences(config, stored, STUDY_KEYS)
+    if diff:
+        raise StudyError(
+            f"study {study.study_name!r} was made with a different {', '.join(diff)}; "
+            "use a new --out (or --study) for a new study, or leave out the study file and "
+            "the --set options to resume with the stored config"
+        )
+    return stored.replace(
+        sweep=config.sweep,
+        rangetest=config.rangetest,
+        train=dataclasses.replace(stored.train, device=config.train.device),
+    )
+
+
+def join_study(
+    storage: StudyStorage, name: str, config: StudyConfig | None, *, wait: float = 0.0
+) -> tuple[optuna.Study | None, StudyConfig | None]:
+    """The study ``name`` and the config to run it with, or (None, config) when there is
+    none yet. With ``config`` None (a worker), waits up to ``wait`` seconds for the study
+    to appear, saying so once."""
+    deadline = time.time() + wait
+    said = False
+    while (study := retry(lambda: _load(storage, name), what="load the study")) is None:
+        if config is not None:
+            return None, config
+        if time.time() >= deadline:
+            raise StudyError(
+                f"no study named {name!r} in {storage.display}"
+                + (f" after waiting {wait:.0f} s" if wait else "")
+                + "; start lrsweep sweep with a study file, or wait longer (--wait)"
+            )
+        if not said:
+            logger.warning("waiting for study %r to appear in %s", name, storage.display)
+            said = True
+        time.sleep(_POLL_SECONDS)
+    study = _complete(study, storage, _CREATION_SECONDS)
+    return study, check_joinable(study, config)
+
+
+def create_study(
+    storage: StudyStorage,
+    name: str,
+    config: StudyConfig,
+    bounds: tuple[float, float],
+    first: dict[str, float] | None,
+    trials: int,
+) -> tuple[optuna.Study, StudyConfig]:
+    """Create the study with its config, bounds and budget stored in it, the range test's
+    recommendation queued as its first trial. A process that loses the race to create it
+    joins the winner's study through the same check as any other."""
+    try:
+        study = optuna.create_study(study_name=name, storage=storage.backend, direction="minimize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage.backend)
+        study = _complete(study, storage, _CREATION_SECONDS)
+        return study, check_joinable(study, config)
+    study.set_user_attr("config", config.to_dict())
+    study.set_user_attr("peak_lr_bounds", list(bounds))
+    study.set_user_attr("trials", trials)
+    if first is not None:
+        study.enqueue_trial(first, user_attrs={"origin": "range test recommendation"})
+    # Written last: a study is complete once it has a version (see _complete).
+    study.set_user_attr("lrsweep_version", lrsweep.__version__)
+    return study, config
+
+
+def budget(study: optuna.Study, trials: int | None, config: StudyConfig) -> int:
+    """Finished trials the study aims for: ``trials`` when given (and then stored in the
+    study), else the study's own budget."""
+    stored = study.user_attrs.get("trials")
+    if trials is None:
+        return stored or config.sweep.trials
+    if trials != stored:
+        retry(lambda: study.set_user_attr("trials", trials), what="store the budget")
+    return trials

@@ -1,0 +1,235 @@
+"""The worker loop: ask, run and tell trials until the study's budget is met.
+
+Every way out of a trial is recorded: a finished run is told COMPLETE or PRUNED; an
+exception or out-of-memory error is FAIL with its reason and the study goes on; Ctrl-C,
+SIGTERM or a storage that stays down marks the trial FAIL ("interrupted"), queues its
+parameters again and re-raises. The result files are rewritten after every trial and at
+exit. Stale trials of dead workers are reaped when the loop starts, before every trial and
+when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, Trial, TrialState
+from tqdm.auto import tqdm
+
+from lrsweep.config import StudyConfig
+from lrsweep.errors import LrsweepError, StudyError
+from lrsweep.sweep.collect import write_results
+from lrsweep.sweep.space import distributions, schedule_of, worker_seed
+from lrsweep.sweep.storage import Heartbeat, StudyStorage, fail_trial, reap_stale_trials, retry
+from lrsweep.sweep.study import FINISHED, finished_count, make_pruner, make_sampler
+from lrsweep.sweep.trial import Runner, TrialRun, free_memory
+
+
+logger = logging.getLogger(__name__)
+
+# FAIL trials do not count against the budget: a cause that fails every trial (a batch
+# that never fits, a data bug) would otherwise loop until the time limit.
+MAX_FAILS_IN_A_ROW = 5
+
+
+@dataclass
+class SweepPlan:
+    """What a worker runs: the study, its bounds and trial length, the budget, and where
+    the results go (``part``: this worker's own part folder)."""
+
+    out: Path
+    study: optuna.Study
+    storage: StudyStorage
+    bounds: tuple[float, float]
+    steps: int
+    trials: int
+    deadline: float | None = None  # time.time() after which no new trial starts
+    part: bool = False
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_worker(
+    cfg: StudyConfig,
+    plan: SweepPlan,
+    runner: Runner,
+    *,
+    device: torch.device,
+    progress: bool = True,
+) -> int:
+    """Run trials with ``runner`` until the study holds ``plan.trials`` finished trials or
+    the deadline passes. Returns the number of trials this worker finished."""
+    study, storage = plan.study, plan.storage
+    worker = worker_name()
+    study.sampler = make_sampler(
+        cfg.sweep.sampler, worker_seed(cfg.seed, worker, len(study.trials))
+    )
+    study.pruner = make_pruner(cfg.sweep, plan.steps)
+    done = failed_in_a_row = 0
+    count = lambda: retry(lambda: finished_count(study), what="count trials")  # noqa: E731
+    bar = tqdm(total=plan.trials, initial=count(), desc="trials", disable=not progress)
+    try:
+        retry(lambda: reap_stale_trials(study, storage), what="reap stale trials")
+        while count() < plan.trials:
+            if plan.deadline is not None and time.time() >= plan.deadline:
+                logger.warning("time limit reached; no new trial starts")
+                break
+            retry(lambda: reap_stale_trials(study, storage), what="reap stale trials")
+            frozen = _one_trial(cfg, plan, runner, worker, device)
+            write_results(study, storage, plan.out, worker if plan.part else None)
+            tqdm.write(summary_line(frozen))
+            if frozen.state in FINISHED:
+                done += 1
+                failed_in_a_row = 0
+            else:
+                failed_in_a_row += 1
+                if failed_in_a_row >= MAX_FAILS_IN_A_ROW:
+                    raise StudyError(
+                        f"{failed_in_a_row} trials in a row failed (last: "
+                        f"{frozen.user_attrs.get('reason')}); fix the cause and run again"
+                    )
+            bar.n = count()
+            bar.refresh()
+        retry(lambda: reap_stale_trials(study, storage), what="reap stale trials")
+    finally:
+        bar.close()
+        write_results(study, storage, plan.out, worker if plan.part else None)
+    return done
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while this block runs (in the main thread), so that an
+    interrupt cannot fall between asking for a trial and guarding it."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _one_trial(
+    cfg: StudyConfig, plan: SweepPlan, runner: Runner, worker: str, device: torch.device
+) -> FrozenTrial:
+    study, storage = plan.study, plan.storage
+    space = distributions(cfg, plan.bounds)
+    trial: Trial | None = None
+    run: TrialRun | None = None
+    try:
+        with _signals_held():
+            trial = retry(lambda: study.ask(space), what="start a trial")
+            schedule = schedule_of(trial.params, cfg, plan.steps)
+            run = TrialRun(schedule)
+            heartbeat = Heartbeat(storage, storage.trial_id(study, trial.number), trial.number)
+            heartbeat.__enter__()
+        try:
+            return _run_and_tell(study, trial, run, runner, cfg.seed, worker, device)
+        finally:
+            heartbeat.__exit__()
+    except BaseException as err:
+        if trial is not None and run is not None:
+            _abandon(study, storage, trial, run, cfg.seed, worker, err)
+        raise
+
+
+def _abandon(
+    study: optuna.Study,
+    storage: StudyStorage,
+    trial: Trial,
+    run: TrialRun,
+    seed: int,
+    worker: str,
+    err: BaseException,
+) -> None:
+    """An interrupted trial that is still RUNNING: record it, FAIL it, queue it again."""
+    try:
+        frozen = storage.backend.get_trial(storage.trial_id(study, trial.number))
+        if frozen.state != TrialState.RUNNING:
+            return
+        _record(trial, run, seed, worker, f"interrupted ({type(err).__name__})")
+        fail_trial(study, storage, frozen, "interrupted")
+    except Exception as inner:  # noqa: BLE001 - the original error is the one to raise
+        logger.warning("could not mark trial %d as interrupted: %s", trial.number, inner)
+
+
+def _run_and_tell(
+    study: optuna.Study,
+    trial: Trial,
+    run: TrialRun,
+    runner: Runner,
+    seed: int,
+    worker: str,
+    device: torch.device,
+) -> FrozenTrial:
+    """Run one trial and record it; every failure becomes the trial's state and reason."""
+    state, value, out_of_memory = TrialState.COMPLETE, None, False
+    try:
+        run = runner(trial, run.schedule)
+        if run.reason is not None:
+            state = TrialState.PRUNED
+        else:
+            value = run.records[-1].eval_loss
+    except torch.OutOfMemoryError:
+        state, run.reason, out_of_memory = TrialState.FAIL, "out of memory", True
+    except Exception as err:
+        logger.exception("trial %d raised", trial.number)
+        state, run.reason = TrialState.FAIL, f"{type(err).__name__}: {err}"[:500]
+        if isinstance(err, (torch.AcceleratorError, LrsweepError)):
+            # A broken CUDA context or a user error: record the trial, then stop.
+            _record(trial, run, seed, worker, run.reason)
+            retry(lambda: study.tell(trial, state=TrialState.FAIL), what="record the trial")
+            if isinstance(err, LrsweepError):
+                raise
+            raise StudyError(
+                f"CUDA error in trial {trial.number} ({run.reason}); this process "
+                "may be unusable: run the sweep again to resume"
+            ) from err
+    if out_of_memory:
+        free_memory(device)  # outside the except block, whose traceback holds the tensors
+    _record(trial, run, seed, worker, run.reason)
+    # The trial's result survives a database restart: retry until it is recorded.
+    return retry(
+        lambda: study.tell(
+            trial,
+            value if state == TrialState.COMPLETE else None,
+            state=state,
+            skip_if_finished=True,
+        ),
+        what="record the trial",
+    )
+
+
+def _record(trial: Trial, run: TrialRun, seed: int, worker: str, reason: str | None) -> None:
+    run.reason = reason
+    for key, value in run.attrs(seed, worker).items():
+        retry(lambda: trial.set_user_attr(key, value), what="record the trial")  # noqa: B023
+
+
+def summary_line(trial: FrozenTrial) -> str:
+    p = trial.params
+    value = f"{trial.value:.4f}" if trial.value is not None else "-"
+    reason = trial.user_attrs.get("reason")
+    return (
+        f"trial {trial.number:>3} {trial.state.name:<8} eval {value:<7} "
+        f"peak_lr {p.get('peak_lr', float('nan')):.2e} "
+        f"warmup {trial.user_attrs.get('warmup_steps', '-')} steps "
+        f"min_lr {trial.user_attrs.get('min_lr', float('nan')):.1e} "
+        f"{trial.user_attrs.get('seconds', 0):.0f}s" + (f"  ({reason})" if reason else "")
+    )
