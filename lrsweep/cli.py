@@ -202,10 +202,12 @@ def sweep(
 
     seconds = _duration(timeout)
     device_list = _devices(devices)
-    cfg = config_mod.load(study, overrides) if study or overrides else None
+    # Without a study file, --set applies to the config stored in the study.
+    cfg = config_mod.load(study, overrides) if study else None
     prepared = prepare_sweep(
         cfg,
         out,
+        overrides=() if study else overrides,
         storage=storage,
         study_name=study_name,
         trials=trials,
@@ -375,7 +377,8 @@ def main() -> None:
         cause = err.__context__ if isinstance(err, click.exceptions.Abort) else err
         sys.exit(getattr(cause, "exit_code", 130))
     except click.ClickException as err:
-        err.show()
+        # One line, like lrsweep's own errors: the usage text would bury it.
+        click.echo(f"error: {err.format_message()}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)

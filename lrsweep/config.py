@@ -391,7 +391,11 @@ def load(
         if not path.is_file():
             raise ConfigError(f"{path}: no such study file; see studies/ for examples")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{path}: not a UTF-8 text file; save the study file as UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
     return from_dict(apply_overrides(raw, overrides))

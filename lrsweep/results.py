@@ -247,19 +247,23 @@ def merge_parts(out: Path) -> bool:
     trial any of them holds, each in its newest state. Returns False when there was
     nothing to merge."""
     sources = [out] + sorted(p.parent for p in (out / PARTS_DIR).glob(f"*/{TRIALS_FILE}"))
-    frames, curves, meta = [], [], {}
+    frames, curves, meta, damaged = [], [], {}, []
     for folder in sources:
+        if folder == out and not (out / TRIALS_FILE).exists():
+            continue
         try:
             frame, meta_ = read_parquet(folder / TRIALS_FILE)
             curve, _ = read_parquet(folder / CURVES_FILE)
         except StudyError as err:
-            if folder != out or (folder / TRIALS_FILE).exists():
-                logger.warning("skipping %s", err)
+            logger.warning("skipping %s", err)
+            damaged.append(err)
             continue
         frames.append(frame.assign(_rank=frame["state"].map(_STATE_RANK).fillna(0)))
         curves.append(curve)
         meta = meta or meta_
     if not frames:
+        if damaged:
+            raise StudyError(f"{damaged[0]}; give --storage to rebuild it from the study")
         return False
     merged = pd.concat(frames, ignore_index=True).sort_values("_rank", kind="stable")
     merged = merged.drop_duplicates("number", keep="last").drop(columns="_rank")

@@ -198,3 +198,33 @@ def test_a_database_restart_loses_nothing(postgres: Server, tmp_path: Path) -> N
     study = _study(postgres, "restart")
     assert [t.state for t in study.trials].count(TrialState.FAIL) == 0
     assert len([t for t in study.trials if t.state in FINISHED]) == 6
+
+
+def test_a_late_worker_and_a_report_without_storage_keep_the_results(
+    postgres: Server,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    env = _env(postgres)
+    sweep = _lrsweep(
+        "sweep", TINY, "--study", "late", "--out", str(tmp_path), "-q", "--trials", "3", env=env
+    )
+    _, err = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, err
+    worker = _lrsweep("worker", "--study", "late", "--out", str(tmp_path), "-q", env=env)
+    said, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err
+    assert "Nothing to do" in said
+    # Without --storage, report has the files alone: they keep all three trials.
+    report = subprocess.run(
+        [sys.executable, "-m", "lrsweep", "report", str(tmp_path)],
+        cwd=ROOT,
+        env={k: v for k, v in env.items() if k != "LRSWEEP_STORAGE"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    assert "Traceback" not in report.stderr
+    trials, _ = read_parquet(tmp_path / "trials.parquet")
+    assert sorted(trials["number"]) == [t.number for t in _study(postgres, "late").trials]
+    assert len(trials) >= 3

@@ -20,10 +20,18 @@ import optuna
 from lrsweep import config as config_mod
 from lrsweep.config import DEFAULT_STUDY, StudyConfig, SweepConfig
 from lrsweep.context import Context, prepare
+from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, load_find, run_find, save_find
 from lrsweep.sweep.space import first_trial, peak_lr_bounds, total_steps
 from lrsweep.sweep.storage import StudyStorage, journal_path, open_storage
-from lrsweep.sweep.study import FINISHED, budget, create_study, finished_count, join_study
+from lrsweep.sweep.study import (
+    FINISHED,
+    budget,
+    check_joinable,
+    create_study,
+    finished_count,
+    join_study,
+)
 from lrsweep.sweep.trial import run_trial
 from lrsweep.sweep.worker import SweepPlan, run_worker
 
@@ -101,10 +109,25 @@ def _open(
     return storage, study, cfg
 
 
+def _open_with_overrides(
+    overrides: tuple[str, ...], out: Path, url: str | None, name: str
+) -> tuple[StudyStorage | None, optuna.Study | None, StudyConfig]:
+    """No study file, only ``--set``: the overrides apply to the stored config when the
+    study exists (and must keep it joinable), else to the defaults for a new study."""
+    try:
+        storage, study, stored = _open(None, out, url, name, 0.0)
+    except StudyError:
+        return _open(config_mod.load(None, overrides), out, url, name, 0.0)
+    raw = config_mod.apply_overrides(stored.to_dict(), overrides)
+    assert study is not None
+    return storage, study, check_joinable(study, config_mod.from_dict(raw))
+
+
 def prepare_sweep(
     config: StudyConfig | None,
     out: Path,
     *,
+    overrides: tuple[str, ...] = (),
     storage: str | None = None,
     study_name: str = DEFAULT_STUDY,
     trials: int | None = None,
@@ -116,11 +139,15 @@ def prepare_sweep(
     wait: float = 0.0,
 ) -> PreparedSweep:
     """Join the study or plan a new one, ready to run. With ``config`` None (a worker) the
-    study's stored config is used, waiting up to ``wait`` seconds for the study to appear.
+    study's stored config is used, with ``overrides`` applied, waiting up to ``wait``
+    seconds for the study to appear.
 
     ``sweep_section`` replaces the ``[sweep]`` settings of the study's stored config (how a
     ``--workers`` parent passes its own run's settings to its workers)."""
-    backend, study, cfg = _open(config, out, storage, study_name, wait)
+    if config is None and overrides:
+        backend, study, cfg = _open_with_overrides(overrides, out, storage, study_name)
+    else:
+        backend, study, cfg = _open(config, out, storage, study_name, wait)
     if sweep_section is not None:
         cfg = cfg.replace(sweep=config_mod.from_dict({"sweep": sweep_section}).sweep)
     if device is not None:

@@ -124,8 +124,11 @@ def _open_database(url: str, heartbeat: float) -> BaseStorage:
                 max_wait=30,
             )
     except ImportError as err:
-        extra = "postgres" if url.startswith("postgres") else "a driver for this database"
-        hint = "pip install 'lrsweep[postgres]'" if extra == "postgres" else "install one"
+        hint = (
+            "pip install 'lrsweep[postgres]'"
+            if url.startswith("postgres")
+            else "pip install PyMySQL and use mysql+pymysql://"
+        )
         raise StudyError(
             f"--storage {redact(url)}: the database driver is missing ({err.name}); {hint}"
         ) from None

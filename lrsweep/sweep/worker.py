@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,7 +135,7 @@ def _one_trial(
     run: TrialRun | None = None
     try:
         with _signals_held():
-            trial = retry(lambda: study.ask(space), what="start a trial")
+            trial = retry(lambda: _ask(study, space), what="start a trial")
             schedule = schedule_of(trial.params, cfg, plan.steps)
             run = TrialRun(schedule)
             heartbeat = Heartbeat(storage, storage.trial_id(study, trial.number), trial.number)
@@ -147,6 +148,14 @@ def _one_trial(
         if trial is not None and run is not None:
             _abandon(study, storage, trial, run, cfg.seed, worker, err)
         raise
+
+
+def _ask(study: optuna.Study, space: dict) -> Trial:
+    with warnings.catch_warnings():
+        # lrsweep beats for its trials itself (Heartbeat); Optuna's hint that heartbeats
+        # belong to Study.optimize does not apply.
+        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+        return study.ask(space)
 
 
 def _abandon(
