@@ -25,7 +25,7 @@ from lrsweep.context import Context, prepare
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.schedules import CosineSchedule
-from lrsweep.training import make_optimizer, train
+from lrsweep.training import Loop, make_optimizer, train
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +39,7 @@ def _lrsweep(ctx: Context, lrs: list[float]) -> None:
             make_optimizer(model, ctx.config.train),
             batches(ctx.blocks.train, ctx.config.train.batch_size, 0),
             lrs,
-            grad_accum=1,
-            max_grad_norm=1.0,
-            precision=ctx.precision,
+            Loop(ctx.precision, 1, 1.0),
             progress=False,
         )
     finally:

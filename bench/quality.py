@@ -29,7 +29,7 @@ from lrsweep.models import attach_lora, detach_lora
 from lrsweep.rangetest import run_probes
 from lrsweep.suggest import Suggestion, suggest_probe
 from lrsweep.sweep.space import peak_lr_bounds
-from lrsweep.training import make_optimizer
+from lrsweep.training import Loop, make_optimizer
 
 
 FINDS = ROOT / "bench" / "results" / "find"
@@ -59,11 +59,8 @@ def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS) -> None:
             make_optimizer(model, cfg.train),
             batches(ctx.blocks.train, cfg.train.batch_size, seed),
             cfg.rangetest,
-            grad_accum=cfg.train.grad_accum,
-            max_grad_norm=cfg.train.max_grad_norm,
-            precision=ctx.precision,
+            Loop.of(cfg.train, ctx.precision),
             probe=ctx.blocks.eval,
-            eval_batch_size=cfg.train.eval_batch_size,
             eval_every=PROBE_EVERY,
             progress=False,
         )

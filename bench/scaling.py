@@ -28,7 +28,7 @@ from lrsweep import config as config_mod
 from lrsweep.context import prepare
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora
-from lrsweep.training import make_optimizer, train
+from lrsweep.training import Loop, make_optimizer, train
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +51,7 @@ def measure(ctx, seq_len: int, batch: int, rank: int, steps: int) -> tuple[float
                 make_optimizer(model, cfg.train),
                 batches(blocks, batch, 0),
                 [1e-4] * (steps + 1),
-                grad_accum=1,
-                max_grad_norm=1.0,
-                precision=ctx.precision,
+                Loop(ctx.precision, 1, 1.0),
                 progress=False,
             )
         finally:
@@ -83,9 +81,7 @@ def profile(ctx, steps: int) -> None:  # type: ignore[no-untyped-def]
         optimizer,
         data,
         [1e-4],
-        grad_accum=1,
-        max_grad_norm=1.0,
-        precision=ctx.precision,
+        Loop(ctx.precision, 1, 1.0),
         progress=False,
     )  # warm-up
     total = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -123,9 +119,7 @@ def profile(ctx, steps: int) -> None:  # type: ignore[no-untyped-def]
         make_optimizer(model, cfg.train),
         batches(ctx.blocks.train, cfg.train.batch_size, 1),
         [1e-4] * steps,
-        grad_accum=1,
-        max_grad_norm=1.0,
-        precision=ctx.precision,
+        Loop(ctx.precision, 1, 1.0),
         progress=False,
     )
     detach_lora(model)

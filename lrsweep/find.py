@@ -22,7 +22,7 @@ from lrsweep.context import Context, prepare
 from lrsweep.rangetest import RangeTestCurve, run_probes, run_range_test
 from lrsweep.results import read_find, write_find
 from lrsweep.suggest import Suggestion, suggest, suggest_probe
-from lrsweep.training import Batch, Precision
+from lrsweep.training import Batch, Loop
 
 
 logger = logging.getLogger(__name__)
@@ -58,32 +58,19 @@ def measure(
     optimizer: torch.optim.Optimizer,
     batches: Iterator[Batch],
     config: RangeTestConfig,
+    loop: Loop,
     *,
     probe: torch.Tensor | Sequence[Batch] | None,
-    grad_accum: int,
-    max_grad_norm: float,
-    precision: Precision,
-    eval_batch_size: int,
     progress: bool = True,
 ) -> tuple[RangeTestCurve, Suggestion]:
     """The range test of ``config.mode`` on ``model`` and its suggestion; the model and
     optimizer are left exactly as they were."""
-    run = run_probes if config.mode == "probe" else run_range_test
-    curve = run(
-        model,
-        optimizer,
-        batches,
-        config,
-        probe=probe,
-        grad_accum=grad_accum,
-        max_grad_norm=max_grad_norm,
-        precision=precision,
-        eval_batch_size=eval_batch_size,
-        progress=progress,
-    )
-    if curve.mode == "probe":
+    if config.mode == "probe":
+        assert probe is not None, "probe mode scores on held-out batches"
+        curve = run_probes(model, optimizer, batches, config, loop, probe=probe, progress=progress)
         assert curve.start_loss is not None
         return curve, suggest_probe(curve.lrs, curve.losses, curve.start_loss)
+    curve = run_range_test(model, optimizer, batches, config, loop, probe=probe, progress=progress)
     return curve, suggest(curve.lrs, curve.losses, diverge_factor=config.diverge_factor)
 
 
@@ -96,17 +83,11 @@ def run_find(ctx: Context, progress: bool = True) -> FindResult:
     cfg = ctx.config
     model = attach_lora(ctx.base, cfg.lora, cfg.seed)
     try:
+        data = batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed)
+        optimizer = make_optimizer(model, cfg.train)
+        loop = Loop.of(cfg.train, ctx.precision)
         curve, suggestion = measure(
-            model,
-            make_optimizer(model, cfg.train),
-            batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
-            cfg.rangetest,
-            probe=ctx.blocks.eval,
-            grad_accum=cfg.train.grad_accum,
-            max_grad_norm=cfg.train.max_grad_norm,
-            precision=ctx.precision,
-            eval_batch_size=cfg.train.eval_batch_size,
-            progress=progress,
+            model, optimizer, data, cfg.rangetest, loop, probe=ctx.blocks.eval, progress=progress
         )
     finally:
         detach_lora(model)

@@ -40,7 +40,7 @@ from lrsweep.config import (
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, measure, save_and_draw
 from lrsweep.schedules import CosineSchedule
-from lrsweep.training import Batch, Precision, StepRecord
+from lrsweep.training import Batch, Loop, Precision, StepRecord
 
 
 if TYPE_CHECKING:
@@ -140,17 +140,15 @@ def find_lr(
     # range test restores its state afterwards.
     optimizer = trainer.create_optimizer()
     try:
+        loop = Loop(
+            precision_of(trainer),
+            args.gradient_accumulation_steps,
+            args.max_grad_norm,
+            args.per_device_eval_batch_size,
+        )
+        batches = _cycle(trainer.get_train_dataloader())
         curve, suggestion = measure(
-            model,
-            optimizer,
-            _cycle(trainer.get_train_dataloader()),
-            cfg,
-            grad_accum=args.gradient_accumulation_steps,
-            max_grad_norm=args.max_grad_norm,
-            precision=precision_of(trainer),
-            probe=probe,  # type: ignore[arg-type]
-            eval_batch_size=args.per_device_eval_batch_size,
-            progress=progress,
+            model, optimizer, batches, cfg, loop, probe=probe, progress=progress
         )
     finally:
         model.train(was_training)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ from lrsweep.config import RangeTestConfig
 from lrsweep.models import load_trainable_state, trainable_state
 from lrsweep.schedules import ramp
 from lrsweep.suggest import divergence_index, ema
-from lrsweep.training import Precision, StepRecord, evaluate, train
+from lrsweep.training import Batch, Loop, Precision, StepRecord, TrainResult, evaluate, train
 
 
 @dataclass
@@ -111,14 +111,11 @@ def _restore(
 def run_range_test(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[torch.Tensor],
+    batches: Iterator[Batch],
     config: RangeTestConfig,
+    loop: Loop,
     *,
-    grad_accum: int,
-    max_grad_norm: float,
-    precision: Precision,
-    probe: torch.Tensor | None = None,
-    eval_batch_size: int = 8,
+    probe: torch.Tensor | Sequence[Batch] | None = None,
     progress: bool = True,
 ) -> RangeTestCurve:
     """Ramp the LR from ``start_lr`` to ``end_lr`` and record the loss of every step.
@@ -141,25 +138,28 @@ def run_range_test(
             )
         return None
 
-    saved = _snapshot(model, optimizer, precision)
+    saved = _snapshot(model, optimizer, loop.precision)
     try:
         result = train(
             model,
             optimizer,
             batches,
             lrs,
-            grad_accum=grad_accum,
-            max_grad_norm=max_grad_norm,
-            precision=precision,
+            loop,
             eval_blocks=probe[: config.probe_blocks] if use_eval else None,  # type: ignore[index]
             eval_every=1,
-            eval_batch_size=eval_batch_size,
             on_step=watch,
             desc="range test",
             progress=progress,
         )
     finally:
-        _restore(model, optimizer, precision, saved)
+        _restore(model, optimizer, loop.precision, saved)
+    return _ramp_curve(lrs, losses, result, config.smoothing)
+
+
+def _ramp_curve(
+    lrs: list[float], losses: list[float], result: TrainResult, smoothing: float
+) -> RangeTestCurve:
     records = result.records
     train_losses = [r.loss for r in records]
     tokens, seconds = [r.tokens for r in records], [r.seconds for r in records]
@@ -174,7 +174,7 @@ def run_range_test(
     return RangeTestCurve(
         lrs=records_lrs,
         losses=losses,
-        smoothed=ema(losses, config.smoothing).tolist(),
+        smoothed=ema(losses, smoothing).tolist(),
         train_losses=train_losses,
         tokens=tokens,
         seconds=seconds,
@@ -183,17 +183,43 @@ def run_range_test(
     )
 
 
+@dataclass
+class _ProbeRun:
+    """One fixed-LR run of probe mode."""
+
+    lr: float
+    loss: float  # held-out loss at its end (NaN when it did not finish)
+    evals: list[float]
+    train_loss: float
+    tokens: int
+    seconds: float
+    train_seconds: float
+
+    @staticmethod
+    def of(lr: float, result: TrainResult, steps: int) -> _ProbeRun:
+        records = result.records
+        evals = [r.eval_loss for r in records if r.eval_loss is not None]
+        done = len(records) == steps and evals
+        last = records[-1] if records else None
+        return _ProbeRun(
+            lr,
+            evals[-1] if done else math.nan,
+            evals,
+            float(np.mean([r.loss for r in records])) if records else math.nan,
+            last.tokens if last else 0,
+            last.seconds if last else 0.0,
+            last.train_seconds if last else 0.0,
+        )
+
+
 def run_probes(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    batches: Iterator[torch.Tensor],
+    batches: Iterator[Batch],
     config: RangeTestConfig,
+    loop: Loop,
     *,
-    grad_accum: int,
-    max_grad_norm: float,
-    precision: Precision,
-    probe: torch.Tensor,
-    eval_batch_size: int = 8,
+    probe: torch.Tensor | Sequence[Batch],
     eval_every: int = 0,
     progress: bool = True,
 ) -> RangeTestCurve:
@@ -204,56 +230,51 @@ def run_probes(
     non-finite or above the untrained loss once a lower LR improved on it."""
     lrs = ramp(config.start_lr, config.end_lr, config.runs, config.spacing)
     per_run = config.run_steps
-    fixed = [next(batches) for _ in range(per_run * grad_accum)]
-    saved = _snapshot(model, optimizer, precision)
-    points: list[tuple[float, float, list[float], float, int, float]] = []
+    fixed = [next(batches) for _ in range(per_run * loop.grad_accum)]
+    saved = _snapshot(model, optimizer, loop.precision)
+    runs: list[_ProbeRun] = []
     stop_reason = None
-    train_seconds = 0.0
-    start_loss = evaluate(model, probe, eval_batch_size, precision)
+    start_loss = evaluate(model, probe, loop.eval_batch_size, loop.precision)
     try:
         for i, lr in enumerate(lrs):
-            _restore(model, optimizer, precision, saved)
+            _restore(model, optimizer, loop.precision, saved)
             result = train(
                 model,
                 optimizer,
                 iter(fixed),
                 [lr] * per_run,
-                grad_accum=grad_accum,
-                max_grad_norm=max_grad_norm,
-                precision=precision,
+                loop,
                 eval_blocks=probe,
                 eval_every=eval_every or per_run,
-                eval_batch_size=eval_batch_size,
                 desc=f"probe {i + 1}/{len(lrs)} lr {lr:.1e}",
                 progress=progress,
             )
-            records = result.records
-            evals = [r.eval_loss for r in records if r.eval_loss is not None]
-            done = len(records) == per_run and evals
-            loss = evals[-1] if done else math.nan  # type: ignore[index]
-            train_loss = float(np.mean([r.loss for r in records])) if records else math.nan
-            tokens = (points[-1][4] if points else 0) + (records[-1].tokens if records else 0)
-            seconds = records[-1].seconds if records else 0.0
-            points.append((lr, loss, evals, train_loss, tokens, seconds))  # type: ignore[arg-type]
-            train_seconds += records[-1].train_seconds if records else 0.0
-            improved = any(p[1] < start_loss for p in points[:-1])
-            if not math.isfinite(loss) or (improved and loss > start_loss):
+            runs.append(_ProbeRun.of(lr, result, per_run))
+            improved = any(r.loss < start_loss for r in runs[:-1])
+            if not math.isfinite(runs[-1].loss) or (improved and runs[-1].loss > start_loss):
                 stop_reason = f"diverged at lr {lr:.3g} (held-out loss above the untrained one)"
                 break
     finally:
-        _restore(model, optimizer, precision, saved)
-    losses = [p[1] for p in points]
+        _restore(model, optimizer, loop.precision, saved)
+    return _probe_curve(runs, stop_reason, per_run, start_loss)
+
+
+def _probe_curve(
+    runs: list[_ProbeRun], stop_reason: str | None, per_run: int, start_loss: float
+) -> RangeTestCurve:
+    losses = [r.loss for r in runs]
+    train_seconds = sum(r.train_seconds for r in runs)
     return RangeTestCurve(
-        lrs=[p[0] for p in points],
+        lrs=[r.lr for r in runs],
         losses=losses,
         smoothed=losses,
-        train_losses=[p[3] for p in points],
-        tokens=[p[4] for p in points],
-        seconds=list(np.cumsum([p[5] for p in points])),
+        train_losses=[r.train_loss for r in runs],
+        tokens=list(np.cumsum([r.tokens for r in runs], dtype=np.int64).tolist()),
+        seconds=list(np.cumsum([r.seconds for r in runs])),
         stop_reason=stop_reason,
-        seconds_per_step=train_seconds / (per_run * len(points)) if points else math.nan,
+        seconds_per_step=train_seconds / (per_run * len(runs)) if runs else math.nan,
         mode="probe",
-        spent_steps=per_run * len(points),
+        spent_steps=per_run * len(runs),
         start_loss=start_loss,
-        run_losses=[p[2] for p in points],
+        run_losses=[r.evals for r in runs],
     )

@@ -130,18 +130,61 @@ def evaluate(
     return (total / count).item()
 
 
+@dataclass(frozen=True)
+class Loop:
+    """How every optimizer step is made and evaluated, the same for the range test, every
+    trial and a user's Trainer batches: precision, accumulation, clipping, eval batch."""
+
+    precision: Precision
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 8
+
+    @staticmethod
+    def of(train: TrainConfig, precision: Precision) -> Loop:
+        return Loop(precision, train.grad_accum, train.max_grad_norm, train.eval_batch_size)
+
+
+def _accumulate(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], loop: Loop) -> float:
+    """Forward and backward over one step's micro-batches, each loss weighted by its share
+    of the step's predicted tokens; the step's loss."""
+    counts = [_predicted_tokens(inputs) for inputs in micro]
+    step_tokens = sum(counts)
+    step_loss = torch.zeros((), device=loop.precision.device)
+    scaler = loop.precision.scaler
+    for inputs, n in zip(micro, counts, strict=True):
+        loss = _loss(model, inputs, loop.precision) * (n / step_tokens)
+        step_loss += loss.detach().float()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+    return step_loss.item()
+
+
+def _update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loop: Loop) -> float:
+    """Unscale, clip and apply the accumulated gradients; the gradient norm (NaN unclipped)."""
+    scaler = loop.precision.scaler
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = math.nan
+    if loop.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, loop.max_grad_norm).item()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def train(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Iterator[Batch],
     lrs: Sequence[float],
+    loop: Loop,
     *,
-    grad_accum: int,
-    max_grad_norm: float,
-    precision: Precision,
     eval_blocks: torch.Tensor | Sequence[Batch] | None = None,
     eval_every: int = 0,
-    eval_batch_size: int = 8,
     on_step: Callable[[StepRecord], str | None] | None = None,
     desc: str = "train",
     progress: bool = True,
@@ -154,58 +197,32 @@ def train(
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     records: list[StepRecord] = []
-    tokens = 0
-    start = time.perf_counter()
-    train_seconds = 0.0
+    tokens, train_seconds, start = 0, 0.0, time.perf_counter()
     bar = tqdm(total=len(lrs), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     try:
         for step, lr in enumerate(lrs):
             step_start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = [_inputs(next(batches), precision.device) for _ in range(grad_accum)]
-            counts = [_predicted_tokens(inputs) for inputs in micro]
-            step_tokens = sum(counts)
-            step_loss = torch.zeros((), device=precision.device)
-            for inputs, n in zip(micro, counts, strict=True):
-                loss = _loss(model, inputs, precision) * (n / step_tokens)
-                step_loss += loss.detach().float()
-                if precision.scaler is not None:
-                    precision.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            loss_value = step_loss.item()
-            if not math.isfinite(loss_value):
+            micro = [_inputs(next(batches), loop.precision.device) for _ in range(loop.grad_accum)]
+            loss = _accumulate(model, micro, loop)
+            if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 return TrainResult(records, f"non-finite loss at step {step} (lr {lr:.3g})")
-            if precision.scaler is not None:
-                precision.scaler.unscale_(optimizer)
-            grad_norm = math.nan
-            if max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
-            if precision.scaler is not None:
-                precision.scaler.step(optimizer)
-                precision.scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = _update(optimizer, params, loop)
             tokens += sum(inputs["input_ids"].numel() for inputs in micro)
             now = time.perf_counter()
             train_seconds += now - step_start
-            record = StepRecord(
-                step, lr, loss_value, grad_norm, tokens, now - start, train_seconds
-            )
-            last = step == len(lrs) - 1
-            if (
-                eval_blocks is not None
-                and eval_every > 0
-                and ((step + 1) % eval_every == 0 or last)
-            ):
-                record.eval_loss = evaluate(model, eval_blocks, eval_batch_size, precision)
+            record = StepRecord(step, lr, loss, grad_norm, tokens, now - start, train_seconds)
+            due = eval_every > 0 and ((step + 1) % eval_every == 0 or step == len(lrs) - 1)
+            if eval_blocks is not None and due:
+                record.eval_loss = evaluate(
+                    model, eval_blocks, loop.eval_batch_size, loop.precision
+                )
                 record.seconds = time.perf_counter() - start
             records.append(record)
             bar.update(1)
-            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss_value:.4f}", refresh=False)
+            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{loss:.4f}", refresh=False)
             if on_step is not None and (reason := on_step(record)) is not None:
                 return TrainResult(records, reason)
         return TrainResult(records)

@@ -18,7 +18,7 @@ from lrsweep.errors import StudyError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.schedules import CosineSchedule
 from lrsweep.sweep.collect import load_results
-from lrsweep.training import make_optimizer, train
+from lrsweep.training import Loop, make_optimizer, train
 from tests.conftest import tiny_config
 
 
@@ -133,9 +133,7 @@ def test_native_loop_and_trainer_agree(ctx: Context, tmp_path: Path) -> None:
             make_optimizer(model, ctx.config.train),
             batches(ctx.blocks.train, 4, seed=0),
             schedule.lrs(),
-            grad_accum=2,
-            max_grad_norm=1.0,
-            precision=hf.Precision(torch.device("cpu"), torch.float32),
+            Loop(hf.Precision(torch.device("cpu"), torch.float32), 2, 1.0),
             progress=False,
         )
     finally:

@@ -12,7 +12,7 @@ from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.rangetest import run_probes, run_range_test
 from lrsweep.schedules import ramp
-from lrsweep.training import Precision, make_optimizer, train
+from lrsweep.training import Loop, Precision, make_optimizer, train
 from tests.conftest import tiny_config
 
 
@@ -30,9 +30,7 @@ def trained():  # type: ignore[no-untyped-def]
         opt,
         batches(ctx.blocks.train, 4, seed=0),
         [1e-3] * 3,
-        grad_accum=1,
-        max_grad_norm=1.0,
-        precision=CPU,
+        Loop(CPU, 1, 1.0),
         progress=False,
     )
     yield ctx, model, opt
@@ -71,9 +69,7 @@ def test_range_test_leaves_weights_optimizer_and_rng_as_they_were(trained) -> No
         opt,
         batches(ctx.blocks.train, 4, seed=1),
         cfg,
-        grad_accum=1,
-        max_grad_norm=1.0,
-        precision=CPU,
+        Loop(CPU, 1, 1.0),
         probe=ctx.blocks.eval,
         progress=False,
     )
@@ -99,9 +95,7 @@ def test_range_test_restores_state_when_it_fails_midway(trained) -> None:  # typ
             opt,
             failing(),
             RangeTestConfig(steps=20),
-            grad_accum=1,
-            max_grad_norm=1.0,
-            precision=CPU,
+            Loop(CPU, 1, 1.0),
             probe=ctx.blocks.eval,
             progress=False,
         )
@@ -127,9 +121,7 @@ def test_range_test_stops_at_a_non_finite_loss(trained) -> None:  # type: ignore
         opt,
         poisoning(),
         RangeTestConfig(steps=40, signal="train"),
-        grad_accum=1,
-        max_grad_norm=1.0,
-        precision=CPU,
+        Loop(CPU, 1, 1.0),
         progress=False,
     )
     assert curve.stop_reason is not None and curve.stop_reason.startswith("non-finite")
@@ -152,9 +144,7 @@ def _probes(ctx, model, opt, cfg: RangeTestConfig):  # type: ignore[no-untyped-d
         opt,
         batches(ctx.blocks.train, 4, seed=1),
         cfg,
-        grad_accum=1,
-        max_grad_norm=1.0,
-        precision=CPU,
+        Loop(CPU, 1, 1.0),
         probe=ctx.blocks.eval,
         eval_every=2,
         progress=False,

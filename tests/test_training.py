@@ -7,7 +7,7 @@ import torch
 
 from lrsweep.context import prepare
 from lrsweep.models import attach_lora, detach_lora, trainable_state
-from lrsweep.training import Precision, make_optimizer, train
+from lrsweep.training import Loop, Precision, make_optimizer, train
 from tests.conftest import tiny_config
 
 
@@ -39,9 +39,7 @@ def _one_step(ctx, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
             opt,
             _fixed(ctx.blocks.train, batch_size),
             [1.0],
-            grad_accum=grad_accum,
-            max_grad_norm=1.0,
-            precision=CPU,
+            Loop(CPU, grad_accum, 1.0),
             progress=False,
         )
         return trainable_state(model)
@@ -72,9 +70,7 @@ def test_each_step_uses_its_lr_and_evaluates_on_schedule(ctx) -> None:  # type: 
             opt,
             _fixed(ctx.blocks.train, 4),
             lrs,
-            grad_accum=1,
-            max_grad_norm=1.0,
-            precision=CPU,
+            Loop(CPU, 1, 1.0),
             eval_blocks=ctx.blocks.eval,
             eval_every=3,
             on_step=watch,
@@ -104,9 +100,7 @@ def test_gradients_are_clipped_to_max_grad_norm(ctx) -> None:  # type: ignore[no
             sgd,
             _fixed(ctx.blocks.train, 4),
             [1.0],
-            grad_accum=1,
-            max_grad_norm=0.01,
-            precision=CPU,
+            Loop(CPU, 1, 0.01),
             progress=False,
         )
         after = trainable_state(model)
@@ -126,9 +120,7 @@ def test_non_finite_loss_stops_before_the_update(ctx) -> None:  # type: ignore[n
             opt,
             _fixed(ctx.blocks.train, 4),
             [1e-3] * 5,
-            grad_accum=1,
-            max_grad_norm=1.0,
-            precision=CPU,
+            Loop(CPU, 1, 1.0),
             progress=False,
             on_step=lambda r: _poison(model) if r.step == 1 else None,
         )
@@ -159,9 +151,7 @@ def test_mixed_precision_paths_train(ctx, dtype: torch.dtype) -> None:  # type: 
             opt,
             _fixed(ctx.blocks.train, 4),
             [1e-2] * 3,
-            grad_accum=2,
-            max_grad_norm=1.0,
-            precision=precision,
+            Loop(precision, 2, 1.0),
             eval_blocks=ctx.blocks.eval,
             eval_every=3,
             progress=False,

@@ -23,7 +23,7 @@ from lrsweep.models import attach_lora, detach_lora
 from lrsweep.schedules import CosineSchedule
 from lrsweep.suggest import ema
 from lrsweep.sweep.storage import retry
-from lrsweep.training import Precision, StepRecord, make_optimizer, train
+from lrsweep.training import Loop, Precision, StepRecord, make_optimizer, train
 
 
 if TYPE_CHECKING:
@@ -143,12 +143,9 @@ def run_trial(
             optimizer,
             batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
             schedule.lrs(),
-            grad_accum=cfg.train.grad_accum,
-            max_grad_norm=cfg.train.max_grad_norm,
-            precision=precision,
+            Loop.of(cfg.train, precision),
             eval_blocks=ctx.blocks.eval,
             eval_every=cfg.sweep.eval_every,
-            eval_batch_size=cfg.train.eval_batch_size,
             on_step=on_step,
             desc=f"trial {trial.number}",
             progress=progress,
