@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -149,19 +150,25 @@ TRIALS = click.option(
     type=click.IntRange(min=1),
     help="Finished trials the whole study aims for (default sweep.trials).",
 )
+
+
+def sweep_out(help: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    return click.option(
+        "--out",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path("runs/sweep"),
+        show_default=True,
+        help=help,
+    )
+
+
 TIMEOUT = click.option("--timeout", help="Start no trial after this long, e.g. 8h or 90m.")
 
 
 @cli.command()
 @STUDY
 @SET
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs/sweep"),
-    show_default=True,
-    help="Output folder: the study's journal, its results and plots.",
-)
+@sweep_out("Output folder: the study's journal, its results and plots.")
 @TRIALS
 @TIMEOUT
 @STORAGE
@@ -237,13 +244,7 @@ def sweep(
 
 
 @cli.command()
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs/sweep"),
-    show_default=True,
-    help="Folder for this worker's part files (and a journal study, if no --storage).",
-)
+@sweep_out("Folder for this worker's part files (and a journal study, if no --storage).")
 @STORAGE
 @STUDY_NAME
 @TRIALS

@@ -26,6 +26,14 @@ def _fail(key: str, problem: str) -> typing.NoReturn:
     raise ConfigError(f"{key}: {problem}")
 
 
+def _at_least(section: str, obj: Any, **lows: float) -> None:
+    """Refuse any of ``obj``'s fields below its lower bound, naming ``section.key``."""
+    for key, low in lows.items():
+        value = getattr(obj, key)
+        if value < low:
+            _fail(f"{section}.{key}", f"must be at least {low}, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Args:
@@ -58,10 +66,7 @@ class DataConfig:
     eval_blocks: int = 32
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1000:
-            _fail("data.max_tokens", f"must be at least 1000, got {self.max_tokens}")
-        if self.eval_blocks < 1:
-            _fail("data.eval_blocks", f"must be at least 1, got {self.eval_blocks}")
+        _at_least("data", self, max_tokens=1000, eval_blocks=1)
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,7 @@ class LoraSettings:
     rslora: bool = False
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            _fail("lora.r", f"must be at least 1, got {self.r}")
+        _at_least("lora", self, r=1)
         if self.alpha <= 0:
             _fail("lora.alpha", f"must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
@@ -112,11 +116,7 @@ class TrainConfig:
         return 2 * self.batch_size
 
     def __post_init__(self) -> None:
-        if self.seq_len < 8:
-            _fail("train.seq_len", f"must be at least 8, got {self.seq_len}")
-        for key in ("batch_size", "grad_accum"):
-            if getattr(self, key) < 1:
-                _fail(f"train.{key}", f"must be at least 1, got {getattr(self, key)}")
+        _at_least("train", self, seq_len=8, batch_size=1, grad_accum=1)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             _fail("train.dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
@@ -173,22 +173,15 @@ class RangeTestConfig:
             _fail(
                 "rangetest.start_lr", f"must be below end_lr ({self.end_lr}), got {self.start_lr}"
             )
-        if self.steps < 10:
-            _fail("rangetest.steps", f"must be at least 10, got {self.steps}")
+        _at_least("rangetest", self, steps=10, runs=3, run_steps=1, probe_blocks=1)
         if self.spacing not in ("exp", "linear"):
             _fail("rangetest.spacing", f"must be 'exp' or 'linear', got {self.spacing!r}")
-        if self.runs < 3:
-            _fail("rangetest.runs", f"must be at least 3, got {self.runs}")
-        if self.run_steps < 1:
-            _fail("rangetest.run_steps", f"must be at least 1, got {self.run_steps}")
         if not 0 <= self.smoothing < 1:
             _fail("rangetest.smoothing", f"must be in [0, 1), got {self.smoothing}")
         if self.diverge_factor <= 1:
             _fail("rangetest.diverge_factor", f"must be above 1, got {self.diverge_factor}")
         if self.signal not in ("eval", "train"):
             _fail("rangetest.signal", f"must be 'eval' or 'train', got {self.signal!r}")
-        if self.probe_blocks < 1:
-            _fail("rangetest.probe_blocks", f"must be at least 1, got {self.probe_blocks}")
 
 
 @dataclass(frozen=True)
@@ -248,14 +241,9 @@ class SweepConfig:
     heartbeat_seconds: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            _fail("sweep.trials", f"must be at least 1, got {self.trials}")
-        if self.steps < 1:
-            _fail("sweep.steps", f"must be at least 1, got {self.steps}")
+        _at_least("sweep", self, trials=1, steps=1, eval_every=1)
         if self.epochs < 0:
             _fail("sweep.epochs", f"must be >= 0, got {self.epochs}")
-        if self.eval_every < 1:
-            _fail("sweep.eval_every", f"must be at least 1, got {self.eval_every}")
         if self.sampler not in ("tpe", "random", "gp"):
             _fail("sweep.sampler", f"must be tpe, random or gp, got {self.sampler!r}")
         if self.pruner not in ("median", "hyperband", "none"):

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import shutil
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from lrsweep.config import (
     DEFAULT_STUDY,
@@ -40,6 +43,7 @@ from lrsweep.config import (
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, measure, save_and_draw
 from lrsweep.schedules import CosineSchedule
+from lrsweep.sweep.trial import Runner, TrialRun, free_memory, report_eval
 from lrsweep.training import Batch, Loop, Precision, StepRecord
 
 
@@ -47,8 +51,6 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import Trial
     from transformers import Trainer
-
-    from lrsweep.sweep.trial import Runner
 
 
 def precision_of(trainer: Trainer) -> Precision:
@@ -89,27 +91,9 @@ def _cycle(loader: Any) -> Iterator[Batch]:
         yield from loader
 
 
-def find_lr(
-    trainer: Trainer,
-    *,
-    start_lr: float = 1e-5,
-    end_lr: float = 1e-1,
-    steps: int = 60,
-    spacing: str = "exp",
-    probe_batches: int = 2,
-    mode: str | None = None,
-    runs: int = 9,
-    run_steps: int = 3,
-    out: str | Path | None = None,
-    progress: bool = True,
-) -> FindResult:
-    """The LR range test on ``trainer``'s model and data; the Trainer is left as it was.
-
-    ``mode`` is ``probe`` (``runs`` fixed-LR runs of ``run_steps`` steps, each scored on
-    the first ``probe_batches`` batches of the Trainer's eval set; the default when it has
-    one) or ``ramp`` (scored on those batches after every step, or by the training loss when
-    there is no eval set; the default then).
-    """
+def _rangetest_config(
+    trainer: Trainer, mode: str | None, settings: dict[str, Any]
+) -> RangeTestConfig:
     signal = "eval" if trainer.eval_dataset is not None else "train"
     mode = mode or ("probe" if signal == "eval" else "ramp")
     if mode == "probe" and signal == "train":
@@ -117,35 +101,44 @@ def find_lr(
             "find_lr(mode='probe') scores on held-out data: give the Trainer an "
             "eval_dataset, or use mode='ramp'"
         )
-    cfg = RangeTestConfig(
-        mode=mode,
-        runs=runs,
-        run_steps=run_steps,
-        start_lr=start_lr,
-        end_lr=end_lr,
-        steps=steps,
-        spacing=spacing,
-        signal=signal,
-        probe_blocks=probe_batches,
-    )
+    return RangeTestConfig(mode=mode, signal=signal, **settings)
+
+
+def find_lr(
+    trainer: Trainer,
+    *,
+    mode: str | None = None,
+    probe_batches: int = 2,
+    out: str | Path | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> FindResult:
+    """The LR range test on ``trainer``'s model and data; the Trainer is left as it was.
+
+    ``mode`` is ``probe`` (fixed-LR runs, each scored on the first ``probe_batches``
+    batches of the Trainer's eval set; the default when it has one) or ``ramp`` (scored on
+    those batches after every step, or by the training loss when there is no eval set; the
+    default then). ``settings`` are any other ``[rangetest]`` keys (``start_lr``,
+    ``end_lr``, ``steps``, ``spacing``, ``runs``, ``run_steps``, ...), with the same
+    defaults as a study file.
+    """
+    cfg = _rangetest_config(trainer, mode, {"probe_blocks": probe_batches, **settings})
     args, model = trainer.args, trainer.model
-    probe = (
-        list(itertools.islice(trainer.get_eval_dataloader(), probe_batches))
-        if signal == "eval"
-        else None
-    )
+    probe = None
+    if cfg.signal == "eval":
+        probe = list(itertools.islice(trainer.get_eval_dataloader(), probe_batches))
     had_optimizer = trainer.optimizer is not None
     was_training = model.training
+    loop = Loop(
+        precision_of(trainer),
+        args.gradient_accumulation_steps,
+        args.max_grad_norm,
+        args.per_device_eval_batch_size,
+    )
     # The Trainer's own optimizer (its class, parameter groups and weight decay); the
     # range test restores its state afterwards.
     optimizer = trainer.create_optimizer()
     try:
-        loop = Loop(
-            precision_of(trainer),
-            args.gradient_accumulation_steps,
-            args.max_grad_norm,
-            args.per_device_eval_batch_size,
-        )
         batches = _cycle(trainer.get_train_dataloader())
         curve, suggestion = measure(
             model, optimizer, batches, cfg, loop, probe=probe, progress=progress
@@ -176,6 +169,34 @@ def training_overrides(
     }
 
 
+class _Watch(TrainerCallback):
+    """Records each step's LR and loss, reports eval losses, stops pruned trials."""
+
+    def __init__(self, trainer: Trainer, trial: Trial, run: TrialRun, pruner: str) -> None:
+        self.trainer, self.trial, self.run, self.pruner = trainer, trial, run, pruner
+        self.start = time.perf_counter()
+        self.lr = math.nan
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.lr = self.trainer.lr_scheduler.get_last_lr()[0]
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+        if logs and "loss" in logs:
+            elapsed = time.perf_counter() - self.start
+            step, loss = state.global_step - 1, float(logs["loss"])
+            self.run.records.append(StepRecord(step, self.lr, loss, math.nan, 0, elapsed, elapsed))
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
+    ) -> None:
+        loss = float((metrics or {}).get("eval_loss", math.nan))
+        if self.run.records:
+            self.run.records[-1].eval_loss = loss
+        self.run.reason = report_eval(self.trial, loss, state.global_step, self.pruner)
+        if self.run.reason:
+            control.should_training_stop = True
+
+
 def _trainer_runner(
     make_trainer: Callable[[dict[str, Any]], Trainer],
     on_trainer: Callable[[Trainer], None],
@@ -184,46 +205,6 @@ def _trainer_runner(
     keep_checkpoints: bool,
     device: torch.device,
 ) -> Runner:
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
-
-    from lrsweep.sweep.trial import TrialRun, free_memory, report_eval
-
-    class _Watch(TrainerCallback):
-        """Records each step's LR and loss, reports eval losses, stops pruned trials."""
-
-        def __init__(self, trainer: Trainer, trial: Trial, run: TrialRun) -> None:
-            self.trainer, self.trial, self.run = trainer, trial, run
-            self.start = time.perf_counter()
-            self.lr = math.nan
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.lr = self.trainer.lr_scheduler.get_last_lr()[0]
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "loss" in logs:
-                elapsed = time.perf_counter() - self.start
-                record = StepRecord(
-                    state.global_step - 1,
-                    self.lr,
-                    float(logs["loss"]),
-                    math.nan,
-                    0,
-                    elapsed,
-                    elapsed,
-                )
-                self.run.records.append(record)
-
-        def on_evaluate(
-            self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
-        ) -> None:
-            loss = float((metrics or {}).get("eval_loss", math.nan))
-            if self.run.records:
-                self.run.records[-1].eval_loss = loss
-            self.run.reason = report_eval(self.trial, loss, state.global_step, sweep.pruner)
-            if self.run.reason:
-                control.should_training_stop = True
-
     def run(trial: Trial, schedule: CosineSchedule) -> TrialRun:
         folder = out / "trials" / str(trial.number)
         result = TrialRun(schedule)
@@ -235,7 +216,7 @@ def _trainer_runner(
                 "TrainingArguments(**overrides)"
             )
         on_trainer(trainer)
-        trainer.add_callback(_Watch(trainer, trial, result))
+        trainer.add_callback(_Watch(trainer, trial, result, sweep.pruner))
         # lrsweep prints one line per trial; the Trainer's per-step log lines would bury it.
         trainer.remove_callback(PrinterCallback)
         try:
@@ -253,31 +234,51 @@ def _trainer_runner(
     return run
 
 
+_SEARCH_KEYS = {f.name for f in dataclasses.fields(SearchConfig)}
+_SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)} - {"steps", "epochs"}
+
+
+def _sweep_config(
+    seed: int, max_steps: int, peak_lr: tuple[float, float], settings: dict
+) -> StudyConfig:
+    unknown = set(settings) - _SEARCH_KEYS - _SWEEP_KEYS
+    if unknown:
+        raise TypeError(f"hf.sweep() got unexpected settings {sorted(unknown)}")
+    search = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in settings.items() if k in _SEARCH_KEYS
+    }
+    sweep = {k: v for k, v in settings.items() if k in _SWEEP_KEYS}
+    return StudyConfig(
+        seed=seed,
+        model=ModelConfig(path="trainer"),
+        data=DataConfig(path="trainer"),
+        search=SearchConfig(**{**search, "peak_lr": list(peak_lr)}),
+        sweep=SweepConfig(steps=max_steps, **sweep),
+    )
+
+
 def sweep(
     make_trainer: Callable[[dict[str, Any]], Trainer],
     out: str | Path,
     *,
     max_steps: int,
     peak_lr: tuple[float, float],
-    warmup_fraction: tuple[float, float] = (0.0, 0.2),
-    min_lr_ratio: tuple[float, float] = (0.0, 0.3),
-    trials: int = 20,
-    eval_every: int = 20,
-    sampler: str = "tpe",
-    pruner: str = "median",
     seed: int = 0,
     storage: str | None = None,
     study_name: str = DEFAULT_STUDY,
     keep_checkpoints: bool = False,
     progress: bool = True,
+    **settings: Any,
 ) -> optuna.Study:
     """An lrsweep study whose trials are the user's own Trainers.
 
     ``make_trainer(overrides)`` must build a fresh Trainer (a fresh LoRA adapter) with
     ``TrainingArguments(..., **overrides)``: the overrides carry the trial's peak LR, warmup,
     min_lr, ``max_steps``, evaluation every ``eval_every`` steps and its own output folder,
-    which is removed after the trial unless ``keep_checkpoints``. Same storage, study, worker
-    loop, result files and report as ``lrsweep sweep``.
+    which is removed after the trial unless ``keep_checkpoints``. ``settings`` are any
+    ``[search]`` or ``[sweep]`` keys (``warmup_fraction``, ``min_lr_ratio``, ``trials``,
+    ``eval_every``, ``sampler``, ``pruner``, ...), with the same defaults as a study file.
+    Same storage, study, worker loop, result files and report as ``lrsweep sweep``.
     """
     from lrsweep.config import from_dict
     from lrsweep.sweep.storage import open_storage
@@ -285,19 +286,7 @@ def sweep(
     from lrsweep.sweep.worker import SweepPlan, run_worker
 
     out = Path(out)
-    cfg = StudyConfig(
-        seed=seed,
-        model=ModelConfig(path="trainer"),
-        data=DataConfig(path="trainer"),
-        search=SearchConfig(
-            peak_lr=list(peak_lr),
-            warmup_fraction=list(warmup_fraction),
-            min_lr_ratio=list(min_lr_ratio),
-        ),
-        sweep=SweepConfig(
-            trials=trials, steps=max_steps, eval_every=eval_every, sampler=sampler, pruner=pruner
-        ),
-    )
+    cfg = _sweep_config(seed, max_steps, peak_lr, settings)
     backend = open_storage(out, storage, cfg.sweep.heartbeat_seconds)
     stored = _stored_train(backend.backend, study_name)
     if stored is not None:
@@ -305,10 +294,11 @@ def sweep(
         cfg = cfg.replace(train=stored)
     study, cfg = join_study(backend, study_name, cfg)
     if study is None:
-        study, cfg = create_study(backend, study_name, cfg, peak_lr, None, trials)
+        study, cfg = create_study(backend, study_name, cfg, peak_lr, None, cfg.sweep.trials)
     assert study is not None and cfg is not None
     bounds = tuple(study.user_attrs["peak_lr_bounds"])
-    plan = SweepPlan(out, study, backend, bounds, max_steps, budget(study, trials, cfg))  # type: ignore[arg-type]
+    goal = budget(study, cfg.sweep.trials, cfg)
+    plan = SweepPlan(out, study, backend, bounds, max_steps, goal)  # type: ignore[arg-type]
 
     def record_train(trainer: Trainer) -> None:
         # The study's [train] section describes the user's TrainingArguments, so that

@@ -84,6 +84,18 @@ def report_eval(trial: Trial, loss: float, steps_done: int, pruner: str) -> str 
     return None
 
 
+def diverged(losses: list[float], factor: float) -> str | None:
+    """Why a trial whose smoothed training loss left ``factor`` times its first diverged."""
+    # An EMA with beta 0.9 forgets within ~50 steps: a window keeps this O(1) per step.
+    smoothed = ema(losses[-_EMA_WINDOW:], 0.9)[-1]
+    if smoothed > factor * losses[0]:
+        return (
+            f"diverged at step {len(losses) - 1} (smoothed loss {smoothed:.3g} > "
+            f"{factor}x the first)"
+        )
+    return None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -127,14 +139,7 @@ def run_trial(
             reason = report_eval(trial, record.eval_loss, record.step + 1, cfg.sweep.pruner)
             if reason is not None:
                 return reason
-        # An EMA with beta 0.9 forgets within ~50 steps: a window keeps this O(1) per step.
-        smoothed = ema(losses[-_EMA_WINDOW:], 0.9)[-1]
-        if smoothed > cfg.sweep.diverge_factor * losses[0]:
-            return (
-                f"diverged at step {record.step} (smoothed loss {smoothed:.3g} > "
-                f"{cfg.sweep.diverge_factor}x the first)"
-            )
-        return None
+        return diverged(losses, cfg.sweep.diverge_factor)
 
     try:
         optimizer = make_optimizer(model, cfg.train)
