@@ -92,8 +92,7 @@ def _open(
 ) -> tuple[StudyStorage | None, optuna.Study | None, StudyConfig]:
     """The storage (None while a new study's journal is not written), the study (None
     when it is still to be created) and the config."""
-    default = SweepConfig().heartbeat_seconds
-    heartbeat = config.sweep.heartbeat_seconds if config else default
+    heartbeat = (config.sweep if config else SweepConfig()).heartbeat_seconds
     journal = journal_path(out, url)
     if config is None:
         _wait_for_journal(journal, wait)

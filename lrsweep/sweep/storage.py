@@ -31,6 +31,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
+from lrsweep.config import SweepConfig
 from lrsweep.errors import StudyError, first_line
 from lrsweep.results import JOURNAL_FILE, LIVE_DIR, atomic_write
 
@@ -79,7 +80,11 @@ def journal_path(out: Path, url: str | None) -> Path | None:
 
 
 def open_storage(
-    out: Path, url: str | None = None, heartbeat: float = 10.0, *, create: bool = True
+    out: Path,
+    url: str | None = None,
+    heartbeat: float = SweepConfig.heartbeat_seconds,
+    *,
+    create: bool = True,
 ) -> StudyStorage:
     """The study's storage: a journal file in ``out`` by default; a database URL
     (postgresql://, mysql://) with Optuna's heartbeat and connection checks; or a path to a
