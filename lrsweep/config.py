@@ -109,6 +109,9 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
+    # LoRA+: the LR of every LoRA B matrix over that of A (peft's create_loraplus_optimizer);
+    # 1 is plain LoRA, one LR for all.
+    loraplus_lr_ratio: float = 1.0
 
     @property
     def eval_batch_size(self) -> int:
@@ -128,6 +131,8 @@ class TrainConfig:
         for key in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, key) < 1:
                 _fail(f"train.{key}", "must be in [0, 1)")
+        if self.loraplus_lr_ratio <= 0:
+            _fail("train.loraplus_lr_ratio", f"must be positive, got {self.loraplus_lr_ratio}")
 
 
 @dataclass(frozen=True)
@@ -193,12 +198,21 @@ class SearchConfig:
         warmup_fraction: [low, high] of the total optimizer steps.
         min_lr_ratio: [low, high], min_lr as a fraction of the peak.
         min_lr: a fixed absolute floor instead of ``min_lr_ratio`` (0 disables it).
+        schedule: the decay families searched (transformers' own schedulers): ``cosine``
+            (cosine_with_min_lr), ``linear``, ``constant`` (constant_with_warmup), ``wsd``
+            (warmup_stable_decay). One name fixes it; several make it a dimension.
+        wsd_decay_fraction: the share of a ``wsd`` trial's steps spent decaying.
+        loraplus_lr_ratio: [low, high] log-uniform LoRA+ ratio; empty means
+            ``train.loraplus_lr_ratio`` for every trial.
     """
 
     peak_lr: list[float] = field(default_factory=list)
     warmup_fraction: list[float] = field(default_factory=lambda: [0.0, 0.2])
     min_lr_ratio: list[float] = field(default_factory=lambda: [0.0, 0.3])
     min_lr: float = 0.0
+    schedule: list[str] = field(default_factory=lambda: ["cosine"])
+    wsd_decay_fraction: float = 0.2
+    loraplus_lr_ratio: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.peak_lr:
@@ -207,6 +221,17 @@ class SearchConfig:
         _check_range("search.min_lr_ratio", self.min_lr_ratio, upper=1.0)
         if self.min_lr < 0:
             _fail("search.min_lr", f"must be >= 0, got {self.min_lr}")
+        known = ("cosine", "linear", "constant", "wsd")
+        if not self.schedule or len(set(self.schedule)) != len(self.schedule):
+            _fail(
+                "search.schedule", f"must name distinct families of {known}, got {self.schedule}"
+            )
+        if unknown := [name for name in self.schedule if name not in known]:
+            _fail("search.schedule", f"unknown {unknown}; known: {', '.join(known)}")
+        if not 0 < self.wsd_decay_fraction <= 1:
+            _fail("search.wsd_decay_fraction", f"must be in (0, 1], got {self.wsd_decay_fraction}")
+        if self.loraplus_lr_ratio:
+            _check_range("search.loraplus_lr_ratio", self.loraplus_lr_ratio, positive=True)
 
 
 def _check_range(
@@ -229,6 +254,14 @@ class SweepConfig:
     sampler: tpe, random or gp. pruner: median, hyperband or none.
     diverge_factor: a trial whose smoothed train loss exceeds this many times its first
         loss is pruned as diverged.
+    confirm_top, confirm_seeds: after the budget, the ``confirm_top`` best configurations
+        run again with ``confirm_seeds`` new seeds each (adapter init and data order), never
+        pruned; 0 turns confirmation off.
+    save_adapters: ``best`` (the best trial's adapter, replaced when a better one finishes),
+        ``all`` or ``none``, under ``OUT/adapters/``.
+    report_to: live trackers of every trial: ``tensorboard``, ``mlflow``, ``wandb``.
+    baseline_lr: a common default peak LR queued as a trial (when it lies in the bounds), so
+        that the report can say how much the sweep beats it; 0 queues none.
     """
 
     trials: int = 20
@@ -239,9 +272,21 @@ class SweepConfig:
     pruner: str = "median"
     diverge_factor: float = 2.0
     heartbeat_seconds: float = 10.0
+    confirm_top: int = 3
+    confirm_seeds: int = 2
+    save_adapters: str = "best"
+    report_to: list[str] = field(default_factory=list)
+    baseline_lr: float = 2e-4
 
     def __post_init__(self) -> None:
-        _at_least("sweep", self, trials=1, steps=1, eval_every=1)
+        _at_least("sweep", self, trials=1, steps=1, eval_every=1, confirm_top=0, confirm_seeds=0)
+        if self.save_adapters not in ("best", "all", "none"):
+            _fail("sweep.save_adapters", f"must be best, all or none, got {self.save_adapters!r}")
+        trackers = ("tensorboard", "mlflow", "wandb")
+        if unknown := [name for name in self.report_to if name not in trackers]:
+            _fail("sweep.report_to", f"unknown {unknown}; known: {', '.join(trackers)}")
+        if self.baseline_lr < 0:
+            _fail("sweep.baseline_lr", f"must be >= 0, got {self.baseline_lr}")
         if self.epochs < 0:
             _fail("sweep.epochs", f"must be >= 0, got {self.epochs}")
         if self.sampler not in ("tpe", "random", "gp"):

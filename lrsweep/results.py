@@ -42,6 +42,28 @@ PARTS_DIR = "parts"  # one folder of result files per worker process
 TRIALS_FILE = "trials.parquet"
 CURVES_FILE = "curves.parquet"
 SWEEP_PLOTS = ("sweep_lr.png", "sweep_top5.png", "sweep_progress.png")
+ADAPTERS_DIR = "adapters"  # OUT/adapters/trial-<n>/ (peft save_pretrained + tokenizer)
+BEST_ADAPTER = "best"  # OUT/adapters/best: a link to the best trial's folder
+ADAPTER_INFO = "lrsweep_adapter.json"  # in each adapter folder: its trial and schedule
+TENSORBOARD_DIR = "tensorboard"  # OUT/tensorboard/trial-<n>/: live TensorBoard event files
+
+
+def adapter_folder(out: Path, number: int) -> Path:
+    return out / ADAPTERS_DIR / f"trial-{number}"
+
+
+def read_adapter_info(folder: Path) -> dict[str, Any] | None:
+    """The info file of a saved adapter folder (or link), or None when there is none."""
+    path = folder / ADAPTER_INFO
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (links not followed)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _umask() -> int:
@@ -114,7 +136,9 @@ TRIAL_COLUMNS = {
     "warmup_fraction": "sampled warmup fraction of total_steps",
     "warmup_steps": "ceil(warmup_fraction * total_steps), as TrainingArguments computes it",
     "min_lr_ratio": "min_lr / peak_lr",
-    "min_lr": "the floor of the cosine decay",
+    "min_lr": "the floor of the decay (0 for linear and constant)",
+    "schedule": "decay family: cosine, linear, constant or wsd (transformers' schedulers)",
+    "loraplus_lr_ratio": "LoRA+ ratio of the B matrices' LR over the A matrices' (1: plain)",
     "total_steps": "optimizer steps of the trial",
     "eval_loss": "objective: eval loss after the last step (null unless COMPLETE)",
     "best_eval_loss": "lowest eval loss seen during the trial",
@@ -125,6 +149,8 @@ TRIAL_COLUMNS = {
     "reason": "why the trial was pruned or failed",
     "seed": "seed of the adapter init and data order",
     "worker": "host:pid that ran it",
+    "confirms": "confirmation run: the number of the trial it repeats with a new seed",
+    "origin": "why the trial was queued: range test recommendation, common default, ...",
 }
 CURVE_COLUMNS = {
     "number": "trial number",
@@ -133,8 +159,8 @@ CURVE_COLUMNS = {
     "loss": "training loss of that step (token-weighted over grad_accum)",
     "eval_loss": "eval loss measured after that step, null where not evaluated",
 }
-_INTS = ("warmup_steps", "total_steps", "best_step", "tokens", "seed")
-_STRINGS = ("state", "reason", "worker")
+_INTS = ("warmup_steps", "total_steps", "best_step", "tokens", "seed", "confirms")
+_STRINGS = ("state", "reason", "worker", "schedule", "origin")
 # Which copy of a trial is newest when files disagree: a finished state beats a waiting or
 # running one (the trial moved on since the other file was written).
 _STATE_RANK = {"WAITING": 0, "RUNNING": 1, "FAIL": 2, "PRUNED": 2, "COMPLETE": 2}
@@ -149,6 +175,8 @@ def _trial_row(t: Any) -> dict[str, Any]:
         peak_lr=t.params.get("peak_lr"),
         warmup_fraction=t.params.get("warmup_fraction"),
         min_lr_ratio=attrs.get("min_lr_ratio", t.params.get("min_lr_ratio")),
+        schedule=attrs.get("schedule", t.params.get("schedule")),
+        loraplus_lr_ratio=attrs.get("loraplus_lr_ratio", t.params.get("loraplus_lr_ratio")),
         eval_loss=t.value if t.state.name == "COMPLETE" else None,
     )
     return row

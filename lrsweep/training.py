@@ -62,16 +62,44 @@ class TrainResult:
     stop_reason: str | None = None  # None when every step ran
 
 
-def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with TrainingArguments' defaults."""
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters with TrainingArguments' defaults; with
+    ``train.loraplus_lr_ratio`` != 1, peft's LoRA+ optimizer (the B matrices in groups of
+    their own, at that many times the LR of the A matrices)."""
+    adam = {
+        "betas": (train.adam_beta1, train.adam_beta2),
+        "eps": train.adam_epsilon,
+        "weight_decay": train.weight_decay,
+    }
+    if train.loraplus_lr_ratio != 1:
+        from peft.optimizers import create_loraplus_optimizer
+
+        # Built at LR 1, so that each group's LR is its factor of the schedule's LR (see
+        # lr_scales); peft's groups take their weight decay from loraplus_weight_decay.
+        return create_loraplus_optimizer(
+            model,  # type: ignore[arg-type]
+            torch.optim.AdamW,
+            lr=1.0,
+            loraplus_lr_ratio=train.loraplus_lr_ratio,
+            loraplus_weight_decay=train.weight_decay,
+            **adam,
+        )
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(
-        params,
-        lr=0.0,
-        betas=(train.adam_beta1, train.adam_beta2),
-        eps=train.adam_epsilon,
-        weight_decay=train.weight_decay,
-    )
+    return torch.optim.AdamW(params, lr=0.0, **adam)
+
+
+def lr_scales(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each parameter group's LR as a factor of the first group's, as the optimizer was built
+    (a LoRA+ B group: the ratio; 1 where the first group's LR is 0). The loop sets group g's LR
+    to ``lr * scales[g]``, as a transformers scheduler scales each group's initial LR, so that
+    a schedule never collapses per-group LRs. Remembered in the group (``lr_scale``)."""
+    groups = optimizer.param_groups
+    # A scheduler that ran already keeps each group's starting LR in initial_lr.
+    ref = groups[0].get("initial_lr", groups[0]["lr"])
+    for group in groups:
+        lr = group.get("initial_lr", group["lr"])
+        group.setdefault("lr_scale", lr / ref if ref > 0 else 1.0)
+    return [group["lr_scale"] for group in groups]
 
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
@@ -189,21 +217,23 @@ def train(
     desc: str = "train",
     progress: bool = True,
 ) -> TrainResult:
-    """Run ``len(lrs)`` optimizer steps, step ``s`` with LR ``lrs[s]`` on every param group.
+    """Run ``len(lrs)`` optimizer steps, step ``s`` with LR ``lrs[s]`` times each param
+    group's factor (:func:`lr_scales`; 1 but for LoRA+ groups).
 
     ``on_step`` sees each record (after its evaluation) and may return a reason to stop, or
     raise (the sweep raises ``optuna.TrialPruned``).
     """
     model.train()
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    scales = lr_scales(optimizer)
     records: list[StepRecord] = []
     tokens, train_seconds, start = 0, 0.0, time.perf_counter()
     bar = tqdm(total=len(lrs), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     try:
         for step, lr in enumerate(lrs):
             step_start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group, scale in zip(optimizer.param_groups, scales, strict=True):
+                group["lr"] = lr * scale
             micro = [_inputs(next(batches), loop.precision.device) for _ in range(loop.grad_accum)]
             loss = _accumulate(model, micro, loop)
             if not math.isfinite(loss):

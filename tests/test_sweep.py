@@ -132,12 +132,12 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
 ) -> None:
     real = plan_mod.run_trial
 
-    def flaky(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
+    def flaky(ctx, trial, schedule, progress=True, watchers=()):  # type: ignore[no-untyped-def]
         if trial.number == 1:
             raise ValueError("injected failure")
         if trial.number == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(ctx, trial, schedule, progress)
+        return real(ctx, trial, schedule, progress, watchers)
 
     monkeypatch.setattr(plan_mod, "run_trial", flaky)
     study = execute(
@@ -323,7 +323,7 @@ def test_other_samplers_and_pruners(tmp_path: Path, sampler: str, pruner: str) -
 def test_a_cause_that_fails_every_trial_stops_the_sweep(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
+    def broken(ctx, trial, schedule, progress=True, watchers=()):  # type: ignore[no-untyped-def]
         raise RuntimeError("batch does not fit")
 
     monkeypatch.setattr(plan_mod, "run_trial", broken)

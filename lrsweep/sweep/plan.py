@@ -22,6 +22,8 @@ from lrsweep.config import DEFAULT_STUDY, StudyConfig, SweepConfig
 from lrsweep.context import Context, prepare
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, load_find, run_find, save_find
+from lrsweep.sweep.adapters import AdapterKeeper
+from lrsweep.sweep.confirm import runs_left
 from lrsweep.sweep.space import first_trial, peak_lr_bounds, total_steps
 from lrsweep.sweep.storage import StudyStorage, journal_path, open_storage
 from lrsweep.sweep.study import (
@@ -32,8 +34,9 @@ from lrsweep.sweep.study import (
     finished_count,
     join_study,
 )
-from lrsweep.sweep.trial import run_trial
+from lrsweep.sweep.trial import TrialWatcher, run_trial
 from lrsweep.sweep.worker import SweepPlan, run_worker
+from lrsweep.tracking import check_trackers, make_trackers
 
 
 logger = logging.getLogger(__name__)
@@ -70,11 +73,17 @@ class PreparedSweep:
         done = finished_count(self.plan.study) if self.plan.study else 0
         return max(0, self.plan.trials - done)
 
+    @property
+    def confirmations_left(self) -> int:
+        return runs_left(self.plan.study, self.ctx.config, self.left)
+
     def estimate(self) -> str:
-        plan = self.plan
-        secs = estimate_seconds(self.left, plan.steps, self.seconds_per_step, self.ctx.config)
+        plan, confirm = self.plan, self.confirmations_left
+        runs = self.left + confirm
+        secs = estimate_seconds(runs, plan.steps, self.seconds_per_step, self.ctx.config)
+        extra = f" + {confirm} confirmation runs" if confirm else ""
         return (
-            f"Estimate: {self.left} trials x {plan.steps} steps x "
+            f"Estimate: {self.left} trials{extra} x {plan.steps} steps x "
             f"{self.seconds_per_step:.2f} s/step (+ evals) = {_duration(secs)} at most; "
             f"peak_lr in [{plan.bounds[0]:.2e}, {plan.bounds[1]:.2e}]"
         )
@@ -151,6 +160,7 @@ def prepare_sweep(
         cfg = cfg.replace(sweep=config_mod.from_dict({"sweep": sweep_section}).sweep)
     if device is not None:
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, device=device))
+    check_trackers(cfg.sweep.report_to)
     ctx = prepare(cfg)
     found = load_find(out, cfg)
     ran_find = False
@@ -200,10 +210,16 @@ def execute(prepared: PreparedSweep, progress: bool = True, part: bool = False) 
     several workers and writes its own part files only."""
     ctx, plan = prepared.ctx, prepared.plan
     plan.part = part
+    cfg = ctx.config
+    watchers: list[TrialWatcher] = make_trackers(
+        cfg.sweep.report_to, plan.out, plan.study.study_name
+    )
+    if cfg.sweep.save_adapters != "none":
+        watchers.append(AdapterKeeper(plan.out, cfg, ctx.base.tokenizer))
     run_worker(
-        ctx.config,
+        cfg,
         plan,
-        lambda trial, schedule: run_trial(ctx, trial, schedule, progress),
+        lambda trial, schedule: run_trial(ctx, trial, schedule, progress, watchers),
         device=ctx.base.device,
         progress=progress,
     )

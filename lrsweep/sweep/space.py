@@ -6,11 +6,11 @@ import math
 import zlib
 from typing import Any
 
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from lrsweep.config import StudyConfig, SweepConfig
 from lrsweep.errors import StudyError
-from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, CosineSchedule
+from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, Schedule
 from lrsweep.suggest import Suggestion
 
 
@@ -40,6 +40,10 @@ def distributions(config: StudyConfig, bounds: tuple[float, float]) -> dict[str,
     }
     if config.search.min_lr == 0:
         space["min_lr_ratio"] = FloatDistribution(*config.search.min_lr_ratio)
+    if len(config.search.schedule) > 1:
+        space["schedule"] = CategoricalDistribution(config.search.schedule)
+    if config.search.loraplus_lr_ratio:
+        space["loraplus_lr_ratio"] = FloatDistribution(*config.search.loraplus_lr_ratio, log=True)
     return space
 
 
@@ -50,26 +54,41 @@ def total_steps(sweep: SweepConfig, train_sequences: int, sequences_per_step: in
     return sweep.steps
 
 
-def schedule_of(params: dict[str, Any], config: StudyConfig, steps: int) -> CosineSchedule:
+def schedule_of(params: dict[str, Any], config: StudyConfig, steps: int) -> Schedule:
     peak = params["peak_lr"]
+    # An absolute search.min_lr becomes the trial's ratio: the export's floor is a ratio,
+    # which keeps every LoRA+ parameter group on its own floor.
     ratio = params.get("min_lr_ratio", min(1.0, config.search.min_lr / peak))
-    return CosineSchedule(peak, steps, params["warmup_fraction"], ratio)
+    family = params.get("schedule", config.search.schedule[0])
+    decay = config.search.wsd_decay_fraction if family == "wsd" else 0.0
+    return Schedule(peak, steps, params["warmup_fraction"], ratio, family, decay)
+
+
+def loraplus_ratio_of(params: dict[str, Any], config: StudyConfig) -> float:
+    """The trial's LoRA+ ratio: searched, or the study's ``train.loraplus_lr_ratio``."""
+    return params.get("loraplus_lr_ratio", config.train.loraplus_lr_ratio)
 
 
 def first_trial(
     recommended_lr: float, config: StudyConfig, bounds: tuple[float, float]
-) -> dict[str, float]:
-    """The range test's recommendation with common schedule defaults, clipped to the space."""
+) -> dict[str, Any]:
+    """A first try at ``recommended_lr`` (the range test's, or a common default) with
+    common schedule defaults (cosine, plain LoRA where searched), clipped to the space."""
 
     def clip(value: float, low: float, high: float) -> float:
         return min(max(value, low), high)
 
-    params = {
+    search = config.search
+    params: dict[str, Any] = {
         "peak_lr": clip(recommended_lr, *bounds),
-        "warmup_fraction": clip(FIRST_WARMUP_FRACTION, *config.search.warmup_fraction),
+        "warmup_fraction": clip(FIRST_WARMUP_FRACTION, *search.warmup_fraction),
     }
-    if config.search.min_lr == 0:
-        params["min_lr_ratio"] = clip(FIRST_MIN_LR_RATIO, *config.search.min_lr_ratio)
+    if search.min_lr == 0:
+        params["min_lr_ratio"] = clip(FIRST_MIN_LR_RATIO, *search.min_lr_ratio)
+    if len(search.schedule) > 1:
+        params["schedule"] = "cosine" if "cosine" in search.schedule else search.schedule[0]
+    if search.loraplus_lr_ratio:
+        params["loraplus_lr_ratio"] = clip(1.0, *search.loraplus_lr_ratio)
     return params
 
 

@@ -369,6 +369,9 @@ def _started(trial: FrozenTrial) -> float:
     return trial.datetime_start.timestamp() if trial.datetime_start else 0.0
 
 
+RETRY_KEEPS = ("origin", "confirms", "seed")
+
+
 def fail_trial(
     study: optuna.Study, storage: StudyStorage, trial: FrozenTrial, reason: str
 ) -> bool:
@@ -383,5 +386,7 @@ def fail_trial(
     except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
         return False
     logger.warning("trial %d failed: %s; its parameters are queued again", trial.number, reason)
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    # A retry keeps what made the trial what it is: a confirmation run keeps its seed.
+    kept = {k: trial.user_attrs[k] for k in RETRY_KEEPS if k in trial.user_attrs}
+    study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number})
     return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -19,12 +20,16 @@ import lrsweep
 from lrsweep import config as config_mod
 from lrsweep.config import STUDY_KEYS, StudyConfig, SweepConfig
 from lrsweep.errors import StudyError
+from lrsweep.sweep.space import first_trial
 from lrsweep.sweep.storage import StudyStorage, retry
 
 
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# The origin (user attribute) of the queued first tries; confirmation runs carry their own.
+FIRST_ORIGIN = "range test recommendation"
+BASELINE_ORIGIN = "common default"
 _POLL_SECONDS = 2.0
 _CREATION_SECONDS = 30.0  # how long a study being created may lack its version
 
@@ -53,7 +58,9 @@ def make_pruner(sweep: SweepConfig, steps: int) -> optuna.pruners.BasePruner:
 
 
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Finished trials that count against the budget (confirmation runs come on top)."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    return sum(1 for t in trials if "confirms" not in t.user_attrs)
 
 
 def _load(storage: StudyStorage, name: str) -> optuna.Study | None:
@@ -133,11 +140,12 @@ def create_study(
     name: str,
     config: StudyConfig,
     bounds: tuple[float, float],
-    first: dict[str, float] | None,
+    first: dict[str, Any] | None,
     trials: int,
 ) -> tuple[optuna.Study, StudyConfig]:
     """Create the study with its config, bounds and budget stored in it, the range test's
-    recommendation queued as its first trial. A process that loses the race to create it
+    recommendation queued as its first trial and ``sweep.baseline_lr`` (a common default,
+    when it lies in the bounds) as the next. A process that loses the race to create it
     joins the winner's study through the same check as any other."""
     try:
         study = optuna.create_study(study_name=name, storage=storage.backend, direction="minimize")
@@ -149,7 +157,13 @@ def create_study(
     study.set_user_attr("peak_lr_bounds", list(bounds))
     study.set_user_attr("trials", trials)
     if first is not None:
-        study.enqueue_trial(first, user_attrs={"origin": "range test recommendation"})
+        study.enqueue_trial(first, user_attrs={"origin": FIRST_ORIGIN})
+    baseline = config.sweep.baseline_lr
+    if baseline and bounds[0] <= baseline <= bounds[1]:
+        params = first_trial(baseline, config, bounds)
+        if params != first:
+            origin = f"{BASELINE_ORIGIN} {baseline:g}"
+            study.enqueue_trial(params, user_attrs={"origin": origin})
     # Written last: a study is complete once it has a version (see _complete).
     study.set_user_attr("lrsweep_version", lrsweep.__version__)
     return study, config

@@ -1,5 +1,5 @@
 """One sweep trial: what it records, the eval-report-and-prune rule every runner shares, and
-lrsweep's own runner (a fresh adapter trained with one cosine schedule).
+lrsweep's own runner (a fresh adapter trained with one schedule, seen by its watchers).
 
 The adapter is attached to the shared base model and detached afterwards; the optimizer and
 the adapter are then unreachable and collected, and on CUDA the cache is emptied, so memory
@@ -8,19 +8,20 @@ does not grow from trial to trial. ``lrsweep.hf`` has the other runner, the user
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psutil
 import torch
 
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora
-from lrsweep.schedules import CosineSchedule
+from lrsweep.schedules import Schedule
 from lrsweep.suggest import ema
 from lrsweep.sweep.storage import retry
 from lrsweep.training import Loop, Precision, StepRecord, make_optimizer, train
@@ -28,7 +29,9 @@ from lrsweep.training import Loop, Precision, StepRecord, make_optimizer, train
 
 if TYPE_CHECKING:
     from optuna.trial import Trial
+    from peft import PeftModel
 
+    from lrsweep.config import StudyConfig, SweepConfig
     from lrsweep.context import Context
 
 _EMA_WINDOW = 100
@@ -38,7 +41,8 @@ _EMA_WINDOW = 100
 class TrialRun:
     """What one trial recorded; stored as the trial's user attributes before it is told."""
 
-    schedule: CosineSchedule
+    schedule: Schedule
+    loraplus_lr_ratio: float | None = None  # None where the runner's optimizer is the user's
     records: list[StepRecord] = field(default_factory=list)
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
@@ -51,7 +55,9 @@ class TrialRun:
         return {
             "warmup_steps": self.schedule.warmup_steps,
             "min_lr": self.schedule.min_lr,
-            "min_lr_ratio": self.schedule.min_lr_ratio,
+            "min_lr_ratio": self.schedule.floor_ratio,
+            "schedule": self.schedule.family,
+            "loraplus_lr_ratio": self.loraplus_lr_ratio,
             "total_steps": self.schedule.total_steps,
             "best_eval_loss": best,
             "best_step": best_step,
@@ -71,15 +77,35 @@ class TrialRun:
 
 # A runner trains one trial with one schedule and returns what it recorded: lrsweep's own
 # loop (run_trial) or a user's Trainer (lrsweep.hf).
-Runner = Callable[["Trial", CosineSchedule], TrialRun]
+Runner = Callable[["Trial", Schedule], TrialRun]
 
 
-def report_eval(trial: Trial, loss: float, steps_done: int, pruner: str) -> str | None:
-    """Report an eval loss to the pruner; the reason to stop the trial, or None."""
+class TrialWatcher(Protocol):
+    """Sees one trial of lrsweep's own runner: a live tracker, the adapter keeper."""
+
+    def start(self, trial: Trial, run: TrialRun) -> None: ...
+
+    def step(self, record: StepRecord) -> None: ...
+
+    def end(self, model: PeftModel, run: TrialRun, finished: bool) -> None:
+        """Called before the adapter is detached; ``finished``: every step ran."""
+
+
+def trial_seed(trial: Trial, default: int) -> int:
+    """The seed of the trial's adapter init and data order: a confirmation run's own, else
+    the study's."""
+    return int(trial.user_attrs.get("seed", default))
+
+
+def report_eval(
+    trial: Trial, loss: float, steps_done: int, pruner: str, prune: bool = True
+) -> str | None:
+    """Report an eval loss to the pruner; the reason to stop the trial, or None.
+    ``prune`` False (a confirmation run) reports without ever stopping."""
     if not math.isfinite(loss):
         return f"non-finite eval loss at step {steps_done}"
     retry(lambda: trial.report(loss, steps_done), what="report")
-    if retry(trial.should_prune, what="ask the pruner"):
+    if prune and retry(trial.should_prune, what="ask the pruner"):
         return f"pruned by the {pruner} pruner at step {steps_done}"
     return None
 
@@ -111,42 +137,35 @@ def free_memory(device: torch.device) -> None:
 def run_trial(
     ctx: Context,
     trial: Trial,
-    schedule: CosineSchedule,
+    schedule: Schedule,
     progress: bool = True,
+    watchers: Sequence[TrialWatcher] = (),
 ) -> TrialRun:
     """Train a fresh adapter with ``schedule``, reporting eval losses through ``trial``.
 
     A run that the pruner stops, or whose loss diverges or turns non-finite, ends early with
-    ``reason`` set: the trial is then PRUNED.
-    """
-    cfg = ctx.config
-    device = ctx.base.device
+    ``reason`` set (the trial is then PRUNED); a confirmation run is never pruned."""
+    cfg, device = ctx.config, ctx.base.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    seed, prune, ratio = _identity(trial, cfg)
     # Same seed, same adapter init, data order and dropout masks: trials differ only by their
     # schedule, whatever ran before them in this process.
-    torch.manual_seed(cfg.seed)
-    model = attach_lora(ctx.base, cfg.lora, cfg.seed)
+    torch.manual_seed(seed)
+    model = attach_lora(ctx.base, cfg.lora, seed)
     precision = Precision(device, ctx.precision.dtype)  # a fresh GradScaler for fp16
-    run = TrialRun(schedule)
+    run = TrialRun(schedule, ratio)
     start = time.perf_counter()
-    losses: list[float] = []
-
-    def on_step(record: StepRecord) -> str | None:
-        run.records.append(record)
-        losses.append(record.loss)
-        if record.eval_loss is not None:
-            reason = report_eval(trial, record.eval_loss, record.step + 1, cfg.sweep.pruner)
-            if reason is not None:
-                return reason
-        return diverged(losses, cfg.sweep.diverge_factor)
-
+    for watcher in watchers:
+        watcher.start(trial, run)
+    on_step = _watch(trial, run, watchers, cfg.sweep, prune)
+    finished = False
     try:
-        optimizer = make_optimizer(model, cfg.train)
+        optimizer = make_optimizer(model, dataclasses.replace(cfg.train, loraplus_lr_ratio=ratio))
         result = train(
             model,
             optimizer,
-            batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed),
+            batches(ctx.blocks.train, cfg.train.batch_size, seed),
             schedule.lrs(),
             Loop.of(cfg.train, precision),
             eval_blocks=ctx.blocks.eval,
@@ -156,11 +175,40 @@ def run_trial(
             progress=progress,
         )
         run.reason = result.stop_reason
+        finished = run.reason is None
     finally:
         run.seconds = time.perf_counter() - start
         run.peak_memory_mb = peak_memory_mb(device)
+        for watcher in watchers:
+            watcher.end(model, run, finished)
         detach_lora(model)
         del model
         optimizer = None  # noqa: F841 - drop the last reference before collecting
         free_memory(device)
     return run
+
+
+def _watch(
+    trial: Trial, run: TrialRun, watchers: Sequence[TrialWatcher], sweep: SweepConfig, prune: bool
+) -> Callable[[StepRecord], str | None]:
+    """The loop's per-step callback: record, show the watchers, report, prune, diverge."""
+    losses: list[float] = []
+
+    def on_step(record: StepRecord) -> str | None:
+        run.records.append(record)
+        losses.append(record.loss)
+        for watcher in watchers:
+            watcher.step(record)
+        loss, done = record.eval_loss, record.step + 1
+        if loss is not None and (reason := report_eval(trial, loss, done, sweep.pruner, prune)):
+            return reason
+        return diverged(losses, sweep.diverge_factor)
+
+    return on_step
+
+
+def _identity(trial: Trial, cfg: StudyConfig) -> tuple[int, bool, float]:
+    """The trial's seed, whether it may be pruned (not a confirmation run), its LoRA+ ratio."""
+    attrs = retry(lambda: trial.user_attrs, what="start a trial")
+    ratio = trial.params.get("loraplus_lr_ratio", cfg.train.loraplus_lr_ratio)
+    return int(attrs.get("seed", cfg.seed)), "confirms" not in attrs, ratio

@@ -29,10 +29,11 @@ from tqdm.auto import tqdm
 from lrsweep.config import StudyConfig
 from lrsweep.errors import LrsweepError, StudyError
 from lrsweep.sweep.collect import write_results
-from lrsweep.sweep.space import distributions, schedule_of, worker_seed
+from lrsweep.sweep.confirm import enqueue_missing
+from lrsweep.sweep.space import distributions, loraplus_ratio_of, schedule_of, worker_seed
 from lrsweep.sweep.storage import Heartbeat, StudyStorage, fail_trial, reap_stale_trials, retry
 from lrsweep.sweep.study import FINISHED, finished_count, make_pruner, make_sampler
-from lrsweep.sweep.trial import Runner, TrialRun, free_memory
+from lrsweep.sweep.trial import Runner, TrialRun, free_memory, trial_seed
 
 
 logger = logging.getLogger(__name__)
@@ -69,44 +70,73 @@ def run_worker(
     device: torch.device,
     progress: bool = True,
 ) -> int:
-    """Run trials with ``runner`` until the study holds ``plan.trials`` finished trials or
-    the deadline passes. Returns the number of trials this worker finished."""
+    """Run trials with ``runner`` until the study holds ``plan.trials`` finished trials, then
+    the confirmation runs of its best configurations (``sweep.confirm_top``), or until the
+    deadline passes. Returns the number of trials this worker finished."""
     study, storage = plan.study, plan.storage
     worker = worker_name()
     study.sampler = make_sampler(
         cfg.sweep.sampler, worker_seed(cfg.seed, worker, len(study.trials))
     )
     study.pruner = make_pruner(cfg.sweep, plan.steps)
-    done = failed_in_a_row = 0
+    tally = _Tally()
     count = lambda: retry(lambda: finished_count(study), what="count trials")  # noqa: E731
+    confirming = lambda: retry(  # noqa: E731
+        lambda: enqueue_missing(study, cfg), what="queue confirmation runs"
+    )
     bar = tqdm(total=plan.trials, initial=count(), desc="trials", disable=not progress)
     try:
         retry(lambda: reap_stale_trials(study, storage), what="reap stale trials")
-        while count() < plan.trials:
-            if plan.deadline is not None and time.time() >= plan.deadline:
-                logger.warning("time limit reached; no new trial starts")
-                break
-            retry(lambda: reap_stale_trials(study, storage), what="reap stale trials")
-            frozen = _one_trial(cfg, plan, runner, worker, device)
-            write_results(study, storage, plan.out, worker if plan.part else None)
-            tqdm.write(summary_line(frozen))
-            if frozen.state in FINISHED:
-                done += 1
-                failed_in_a_row = 0
-            else:
-                failed_in_a_row += 1
-                if failed_in_a_row >= MAX_FAILS_IN_A_ROW:
-                    raise StudyError(
-                        f"{failed_in_a_row} trials in a row failed (last: "
-                        f"{frozen.user_attrs.get('reason')}); fix the cause and run again"
-                    )
+        while count() < plan.trials and not _past(plan):
+            _next_trial(cfg, plan, runner, worker, device, tally)
             bar.n = count()
             bar.refresh()
+        while count() >= plan.trials and not _past(plan) and confirming() > 0:
+            _next_trial(cfg, plan, runner, worker, device, tally)
         retry(lambda: reap_stale_trials(study, storage), what="reap stale trials")
     finally:
         bar.close()
         write_results(study, storage, plan.out, worker if plan.part else None)
-    return done
+    return tally.done
+
+
+@dataclass
+class _Tally:
+    done: int = 0
+    failed_in_a_row: int = 0
+
+
+def _past(plan: SweepPlan) -> bool:
+    if plan.deadline is not None and time.time() >= plan.deadline:
+        logger.warning("time limit reached; no new trial starts")
+        return True
+    return False
+
+
+def _next_trial(
+    cfg: StudyConfig,
+    plan: SweepPlan,
+    runner: Runner,
+    worker: str,
+    device: torch.device,
+    tally: _Tally,
+) -> None:
+    """Reap stale trials, run one trial, write the results; stop after too many failures."""
+    study, storage = plan.study, plan.storage
+    retry(lambda: reap_stale_trials(study, storage), what="reap stale trials")
+    frozen = _one_trial(cfg, plan, runner, worker, device)
+    write_results(study, storage, plan.out, worker if plan.part else None)
+    tqdm.write(summary_line(frozen))
+    if frozen.state in FINISHED:
+        tally.done += 1
+        tally.failed_in_a_row = 0
+        return
+    tally.failed_in_a_row += 1
+    if tally.failed_in_a_row >= MAX_FAILS_IN_A_ROW:
+        raise StudyError(
+            f"{tally.failed_in_a_row} trials in a row failed (last: "
+            f"{frozen.user_attrs.get('reason')}); fix the cause and run again"
+        )
 
 
 @contextmanager
@@ -133,20 +163,22 @@ def _one_trial(
     space = distributions(cfg, plan.bounds)
     trial: Trial | None = None
     run: TrialRun | None = None
+    seed = cfg.seed
     try:
         with _signals_held():
             trial = retry(lambda: _ask(study, space), what="start a trial")
             schedule = schedule_of(trial.params, cfg, plan.steps)
-            run = TrialRun(schedule)
+            run = TrialRun(schedule, loraplus_ratio_of(trial.params, cfg))
+            seed = retry(lambda: trial_seed(trial, cfg.seed), what="start a trial")  # type: ignore[union-attr]
             heartbeat = Heartbeat(storage, storage.trial_id(study, trial.number), trial.number)
             heartbeat.__enter__()
         try:
-            return _run_and_tell(study, trial, run, runner, cfg.seed, worker, device)
+            return _run_and_tell(study, trial, run, runner, seed, worker, device)
         finally:
             heartbeat.__exit__()
     except BaseException as err:
         if trial is not None and run is not None:
-            _abandon(study, storage, trial, run, cfg.seed, worker, err)
+            _abandon(study, storage, trial, run, seed, worker, err)
         raise
 
 
@@ -235,8 +267,11 @@ def summary_line(trial: FrozenTrial) -> str:
     p = trial.params
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
     reason = trial.user_attrs.get("reason")
+    confirms = trial.user_attrs.get("confirms")
+    extra = f" (#{confirms}, seed {trial.user_attrs.get('seed')})" if confirms is not None else ""
+    family = f" {p['schedule']}" if "schedule" in p else ""
     return (
-        f"trial {trial.number:>3} {trial.state.name:<8} eval {value:<7} "
+        f"trial {trial.number:>3}{extra} {trial.state.name:<8} eval {value:<7}{family} "
         f"peak_lr {p.get('peak_lr', float('nan')):.2e} "
         f"warmup {trial.user_attrs.get('warmup_steps', '-')} steps "
         f"min_lr {trial.user_attrs.get('min_lr', float('nan')):.1e} "
