@@ -332,12 +332,23 @@ class Terminated(KeyboardInterrupt):
 @STORAGE
 @STUDY_NAME
 def report(out: Path, top: int, storage: str | None, study_name: str) -> None:
-    """Table of the best trials and plots (PNG) of a sweep in OUT."""
-    from lrsweep.report import format_trials, plot_sweep
+    """What to use, the table of the best trials and plots (PNG) of a sweep in OUT."""
+    from lrsweep.ranking import configurations, recommend, seed_noise
+    from lrsweep.report import (
+        format_configurations,
+        format_recommendation,
+        format_trials,
+        plot_sweep,
+    )
     from lrsweep.results import read_find
     from lrsweep.sweep.collect import load_results
+    from lrsweep.sweep.space import BASELINE_ORIGIN, FIRST_ORIGIN
 
     trials, curves, _ = load_results(out, storage, study_name)
+    click.echo(format_recommendation(recommend(trials, FIRST_ORIGIN, BASELINE_ORIGIN)) + "\n")
+    configs = configurations(trials)
+    if table := format_configurations(configs, seed_noise(configs)):
+        click.echo(table + "\n")
     click.echo(format_trials(trials, top=top))
     found = read_find(out)
     spent = found[1].get("optimizer_steps", 0) if found else 0
@@ -350,18 +361,79 @@ def report(out: Path, top: int, storage: str | None, study_name: str) -> None:
 @click.option(
     "--format", "fmt", type=click.Choice(["json", "python"]), default="json", show_default=True
 )
+@click.option(
+    "--adapter", is_flag=True, help="Print where the best trial's saved adapter is instead."
+)
 @STORAGE
 @STUDY_NAME
-def export(out: Path, fmt: str, storage: str | None, study_name: str) -> None:
-    """Print the best trial's schedule as TrainingArguments keyword arguments."""
+def export(out: Path, fmt: str, adapter: bool, storage: str | None, study_name: str) -> None:
+    """Print the recommended schedule (the best mean over seeds) as TrainingArguments keyword
+    arguments; what it is and how sure goes to stderr."""
     from lrsweep import config as config_mod
-    from lrsweep.export import best_trial, to_json, to_python, training_arguments
+    from lrsweep.export import (
+        loraplus_ratio,
+        recommendation,
+        recommendation_note,
+        to_json,
+        to_python,
+        training_arguments,
+    )
     from lrsweep.sweep.collect import load_results
 
+    if adapter:
+        click.echo(_adapter_line(out))
+        return
     trials, _, meta = load_results(out, storage, study_name)
-    best = best_trial(trials)
+    rec = recommendation(trials)
+    best = rec.best.row
     kwargs = training_arguments(best, config_mod.from_dict(meta["config"]))
     click.echo(to_json(kwargs) if fmt == "json" else to_python(kwargs, best))
+    click.echo(recommendation_note(rec), err=True)
+    if fmt == "json" and loraplus_ratio(best) is not None:
+        click.echo(
+            "LoRA+ has no TrainingArguments key: --format python prints the optimizer", err=True
+        )
+
+
+def _adapter_line(out: Path) -> str:
+    from lrsweep.results import ADAPTERS_DIR, BEST_ADAPTER, folder_bytes, read_adapter_info
+
+    best = out / ADAPTERS_DIR / BEST_ADAPTER
+    info = read_adapter_info(best)
+    if info is None:
+        raise LrsweepError(
+            f"{out}: no saved adapter (sweep.save_adapters = 'best' or 'all' keeps them)"
+        )
+    total = folder_bytes(out / ADAPTERS_DIR) / 2**20
+    return (
+        f"{best.resolve()}  (trial {info['trial']}, eval loss {info['eval_loss']:.4f}, "
+        f"{folder_bytes(best.resolve()) / 2**20:.1f} MB; {out / ADAPTERS_DIR} holds "
+        f"{total:.1f} MB). Load it with PeftModel.from_pretrained(base_model, that folder)."
+    )
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@STORAGE
+@STUDY_NAME
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True)
+def dashboard(out: Path, storage: str | None, study_name: str, port: int, host: str) -> None:
+    """Browse the study of OUT in optuna-dashboard (pip install 'lrsweep[dashboard]')."""
+    import importlib.util
+
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        raise LrsweepError("optuna-dashboard is not installed: pip install 'lrsweep[dashboard]'")
+    from optuna_dashboard import run_server
+
+    from lrsweep.sweep.storage import journal_path, open_storage
+
+    journal = journal_path(out, storage)
+    if storage is None and (journal is None or not journal.exists()):
+        raise LrsweepError(f"{out}: no study journal here; give --storage for a database")
+    backend = open_storage(out, storage, create=False)
+    click.echo(f"optuna-dashboard on http://{host}:{port} (study {study_name!r}); Ctrl-C stops it")
+    run_server(backend.backend, host=host, port=port)
 
 
 def main() -> None:

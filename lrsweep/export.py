@@ -14,7 +14,9 @@ import pandas as pd
 
 from lrsweep.config import StudyConfig
 from lrsweep.errors import StudyError
-from lrsweep.schedules import CosineSchedule
+from lrsweep.ranking import Recommendation, recommend
+from lrsweep.schedules import Schedule
+from lrsweep.sweep.space import BASELINE_ORIGIN, FIRST_ORIGIN
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series:
@@ -25,15 +27,39 @@ def best_trial(trials: pd.DataFrame) -> pd.Series:
     return done.sort_values(["eval_loss", "number"]).iloc[0]
 
 
-def training_arguments(trial: pd.Series, config: StudyConfig) -> dict[str, Any]:
-    """Everything the trial's schedule and update depended on, as TrainingArguments kwargs."""
-    train = config.train
-    schedule = CosineSchedule(
+def recommendation(trials: pd.DataFrame) -> Recommendation:
+    """The configuration to use: the best mean over seeds (see :mod:`lrsweep.ranking`)."""
+    found = recommend(trials, FIRST_ORIGIN, BASELINE_ORIGIN)
+    if found is None:
+        raise StudyError("no complete trial yet; run or resume the sweep first")
+    return found
+
+
+def schedule_of_row(trial: pd.Series, config: StudyConfig) -> Schedule:
+    """The schedule a trial ran, from its row in trials.parquet."""
+    family = trial.get("schedule")
+    family = family if isinstance(family, str) else "cosine"  # files from before families
+    return Schedule(
         float(trial["peak_lr"]),
         int(trial["total_steps"]),
         float(trial["warmup_fraction"]),
         float(trial["min_lr_ratio"]),
+        family,
+        config.search.wsd_decay_fraction if family == "wsd" else 0.0,
     )
+
+
+def loraplus_ratio(trial: pd.Series) -> float | None:
+    """The trial's LoRA+ ratio where it used LoRA+ (a ratio other than 1), else None."""
+    ratio = trial.get("loraplus_lr_ratio")
+    return float(ratio) if ratio is not None and pd.notna(ratio) and ratio != 1 else None
+
+
+def training_arguments(trial: pd.Series, config: StudyConfig) -> dict[str, Any]:
+    """Everything the trial's schedule and update depended on, as TrainingArguments kwargs
+    (LoRA+ has no TrainingArguments key: see :func:`loraplus_snippet`)."""
+    train = config.train
+    schedule = schedule_of_row(trial, config)
     kwargs: dict[str, Any] = {
         **schedule.trainer_kwargs(),
         "per_device_train_batch_size": train.batch_size,
@@ -57,6 +83,29 @@ def to_json(kwargs: dict[str, Any]) -> str:
     return json.dumps(kwargs, indent=2)
 
 
+def loraplus_snippet(kwargs: dict[str, Any], ratio: float) -> list[str]:
+    """Lines that build the trial's LoRA+ optimizer with peft, for ``Trainer(optimizers=...)``:
+    the Trainer's scheduler then scales every group's LR, B's at ``ratio`` times A's."""
+    return [
+        "",
+        "# LoRA+: the B matrices at loraplus_lr_ratio x the LR of the A matrices (peft).",
+        "import torch",
+        "from peft.optimizers import create_loraplus_optimizer",
+        "",
+        "optimizer = create_loraplus_optimizer(",
+        "    model=peft_model,",
+        "    optimizer_cls=torch.optim.AdamW,",
+        f"    lr={kwargs['learning_rate']!r},",
+        f"    loraplus_lr_ratio={ratio!r},",
+        f"    loraplus_weight_decay={kwargs['weight_decay']!r},",
+        f"    betas=({kwargs['adam_beta1']!r}, {kwargs['adam_beta2']!r}),",
+        f"    eps={kwargs['adam_epsilon']!r},",
+        f"    weight_decay={kwargs['weight_decay']!r},",
+        ")",
+        "# trainer = Trainer(model=peft_model, args=args, optimizers=(optimizer, None), ...)",
+    ]
+
+
 def to_python(kwargs: dict[str, Any], trial: pd.Series) -> str:
     """A pasteable snippet; output_dir and the data stay the user's."""
     lines = [
@@ -68,4 +117,34 @@ def to_python(kwargs: dict[str, Any], trial: pd.Series) -> str:
     ]
     lines.extend(f"    {key}={value!r}," for key, value in kwargs.items())
     lines.append(")")
+    if (ratio := loraplus_ratio(trial)) is not None:
+        lines.extend(loraplus_snippet(kwargs, ratio))
     return "\n".join(lines)
+
+
+def _versus(label: str, comparison: Any) -> str:
+    c = comparison
+    z = f", {c.z:.1f} standard errors" if c.z is not None else ""
+    return (
+        f"{label} (trial {c.other.number}, {c.other.mean:.4f} over {c.other.n} run(s)) "
+        f"by {c.margin:+.4f}{z}"
+    )
+
+
+def recommendation_note(rec: Recommendation) -> str:
+    """What export says about its pick, on stderr: the mean, the noise, the runner-up."""
+    best = rec.best
+    if not rec.confirmed:
+        head = (
+            f"trial {best.number}: the best single run ({best.mean:.4f}), not confirmed with "
+            "other seeds (sweep.confirm_top)"
+        )
+    else:
+        head = (
+            f"trial {best.number}: the best mean eval loss, {best.mean:.4f} +- "
+            f"{best.spread:.4f} over {best.n} seeds (seed noise of one run "
+            f"{rec.noise:.4f})"
+        )
+    if rec.runner_up is not None:
+        head += "; beats " + _versus("the runner-up", rec.runner_up)
+    return head

@@ -42,7 +42,7 @@ from lrsweep.config import (
 )
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, measure, save_and_draw
-from lrsweep.schedules import CosineSchedule
+from lrsweep.schedules import Schedule
 from lrsweep.sweep.trial import Runner, TrialRun, free_memory, report_eval
 from lrsweep.training import Batch, Loop, Precision, StepRecord
 
@@ -154,11 +154,13 @@ def find_lr(
 
 
 def training_overrides(
-    schedule: CosineSchedule, eval_every: int, output_dir: Path, keep_checkpoints: bool
+    schedule: Schedule, eval_every: int, output_dir: Path, keep_checkpoints: bool, seed: int = 0
 ) -> dict[str, Any]:
-    """TrainingArguments keyword arguments that make a Trainer run ``schedule``."""
+    """TrainingArguments keyword arguments that make a Trainer run ``schedule`` with the
+    trial's ``seed`` (a confirmation run's own)."""
     return {
         **schedule.trainer_kwargs(),
+        "seed": seed,
         "eval_strategy": "steps",
         "eval_steps": eval_every,
         "logging_steps": 1,
@@ -172,8 +174,11 @@ def training_overrides(
 class _Watch(TrainerCallback):
     """Records each step's LR and loss, reports eval losses, stops pruned trials."""
 
-    def __init__(self, trainer: Trainer, trial: Trial, run: TrialRun, pruner: str) -> None:
+    def __init__(
+        self, trainer: Trainer, trial: Trial, run: TrialRun, pruner: str, prune: bool
+    ) -> None:
         self.trainer, self.trial, self.run, self.pruner = trainer, trial, run, pruner
+        self.prune = prune
         self.start = time.perf_counter()
         self.lr = math.nan
 
@@ -192,7 +197,7 @@ class _Watch(TrainerCallback):
         loss = float((metrics or {}).get("eval_loss", math.nan))
         if self.run.records:
             self.run.records[-1].eval_loss = loss
-        self.run.reason = report_eval(self.trial, loss, state.global_step, self.pruner)
+        self.run.reason = report_eval(self.trial, loss, state.global_step, self.pruner, self.prune)
         if self.run.reason:
             control.should_training_stop = True
 
@@ -204,11 +209,16 @@ def _trainer_runner(
     sweep: SweepConfig,
     keep_checkpoints: bool,
     device: torch.device,
+    seed: int,
 ) -> Runner:
-    def run(trial: Trial, schedule: CosineSchedule) -> TrialRun:
+    def run(trial: Trial, schedule: Schedule) -> TrialRun:
         folder = out / "trials" / str(trial.number)
-        result = TrialRun(schedule)
-        overrides = training_overrides(schedule, sweep.eval_every, folder, keep_checkpoints)
+        attrs = trial.user_attrs
+        ratio = trial.params.get("loraplus_lr_ratio")
+        result = TrialRun(schedule, ratio)
+        overrides = training_overrides(
+            schedule, sweep.eval_every, folder, keep_checkpoints, int(attrs.get("seed", seed))
+        )
         trainer = make_trainer(overrides)
         if trainer.args.learning_rate != schedule.peak_lr:
             raise StudyError(
@@ -216,7 +226,10 @@ def _trainer_runner(
                 "TrainingArguments(**overrides)"
             )
         on_trainer(trainer)
-        trainer.add_callback(_Watch(trainer, trial, result, sweep.pruner))
+        if ratio is not None:
+            trainer.optimizer = loraplus_optimizer(trainer, ratio)
+        watch = _Watch(trainer, trial, result, sweep.pruner, "confirms" not in attrs)
+        trainer.add_callback(watch)
         # lrsweep prints one line per trial; the Trainer's per-step log lines would bury it.
         trainer.remove_callback(PrinterCallback)
         try:
@@ -234,8 +247,32 @@ def _trainer_runner(
     return run
 
 
+def loraplus_optimizer(trainer: Trainer, ratio: float) -> torch.optim.Optimizer:
+    """peft's LoRA+ AdamW over the Trainer's model with its TrainingArguments' settings; the
+    Trainer's scheduler then scales every group, B's at ``ratio`` times A's LR."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    args = trainer.args
+    return create_loraplus_optimizer(
+        trainer.model,  # type: ignore[arg-type]
+        torch.optim.AdamW,
+        lr=args.learning_rate,
+        loraplus_lr_ratio=ratio,
+        loraplus_weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+    )
+
+
 _SEARCH_KEYS = {f.name for f in dataclasses.fields(SearchConfig)}
-_SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)} - {"steps", "epochs"}
+# The Trainer keeps its own adapter and trackers (its output_dir, its report_to).
+_SWEEP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)} - {
+    "steps",
+    "epochs",
+    "save_adapters",
+    "report_to",
+}
 
 
 def _sweep_config(
@@ -309,7 +346,9 @@ def sweep(
             study.set_user_attr("config", stored.replace(train=train).to_dict())
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runner = _trainer_runner(make_trainer, record_train, out, cfg.sweep, keep_checkpoints, device)
+    runner = _trainer_runner(
+        make_trainer, record_train, out, cfg.sweep, keep_checkpoints, device, cfg.seed
+    )
     run_worker(cfg, plan, runner, device=device, progress=progress)
     return study
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from lrsweep.config import StudyConfig
+from lrsweep.ranking import Comparison, Configuration, Recommendation
 from lrsweep.results import RANGETEST_PLOT, SWEEP_PLOTS, atomic_write, read_find
 from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION
 from lrsweep.suggest import Suggestion
@@ -284,3 +285,78 @@ def _plot_progress(
     )
     ax.grid(alpha=0.3)
     _save(fig, path)
+
+
+# ---------------------------------------------------------------- what to use
+
+
+def _schedule_words(row: pd.Series) -> str:
+    family = row.get("schedule")
+    family = family if isinstance(family, str) else "cosine"
+    words = (
+        f"{family} schedule, peak LR {row['peak_lr']:.2e}, warmup {int(row['warmup_steps'])} steps"
+    )
+    if family in ("cosine", "wsd"):
+        words += f", min_lr ratio {row['min_lr_ratio']:.2f}"
+    ratio = row.get("loraplus_lr_ratio")
+    if ratio is not None and pd.notna(ratio) and ratio != 1:
+        words += f", LoRA+ ratio {ratio:.3g}"
+    return words
+
+
+def _beats(label: str, c: Comparison) -> str:
+    other = c.other
+    text = f"{label} (trial {other.number}, peak LR {other.row['peak_lr']:.2e}, {other.mean:.4f}"
+    text += f" over {other.n} runs)" if other.n > 1 else ")"
+    verb = "beats" if c.margin > 0 else "does not beat"
+    noise = f" = {abs(c.margin) / c.noise:.1f}x the seed noise" if c.noise else ""
+    return f"It {verb} {text} by {c.margin:+.4f}{noise}."
+
+
+def format_recommendation(rec: Recommendation | None) -> str:
+    """The paragraph at the top of ``lrsweep report``: what to use, and how sure."""
+    if rec is None:
+        return "No recommendation yet: no trial is complete."
+    best = rec.best
+    lines = [f"Use: {_schedule_words(best.row)} (trial {best.number})."]
+    if rec.confirmed:
+        lines.append(
+            f"Eval loss {best.mean:.4f} +- {best.spread:.4f} over {best.n} seeds; the seed "
+            f"noise of one run is {rec.noise:.4f}."
+        )
+    else:
+        noise = f" (seed noise {rec.noise:.4f})" if rec.noise else ""
+        lines.append(
+            f"Eval loss {best.mean:.4f} in one run, not confirmed with other seeds{noise}: "
+            "set sweep.confirm_top to know how sure."
+        )
+    for label, comparison in (
+        ("the runner-up", rec.runner_up),
+        ("the range test's first guess", rec.first_guess),
+        ("the common default", rec.baseline),
+    ):
+        if comparison is not None:
+            lines.append(_beats(label, comparison))
+    return " ".join(lines)
+
+
+def format_configurations(configs: list[Configuration], noise: float | None) -> str:
+    """Mean +- spread of every configuration with several seeds, next to the seed noise."""
+    several = [c for c in configs if c.n >= 2]
+    if not several:
+        return ""
+    best = several[0].mean
+    lines = [
+        f"Configurations over seeds (seed noise of one run: {noise:.4f}):",
+        "",
+        f"  {'#':>4} {'runs':>4} {'mean':>7} {'spread':>7} {'vs best':>8} {'schedule':<9} "
+        f"{'peak_lr':>9}",
+    ]
+    for c in several:
+        family = c.row.get("schedule")
+        family = family if isinstance(family, str) else "cosine"
+        lines.append(
+            f"  {c.number:>4} {c.n:>4} {c.mean:>7.4f} {c.spread:>7.4f} {c.mean - best:>+8.4f} "
+            f"{family:<9} {c.row['peak_lr']:>9.2e}"
+        )
+    return "\n".join(lines)

@@ -177,8 +177,10 @@ def test_native_loop_and_trainer_agree(ctx: Context, tmp_path: Path) -> None:
 
 def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
     adapters: list[Any] = []
+    seeds: list[int] = []
 
     def make_trainer(overrides: dict[str, Any]) -> Trainer:
+        seeds.append(overrides["seed"])
         # A fresh adapter on the shared base for every trial; the last one comes off first
         # (peft stacks adapters on a base that still has one).
         if adapters:
@@ -207,14 +209,19 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
             peak_lr=(1e-3, 1e-1),
             trials=3,
             eval_every=4,
+            confirm_top=1,
+            confirm_seeds=1,
             progress=False,
         )
     finally:
         for model in adapters:
             detach_lora(model)
-    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
+    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 4
     trials, curves, meta = load_results(tmp_path)
-    assert len(trials) == 3 and meta["config"]["model"]["path"] == "trainer"
+    assert len(trials) == 4 and meta["config"]["model"]["path"] == "trainer"
+    # The best trial ran again with a new seed, passed on in the overrides.
+    (confirmation,) = trials[trials["confirms"].notna()].itertuples()
+    assert seeds == [0, 0, 0, 1] and confirmation.seed == 1
     # The study describes the user's TrainingArguments, so the export reproduces them.
     assert meta["config"]["train"]["batch_size"] == 2
     assert meta["config"]["train"]["grad_accum"] == 2

@@ -20,16 +20,13 @@ import lrsweep
 from lrsweep import config as config_mod
 from lrsweep.config import STUDY_KEYS, StudyConfig, SweepConfig
 from lrsweep.errors import StudyError
-from lrsweep.sweep.space import first_trial
+from lrsweep.sweep.space import BASELINE_ORIGIN, FIRST_ORIGIN, first_trial
 from lrsweep.sweep.storage import StudyStorage, retry
 
 
 logger = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# The origin (user attribute) of the queued first tries; confirmation runs carry their own.
-FIRST_ORIGIN = "range test recommendation"
-BASELINE_ORIGIN = "common default"
 _POLL_SECONDS = 2.0
 _CREATION_SECONDS = 30.0  # how long a study being created may lack its version
 
