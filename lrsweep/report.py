@@ -318,7 +318,9 @@ def format_recommendation(rec: Recommendation | None) -> str:
     if rec is None:
         return "No recommendation yet: no trial is complete."
     best = rec.best
-    lines = [f"Use: {_schedule_words(best.row)} (trial {best.number})."]
+    origin = best.row.get("origin")
+    source = f"trial {best.number}" + (f", the {origin}" if isinstance(origin, str) else "")
+    lines = [f"Use: {_schedule_words(best.row)} ({source})."]
     if rec.confirmed:
         lines.append(
             f"Eval loss {best.mean:.4f} +- {best.spread:.4f} over {best.n} seeds; the seed "
