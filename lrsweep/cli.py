@@ -235,8 +235,12 @@ def sweep(
             sys.exit(code)
     else:
         execute(prepared, progress=not quiet)
+    from lrsweep.results import adapters_line
+
     trials_frame, _, _ = load_results(out, storage, study_name)
     click.echo("\n" + format_trials(trials_frame, top=5))
+    if line := adapters_line(out):
+        click.echo("\n" + line)
     click.echo(
         f"\nResults in {out}: trials.parquet, curves.parquet; "
         f"lrsweep report {out} for plots, lrsweep export {out} for the best config"
@@ -381,7 +385,7 @@ def export(out: Path, fmt: str, adapter: bool, storage: str | None, study_name: 
     from lrsweep.sweep.collect import load_results
 
     if adapter:
-        click.echo(_adapter_line(out))
+        click.echo(_adapter_line(out, storage, study_name))
         return
     trials, _, meta = load_results(out, storage, study_name)
     rec = recommendation(trials)
@@ -395,21 +399,26 @@ def export(out: Path, fmt: str, adapter: bool, storage: str | None, study_name: 
         )
 
 
-def _adapter_line(out: Path) -> str:
-    from lrsweep.results import ADAPTERS_DIR, BEST_ADAPTER, folder_bytes, read_adapter_info
+def _adapter_line(out: Path, storage: str | None, study_name: str) -> str:
+    from lrsweep.export import recommendation
+    from lrsweep.results import ADAPTERS_DIR, BEST_ADAPTER, adapters_line, read_adapter_info
+    from lrsweep.sweep.collect import load_results
 
     best = out / ADAPTERS_DIR / BEST_ADAPTER
-    info = read_adapter_info(best)
-    if info is None:
+    info, line = read_adapter_info(best), adapters_line(out)
+    if info is None or line is None:
         raise LrsweepError(
             f"{out}: no saved adapter (sweep.save_adapters = 'best' or 'all' keeps them)"
         )
-    total = folder_bytes(out / ADAPTERS_DIR) / 2**20
-    return (
-        f"{best.resolve()}  (trial {info['trial']}, eval loss {info['eval_loss']:.4f}, "
-        f"{folder_bytes(best.resolve()) / 2**20:.1f} MB; {out / ADAPTERS_DIR} holds "
-        f"{total:.1f} MB). Load it with PeftModel.from_pretrained(base_model, that folder)."
-    )
+    text = f"{best.resolve()}\n{line}\nLoad it with PeftModel.from_pretrained(base_model, path)."
+    picked = recommendation(load_results(out, storage, study_name)[0]).best.number
+    of = info.get("confirms") if info.get("confirms") is not None else info["trial"]
+    if of != picked:
+        text += (
+            f"\nIt is the best single run, of trial {of}'s configuration; lrsweep export "
+            f"recommends trial {picked}'s (the best mean over seeds)."
+        )
+    return text
 
 
 @cli.command()

@@ -192,9 +192,18 @@ def format_trials(trials: pd.DataFrame, top: int = 10) -> str:
             f"  {t['number']:>4} {t['state']:<9} {num(t['eval_loss'], '.4f'):>7} "
             f"{num(t['best_eval_loss'], '.4f'):>7} {num(t['peak_lr'], '.2e'):>9} "
             f"{num(t['warmup_steps'], 'd'):>6} {num(t['min_lr'], '.2e'):>9} "
-            f"{num(t['seconds'], '.0f'):>6}  {'' if pd.isna(t['reason']) else t['reason']}"
+            f"{num(t['seconds'], '.0f'):>6}  {_note(t)}"
         )
     return "\n".join(lines)
+
+
+def _note(t: pd.Series) -> str:
+    """The reason column: why it stopped, and what a confirmation run repeats."""
+    notes = [] if pd.isna(t["reason"]) else [str(t["reason"])]
+    confirms = t.get("confirms")
+    if confirms is not None and pd.notna(confirms):
+        notes.insert(0, f"confirms #{int(confirms)} (seed {int(t['seed'])})")
+    return "; ".join(notes)
 
 
 def plot_sweep(

@@ -66,6 +66,26 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def size_text(n: int) -> str:
+    """``n`` bytes for people: 12 KB, 3.4 MB, 1.2 GB."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.0f} KB"
+
+
+def adapters_line(out: Path) -> str | None:
+    """Where the kept adapters are and their space on disk, or None when there are none."""
+    best = out / ADAPTERS_DIR / BEST_ADAPTER
+    info = read_adapter_info(best)
+    if info is None:
+        return None
+    return (
+        f"Adapters: {out / ADAPTERS_DIR} ({size_text(folder_bytes(out / ADAPTERS_DIR))}); "
+        f"best: trial {info['trial']}, eval loss {info['eval_loss']:.4f} ({best})"
+    )
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -128,7 +128,7 @@ def test_the_best_adapter_is_kept_and_loads(
     assert loss == pytest.approx(best.value, abs=1e-5)
     code, out, err = run_cli(capsys, monkeypatch, "export", str(tmp_path), "--adapter")
     assert code == 0, err
-    assert str(link.resolve()) in out and f"trial {best.number}" in out and "MB" in out
+    assert str(link.resolve()) in out and f"trial {best.number}" in out and " KB" in out
 
 
 def test_all_adapters_are_kept(tmp_path: Path) -> None:

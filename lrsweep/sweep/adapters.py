@@ -28,6 +28,7 @@ from lrsweep.results import (
     adapter_folder,
     folder_bytes,
     read_adapter_info,
+    size_text,
     write_json,
 )
 
@@ -69,14 +70,14 @@ class AdapterKeeper:
         if self.mode == "best" and not better:
             return
         folder = save_adapter(model, self.tokenizer, self.out, self._info(run, loss))
-        size = folder_bytes(folder) / 2**20
+        size = size_text(folder_bytes(folder))
         if better:
             previous = best.resolve() if best.is_symlink() else None
             _point(best, folder.name)
             if self.mode == "best" and previous is not None and previous != folder.resolve():
                 shutil.rmtree(previous, ignore_errors=True)
         tqdm.write(
-            f"adapter of trial {self.trial.number} saved in {folder} ({size:.1f} MB)"
+            f"adapter of trial {self.trial.number} saved in {folder} ({size})"
             + (f"; {best} points to it" if better else "")
         )
 
