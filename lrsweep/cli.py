@@ -307,8 +307,11 @@ def worker(
     )
     if deadline is not None:
         prepared.plan.deadline = deadline
-    if prepared.left == 0:
-        click.echo(f"Nothing to do: the study has its {prepared.plan.trials} finished trials.")
+    if prepared.left == 0 and prepared.confirmations_left == 0:
+        click.echo(
+            f"Nothing to do: the study has its {prepared.plan.trials} finished trials and "
+            "their confirmation runs."
+        )
         return
     _stop_on_sigterm()
     execute(prepared, progress=not quiet, part=True)

@@ -154,7 +154,7 @@ def find_lr(
 
 
 def training_overrides(
-    schedule: Schedule, eval_every: int, output_dir: Path, keep_checkpoints: bool, seed: int = 0
+    schedule: Schedule, eval_every: int, output_dir: Path, keep_checkpoints: bool, seed: int
 ) -> dict[str, Any]:
     """TrainingArguments keyword arguments that make a Trainer run ``schedule`` with the
     trial's ``seed`` (a confirmation run's own)."""

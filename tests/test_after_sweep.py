@@ -184,8 +184,13 @@ def test_the_schedule_family_is_a_search_dimension(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- 4: LoRA+
 
 
-def test_loraplus_b_groups_get_ratio_times_the_lr(tiny: Any) -> None:
+@pytest.mark.parametrize("built_at", ["lrsweep", "user"])
+def test_loraplus_b_groups_get_ratio_times_the_lr(tiny: Any, built_at: str) -> None:
+    """lrsweep's LoRA+ optimizer, and one a user built with peft at their own LR (a
+    Trainer's, in hf.find_lr): every step, B's groups at 16x the loop's LR, A's at it."""
     import dataclasses
+
+    from peft.optimizers import create_loraplus_optimizer
 
     from lrsweep.context import prepare
     from lrsweep.data import batches
@@ -195,8 +200,14 @@ def test_loraplus_b_groups_get_ratio_times_the_lr(tiny: Any) -> None:
     ctx = prepare(tiny)
     model = attach_lora(ctx.base, tiny.lora, 0)
     try:
-        train_cfg = dataclasses.replace(tiny.train, loraplus_lr_ratio=16.0)
-        optimizer = make_optimizer(model, train_cfg)
+        if built_at == "lrsweep":
+            optimizer = make_optimizer(
+                model, dataclasses.replace(tiny.train, loraplus_lr_ratio=16)
+            )
+        else:
+            optimizer = create_loraplus_optimizer(
+                model, torch.optim.AdamW, lr=3e-4, loraplus_lr_ratio=16
+            )
         names = {id(p): n for n, p in model.named_parameters()}
         seen: list[list[float]] = []
         lrs = [1e-3, 2e-3, 5e-4]
@@ -209,16 +220,72 @@ def test_loraplus_b_groups_get_ratio_times_the_lr(tiny: Any) -> None:
             on_step=lambda r: seen.append([g["lr"] for g in optimizer.param_groups]) and None,
             progress=False,
         )
+        checked = 0
         for step, lr in enumerate(lrs):
             for group, got in zip(optimizer.param_groups, seen[step], strict=True):
                 kinds = {"lora_B" in names[id(p)] for p in group["params"]}
-                if kinds == {True}:
-                    assert got == pytest.approx(16 * lr)
-                elif kinds == {False}:
-                    assert got == pytest.approx(lr)
-        assert any("lora_B" in names[id(p)] for p in optimizer.param_groups[2]["params"])
+                if kinds:
+                    assert got == pytest.approx(16 * lr if kinds == {True} else lr, rel=1e-12)
+                    checked += 1
+        assert checked == 2 * len(lrs)  # the A group and the B group, at every step
     finally:
         detach_lora(model)
+
+
+def test_hf_sweep_gives_the_trainer_the_trials_loraplus_optimizer(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from lrsweep import hf
+    from lrsweep.context import prepare
+    from lrsweep.models import attach_lora, detach_lora
+    from tests.test_hf import Blocks
+
+    ctx = prepare(tiny_config())
+    adapters: list[Any] = []
+    seen: list[tuple[float, list[float]]] = []
+
+    def make_trainer(overrides: dict[str, Any]) -> Trainer:
+        if adapters:
+            detach_lora(adapters.pop())
+        adapters.append(attach_lora(ctx.base, ctx.config.lora, overrides["seed"]))
+        args = TrainingArguments(use_cpu=True, per_device_train_batch_size=4, **overrides)
+        return Trainer(
+            model=adapters[-1],
+            args=args,
+            train_dataset=Blocks(ctx.blocks.train),
+            eval_dataset=Blocks(ctx.blocks.eval),
+        )
+
+    real = hf.loraplus_optimizer
+
+    def spy(trainer: Trainer, ratio: float) -> Any:
+        optimizer = real(trainer, ratio)
+        seen.append((ratio, [g["lr"] for g in optimizer.param_groups]))
+        return optimizer
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(hf, "loraplus_optimizer", spy)
+            study = hf.sweep(
+                make_trainer,
+                tmp_path,
+                max_steps=4,
+                peak_lr=(1e-3, 1e-2),
+                loraplus_lr_ratio=(4, 16),
+                trials=2,
+                eval_every=2,
+                confirm_top=0,
+                progress=False,
+            )
+    finally:
+        for model in adapters:
+            detach_lora(model)
+    for trial, (ratio, lrs) in zip(study.trials, seen, strict=True):
+        assert ratio == trial.params["loraplus_lr_ratio"] and 4 <= ratio <= 16
+        peak = trial.params["peak_lr"]
+        assert lrs[0] == peak and lrs[2] == pytest.approx(ratio * peak)
+    trials, _, _ = load_results(tmp_path)
+    assert trials["loraplus_lr_ratio"].tolist() == [r for r, _ in seen]
 
 
 def test_loraplus_is_searched_and_the_export_builds_the_same_optimizer(tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def test_native_loop_and_trainer_agree(ctx: Context, tmp_path: Path) -> None:
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
         overrides = hf.training_overrides(
-            schedule, eval_every=100, output_dir=tmp_path / "t", keep_checkpoints=False
+            schedule, eval_every=100, output_dir=tmp_path / "t", keep_checkpoints=False, seed=0
         )
         overrides.update(eval_strategy="no", gradient_accumulation_steps=2)
         trainer = Trainer(
