@@ -157,6 +157,13 @@ def format_trainer_snippet(lr: float, config: StudyConfig) -> str:
         f"    seed={config.seed},\n"
         "    ...,\n"
         ")"
+        + (
+            f"\n# LoRA+ (the range test's): the learning_rate is the A matrices'; build the "
+            f"optimizer with peft's\n# create_loraplus_optimizer(..., loraplus_lr_ratio="
+            f"{train.loraplus_lr_ratio:g}) and pass Trainer(optimizers=(optimizer, None))"
+            if train.loraplus_lr_ratio != 1
+            else ""
+        )
     )
 
 

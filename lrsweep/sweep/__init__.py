@@ -1,7 +1,8 @@
-"""``lrsweep sweep``: an Optuna study over peak LR, warmup fraction and min_lr.
+"""``lrsweep sweep``: an Optuna study over peak LR, warmup fraction and min_lr (and, where
+asked, the schedule family and the LoRA+ ratio).
 
 Each trial attaches a fresh LoRA adapter to the base model loaded once per process, trains it
-with transformers' cosine-with-min-LR schedule, reports eval losses to the pruner, and detaches
+with one of transformers' schedules (cosine with min LR by default), reports eval losses to the pruner, and detaches
 the adapter again. Trials run in-process: loading the base model once is what keeps a trial
 cheap. The modules, in the order a sweep uses them:
 
@@ -11,6 +12,8 @@ cheap. The modules, in the order a sweep uses them:
 - ``plan``: planning a sweep (range test for the bounds, estimate) and running it here
 - ``worker``: the ask-run-tell loop, every exit of a trial recorded
 - ``trial``: what a trial records, the shared eval-and-prune rule, lrsweep's own runner
+- ``confirm``: confirmation runs of the best configurations with fresh seeds
+- ``adapters``: the trained adapters kept under OUT/adapters
 - ``launch``: N worker processes on this machine
 - ``collect``: the result files kept in step with the study (what report and export read)
 

@@ -166,10 +166,10 @@ def _one_trial(
     seed = cfg.seed
     try:
         with _signals_held():
-            trial = retry(lambda: _ask(study, space), what="start a trial")
+            trial = asked = retry(lambda: _ask(study, space), what="start a trial")
             schedule = schedule_of(trial.params, cfg, plan.steps)
             run = TrialRun(schedule, loraplus_ratio_of(trial.params, cfg))
-            seed = retry(lambda: trial_seed(trial, cfg.seed), what="start a trial")  # type: ignore[union-attr]
+            seed = retry(lambda: trial_seed(asked, cfg.seed), what="start a trial")
             heartbeat = Heartbeat(storage, storage.trial_id(study, trial.number), trial.number)
             heartbeat.__enter__()
         try:
