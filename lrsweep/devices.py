@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
 import torch
 
 from lrsweep.errors import ConfigError
+
+
+if TYPE_CHECKING:
+    from lrsweep.config import LoraSettings, TrainConfig
+    from lrsweep.models import BaseModel
+    from lrsweep.oom import Attempt
 
 
 _ENTRY = re.compile(r"^(cpu|mps|cuda(?::(\d+))?)(?:[x*](\d+))?$")
@@ -135,3 +142,50 @@ def memory_line(use: MemoryUse) -> str:
     if share > 0.9:
         line += "; close to the limit: an out-of-memory error halves the micro-batch"
     return line
+
+
+def measure_first_steps(
+    base: BaseModel,
+    lora: LoraSettings,
+    train_cfg: TrainConfig,
+    blocks: torch.Tensor,
+    *,
+    seed: int = 0,
+    steps: int = 2,
+) -> tuple[MemoryUse, Attempt]:
+    """The peak memory of ``steps`` optimizer steps on a throwaway adapter, with the
+    out-of-memory retry, before a range test or a sweep starts: what every later step of the
+    same shape will need, and the shape that fits (print ``memory_line`` of the first, use
+    ``.train`` of the second). On a device that cannot tell its memory nothing runs. The base
+    comes back clean, the torch RNG state as it was."""
+    from lrsweep.data import batches
+    from lrsweep.models import attach_lora, detach_lora
+    from lrsweep.oom import Attempt, free_memory, run_with_retry
+    from lrsweep.training import Precision, make_optimizer, train
+
+    if base.device.type != "cuda":
+        return measure_memory(base.device), Attempt(train_cfg)
+
+    def run(attempt: Attempt) -> MemoryUse:
+        model = attach_lora(base, lora, seed)
+        try:
+            free_memory(base.device)
+            reset_peak_memory(base.device)
+            train(
+                model,
+                make_optimizer(model, attempt.train),
+                attempt.batches(batches(blocks, train_cfg.batch_size, seed)),
+                [0.0] * steps,  # LR 0: the memory of real steps, the adapter unchanged
+                grad_accum=attempt.train.grad_accum,
+                max_grad_norm=train_cfg.max_grad_norm,
+                precision=Precision(base.device, base.dtype),
+                progress=False,
+            )
+            return measure_memory(base.device)
+        finally:
+            detach_lora(model)
+
+    with torch.random.fork_rng(devices=[base.device]):
+        use, attempt = run_with_retry(run, train_cfg, device=base.device)
+    free_memory(base.device)
+    return use, attempt

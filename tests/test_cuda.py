@@ -96,3 +96,16 @@ def test_parse_devices_sees_the_gpus() -> None:
     count = torch.cuda.device_count()
     assert parse_devices("cuda:0x4") == ["cuda:0"] * 4
     assert parse_devices(f"cuda:{count - 1}", 2) == [f"cuda:{count - 1}"] * 2
+
+
+def test_measure_first_steps_on_cuda() -> None:
+    from lrsweep.devices import measure_first_steps
+
+    train_cfg = TrainConfig(device="cuda", seq_len=128, batch_size=4)
+    base = load_base_model(ModelConfig(path="tiny"), train_cfg)
+    blocks = torch.randint(0, 256, (16, 128), generator=torch.Generator().manual_seed(0))
+    rng = torch.get_rng_state()
+    use, attempt = measure_first_steps(base, LoraSettings(r=4), train_cfg, blocks)
+    assert torch.equal(rng, torch.get_rng_state())
+    assert use.peak_reserved and use.peak_reserved > 0 and attempt.train == train_cfg
+    assert "GiB on cuda" in memory_line(use) and not hasattr(base.model, "peft_config")

@@ -86,3 +86,20 @@ def test_measure_memory_here() -> None:
     use = measure_memory("cpu")
     assert use.rss > 0 and use.total is None
     assert memory_line(use).startswith("peak memory: n/a on cpu")
+
+
+def test_measure_first_steps_on_cpu_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lrsweep import training
+    from lrsweep.config import LoraSettings, ModelConfig, TrainConfig
+    from lrsweep.devices import measure_first_steps
+    from lrsweep.models import load_base_model
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing to measure on the CPU")
+
+    monkeypatch.setattr(training, "train", no_training)
+    train_cfg = TrainConfig(device="cpu", batch_size=4)
+    base = load_base_model(ModelConfig(path="tiny"), train_cfg)
+    use, attempt = measure_first_steps(base, LoraSettings(), train_cfg, torch.zeros(8, 16))
+    assert memory_line(use).startswith("peak memory: n/a on cpu")
+    assert attempt.train == train_cfg and attempt.retries == 0
