@@ -124,7 +124,7 @@ def test_detach_frees_adapter_and_keeps_base_bit_identical() -> None:
 
 def test_gradient_checkpointing_with_lora() -> None:
     base = tiny(gradient_checkpointing=True)
-    assert base.model.is_activation_checkpointing
+    assert models.is_checkpointing(base.model)
     embed = base.model.get_input_embeddings()
     for seed in range(3):
         peft = attach_lora(base, LoraSettings(r=4), seed=seed)
