@@ -20,7 +20,8 @@ The one entry point is :func:`run_with_retry`::
             detach_lora(model)
 
     result, used = run_with_retry(attempt_run, cfg.train, device=device)
-    # used.train.batch_size / used.train.grad_accum: what ran; used.attrs(): for the records
+    # used.train.batch_size / used.train.grad_accum: what ran; used.attrs(): for the records;
+    # start=used lets the next run of the same shape begin there
 
 Micro-batch sizes are divisors of the original batch size (8 -> 4 -> 2 -> 1; 6 -> 3 -> 1;
 5 -> 1), so that every micro-batch of a step has the same number of rows and the exported
@@ -188,6 +189,7 @@ def run_with_retry(
     *,
     device: torch.device | str,
     on_retry: Callable[[Attempt], None] | None = None,
+    start: Attempt | None = None,
 ) -> tuple[T, Attempt]:
     """``run(attempt)`` until it does not run out of memory; its result and the attempt used.
 
@@ -199,9 +201,19 @@ def run_with_retry(
     that failed in the middle of a step leaves partial gradients behind. At a micro-batch of 1
     it raises :class:`OutOfMemory` (a ``torch.OutOfMemoryError``). Any other error propagates
     at once.
+
+    ``start``: begin with an attempt that an earlier run of the same shape ended with (the
+    previous trial's, or :func:`lrsweep.devices.measure_first_steps`'s), rather than fail
+    again at sizes already known not to fit.
     """
     device = torch.device(device)
     attempt = Attempt(train)
+    if start is not None:
+        if start.original_batch_size != train.batch_size or start.train.grad_accum != (
+            train.grad_accum * start.parts
+        ):
+            raise ValueError(f"start {start.describe()} is not a shape of {train}")
+        attempt = start
     rng = _rng_state(device)
     while True:
         try:

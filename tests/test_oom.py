@@ -133,6 +133,25 @@ def test_retry_halves_until_it_fits() -> None:
     assert first == (8, Attempt(train)), "no error, no change"
 
 
+def test_start_from_a_known_shape() -> None:
+    train = TrainConfig(batch_size=8, grad_accum=1)
+    calls: list[int] = []
+
+    def run(attempt: Attempt) -> int:
+        calls.append(attempt.train.batch_size)
+        if attempt.train.batch_size > 1:
+            raise oom(attempt.train.batch_size)
+        return attempt.retries
+
+    _, known = run_with_retry(run, train, device="cpu")
+    assert calls == [8, 4, 2, 1] and known.retries == 3
+    calls.clear()
+    assert run_with_retry(run, train, device="cpu", start=known) == (3, known)
+    assert calls == [1], "the next trial starts where the last one ended"
+    with pytest.raises(ValueError, match="not a shape of"):
+        run_with_retry(run, TrainConfig(batch_size=4), device="cpu", start=known)
+
+
 def test_micro_batch_one_failing_reraises() -> None:
     calls: list[int] = []
 
