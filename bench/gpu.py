@@ -371,7 +371,7 @@ def section_llama8b(bench: Bench) -> dict[str, Any]:
     from lrsweep.devices import measure_memory, memory_line, reset_peak_memory
     from lrsweep.models import attach_lora, detach_lora, load_base_model
     from lrsweep.oom import Attempt, free_memory, run_with_retry
-    from lrsweep.training import Precision, make_optimizer, train
+    from lrsweep.training import Loop, Precision, make_optimizer, train
 
     smoke = bench.smoke
     config = llama8b_config(smoke)
@@ -419,9 +419,7 @@ def section_llama8b(bench: Bench) -> dict[str, Any]:
                 make_optimizer(peft, attempt.train),
                 attempt.batches(drawn),
                 [1e-4] * steps,
-                grad_accum=attempt.train.grad_accum,
-                max_grad_norm=1.0,
-                precision=Precision(device, base.dtype),
+                Loop(Precision(device, base.dtype), attempt.train.grad_accum, 1.0),
                 progress=False,
             ).records
             return records, measure_memory(device)

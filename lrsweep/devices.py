@@ -161,7 +161,7 @@ def measure_first_steps(
     from lrsweep.data import batches
     from lrsweep.models import attach_lora, detach_lora
     from lrsweep.oom import Attempt, free_memory, run_with_retry
-    from lrsweep.training import Precision, make_optimizer, train
+    from lrsweep.training import Loop, Precision, make_optimizer, train
 
     if base.device.type != "cuda":
         return measure_memory(base.device), Attempt(train_cfg)
@@ -176,9 +176,11 @@ def measure_first_steps(
                 make_optimizer(model, attempt.train),
                 attempt.batches(batches(blocks, train_cfg.batch_size, seed)),
                 [0.0] * steps,  # LR 0: the memory of real steps, the adapter unchanged
-                grad_accum=attempt.train.grad_accum,
-                max_grad_norm=train_cfg.max_grad_norm,
-                precision=Precision(base.device, base.dtype),
+                Loop(
+                    Precision(base.device, base.dtype),
+                    attempt.train.grad_accum,
+                    train_cfg.max_grad_norm,
+                ),
                 progress=False,
             )
             return measure_memory(base.device)

@@ -13,7 +13,7 @@ from lrsweep.data import batches
 from lrsweep.devices import measure_memory, memory_line, parse_devices, reset_peak_memory
 from lrsweep.models import BaseModel, attach_lora, detach_lora, load_base_model
 from lrsweep.oom import Attempt, free_memory, run_with_retry
-from lrsweep.training import Precision, TrainResult, make_optimizer, train
+from lrsweep.training import Loop, Precision, TrainResult, make_optimizer, train
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,9 +30,7 @@ def _train(base: BaseModel, blocks: torch.Tensor, attempt: Attempt, steps: int) 
             make_optimizer(peft, attempt.train),
             attempt.batches(batches(blocks, attempt.original_batch_size, seed=0)),
             [1e-3] * steps,
-            grad_accum=attempt.train.grad_accum,
-            max_grad_norm=1.0,
-            precision=Precision(base.device, base.dtype),
+            Loop(Precision(base.device, base.dtype), attempt.train.grad_accum, 1.0),
             progress=False,
         )
     finally:

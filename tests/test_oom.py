@@ -23,7 +23,7 @@ from lrsweep.oom import (
     split_batches,
 )
 from lrsweep.schedules import CosineSchedule
-from lrsweep.training import Precision, TrainResult, make_optimizer, train
+from lrsweep.training import Loop, Precision, TrainResult, make_optimizer, train
 
 
 CPU = torch.device("cpu")
@@ -252,12 +252,14 @@ def _run(
             make_optimizer(model, attempt.train),
             attempt.batches(drawn),
             CosineSchedule(1e-2, 4, 0.25, 0.1).lrs(),
-            grad_accum=attempt.train.grad_accum,
-            max_grad_norm=1.0,
-            precision=Precision(CPU, torch.float32),
+            Loop(
+                Precision(CPU, torch.float32),
+                attempt.train.grad_accum,
+                1.0,
+                attempt.train.batch_size * 2,
+            ),
             eval_blocks=blocks[:4],
             eval_every=2,
-            eval_batch_size=attempt.train.batch_size * 2,
             progress=False,
         )
     finally:
@@ -303,9 +305,7 @@ def test_split_training_matches_the_unsplit_one_without_dropout(base: BaseModel)
                 make_optimizer(peft, attempt.train),
                 attempt.batches(batches(blocks, attempt.original_batch_size, seed=0)),
                 [1e-2] * 5,
-                grad_accum=attempt.train.grad_accum,
-                max_grad_norm=1.0,
-                precision=Precision(CPU, torch.float32),
+                Loop(Precision(CPU, torch.float32), attempt.train.grad_accum, 1.0),
                 progress=False,
             )
             return [r.loss for r in result.records]
@@ -338,9 +338,7 @@ def test_padded_batches_split_with_their_masks(base: BaseModel) -> None:
                 make_optimizer(peft, attempt.train),
                 attempt.batches(_endless(batch)),
                 [1e-2] * 2,
-                grad_accum=attempt.train.grad_accum,
-                max_grad_norm=1.0,
-                precision=Precision(CPU, torch.float32),
+                Loop(Precision(CPU, torch.float32), attempt.train.grad_accum, 1.0),
                 progress=False,
             )
             return result.records[-1].loss
