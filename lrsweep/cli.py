@@ -80,14 +80,21 @@ def find(
     Writes rangetest.parquet, rangetest.png and suggestion.json to --out.
     """
     from lrsweep import config as config_mod
-    from lrsweep.find import find_lr
+    from lrsweep.context import prepare
+    from lrsweep.devices import check_memory
+    from lrsweep.find import run_find, save_and_draw
     from lrsweep.report import format_suggestion, format_trainer_snippet
 
     if mode is not None:
         overrides = (*overrides, f"rangetest.mode={mode}")
     cfg = config_mod.load(study, overrides)
     out = out or Path("runs") / time.strftime("find-%Y%m%d-%H%M%S")
-    result = find_lr(cfg, out=out, progress=not quiet)
+    ctx = prepare(cfg)
+    memory, fits = check_memory(ctx)
+    if memory:
+        click.echo(memory)
+    result = run_find(ctx, progress=not quiet, start=fits)
+    save_and_draw(result, out)
     unit = "fixed-LR runs" if result.curve.mode == "probe" else "steps"
     click.echo(
         format_suggestion(result.suggestion, len(result.curve.lrs), result.curve.stop_reason, unit)
@@ -225,6 +232,8 @@ def sweep(
     )
     if prepared.ran_find:
         plot_find(out)
+    if prepared.memory:
+        click.echo(prepared.memory)
     click.echo(prepared.estimate())
     if dry_run:
         return

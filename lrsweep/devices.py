@@ -20,6 +20,7 @@ from lrsweep.errors import ConfigError
 
 if TYPE_CHECKING:
     from lrsweep.config import LoraSettings, TrainConfig
+    from lrsweep.context import Context
     from lrsweep.models import BaseModel
     from lrsweep.oom import Attempt
 
@@ -191,3 +192,13 @@ def measure_first_steps(
         use, attempt = run_with_retry(run, train_cfg, device=base.device)
     free_memory(base.device)
     return use, attempt
+
+
+def check_memory(ctx: Context) -> tuple[str | None, Attempt | None]:
+    """On CUDA, before a range test or a sweep: the memory line to print and the shape that
+    fits (:func:`measure_first_steps`); (None, None) elsewhere, where nothing is measured."""
+    if ctx.base.device.type != "cuda":
+        return None, None
+    cfg = ctx.config
+    use, fits = measure_first_steps(ctx.base, cfg.lora, cfg.train, ctx.blocks.train, seed=cfg.seed)
+    return memory_line(use), fits

@@ -191,7 +191,7 @@ def test_report_with_nothing_to_plot_prints_the_table_and_why(
     from lrsweep.sweep import plan as plan_mod
     from lrsweep.sweep.trial import TrialRun
 
-    def diverged_at_once(ctx, trial, schedule, progress=True):  # type: ignore[no-untyped-def]
+    def diverged_at_once(ctx, trial, schedule, progress=True, start=None):  # type: ignore[no-untyped-def]
         return TrialRun(schedule, reason="non-finite loss at step 0")
 
     monkeypatch.setattr(plan_mod, "run_trial", diverged_at_once)

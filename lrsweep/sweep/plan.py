@@ -13,13 +13,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from lrsweep import config as config_mod
 from lrsweep.config import DEFAULT_STUDY, StudyConfig, SweepConfig
 from lrsweep.context import Context, prepare
+from lrsweep.devices import check_memory
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, load_find, run_find, save_find
 from lrsweep.sweep.space import first_trial, peak_lr_bounds, total_steps
@@ -32,9 +33,15 @@ from lrsweep.sweep.study import (
     finished_count,
     join_study,
 )
-from lrsweep.sweep.trial import run_trial
+from lrsweep.sweep.trial import TrialRun, run_trial
 from lrsweep.sweep.worker import SweepPlan, run_worker
 
+
+if TYPE_CHECKING:
+    from optuna.trial import Trial
+
+    from lrsweep.oom import Attempt
+    from lrsweep.schedules import CosineSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,8 @@ class PreparedSweep:
     plan: SweepPlan
     seconds_per_step: float
     ran_find: bool = False  # the range test ran now, for the bounds: its plot is still to draw
+    memory: str | None = None  # on CUDA: the first steps' peak memory against the device's
+    fits: Attempt | None = None  # the micro-batch and accumulation that fit on the device
 
     @property
     def left(self) -> int:
@@ -152,6 +161,7 @@ def prepare_sweep(
     if device is not None:
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, device=device))
     ctx = prepare(cfg)
+    memory, fits = check_memory(ctx)
     found = load_find(out, cfg)
     ran_find = False
     if study is not None:
@@ -159,7 +169,7 @@ def prepare_sweep(
     else:
         if found is None and not cfg.search.peak_lr:
             logger.info("no range test in %s yet: running it for the bounds", out)
-            found, ran_find = run_find(ctx, progress=progress), True
+            found, ran_find = run_find(ctx, progress=progress, start=fits), True
             save_find(found, out)
         bounds = peak_lr_bounds(cfg, found and found.suggestion, _highest(found))
     steps = total_steps(
@@ -177,7 +187,7 @@ def prepare_sweep(
     deadline = time.time() + timeout if timeout else None
     plan = SweepPlan(out, study, backend, bounds, steps, goal, deadline)  # type: ignore[arg-type]
     seconds_per_step = found.curve.seconds_per_step if found else _seconds_per_step(study)
-    return PreparedSweep(ctx, plan, seconds_per_step, ran_find)
+    return PreparedSweep(ctx, plan, seconds_per_step, ran_find, memory, fits)
 
 
 def _highest(found: FindResult | None) -> float:
@@ -200,13 +210,17 @@ def execute(prepared: PreparedSweep, progress: bool = True, part: bool = False) 
     several workers and writes its own part files only."""
     ctx, plan = prepared.ctx, prepared.plan
     plan.part = part
-    run_worker(
-        ctx.config,
-        plan,
-        lambda trial, schedule: run_trial(ctx, trial, schedule, progress),
-        device=ctx.base.device,
-        progress=progress,
-    )
+    shape = prepared.fits
+
+    def runner(trial: Trial, schedule: CosineSchedule) -> TrialRun:
+        # Each trial starts at the shape the last one ended with: no need to run out of
+        # memory again at sizes known not to fit.
+        nonlocal shape
+        run = run_trial(ctx, trial, schedule, progress, start=shape)
+        shape = run.shape
+        return run
+
+    run_worker(ctx.config, plan, runner, device=ctx.base.device, progress=progress)
     return plan.study
 
 
