@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -120,23 +119,6 @@ def _duration(text: str | None, option: str = "--timeout") -> float | None:
     return seconds
 
 
-_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
-
-
-def _devices(text: str | None) -> list[str]:
-    """``--devices cuda:0,cuda:1`` -> ["cuda:0", "cuda:1"], each name checked."""
-    if text is None:
-        return []
-    names = [d.strip() for d in text.split(",")]
-    for name in names:
-        if not _DEVICE.fullmatch(name):
-            raise LrsweepError(
-                f"--devices {text}: {name!r} is not a device; use cpu, mps, cuda or cuda:N, "
-                "comma-separated"
-            )
-    return names
-
-
 STORAGE = click.option(
     "--storage",
     envvar="LRSWEEP_STORAGE",
@@ -183,11 +165,14 @@ TIMEOUT = click.option("--timeout", help="Start no trial after this long, e.g. 8
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes on this machine sharing the study.",
+    help="Worker processes on this machine sharing the study (default: one per --devices "
+    "entry, else 1).",
 )
-@click.option("--devices", help="Comma-separated devices for the workers, e.g. cuda:0,cuda:1.")
+@click.option(
+    "--devices",
+    help="Devices for the workers, round robin: cuda:0,cuda:1; cuda:0x4 is four workers on "
+    "one GPU.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the time estimate only.")
 @QUIET
 def sweep(
@@ -198,7 +183,7 @@ def sweep(
     timeout: str | None,
     storage: str | None,
     study_name: str,
-    workers: int,
+    workers: int | None,
     devices: str | None,
     dry_run: bool,
     quiet: bool,
@@ -209,13 +194,15 @@ def sweep(
     config stored in the study. Ctrl-C stops it (exit code 130) and loses no finished trial.
     """
     from lrsweep import config as config_mod
+    from lrsweep.devices import parse_devices
     from lrsweep.report import format_trials, plot_find
     from lrsweep.sweep.collect import load_results
     from lrsweep.sweep.launch import spawn_workers
     from lrsweep.sweep.plan import execute, prepare_sweep
 
     seconds = _duration(timeout)
-    device_list = _devices(devices)
+    device_list = parse_devices(devices, workers) if devices else []
+    workers = len(device_list) or workers or 1
     # Without a study file, --set applies to the config stored in the study.
     cfg = config_mod.load(study, overrides) if study else None
     prepared = prepare_sweep(
@@ -293,7 +280,9 @@ def worker(
 
     seconds, wait_seconds = _duration(timeout), _duration(wait, "--wait")
     if device is not None:
-        _devices(device)
+        from lrsweep.devices import parse_devices
+
+        parse_devices(device, 1)
     if threads:
         import torch
 

@@ -320,7 +320,8 @@ def _latin1_study(tmp_path: Path) -> str:
 
 
 BAD_INPUT = [
-    ("--devices foo", ("sweep", TINY, "--devices", "foo"), "'foo' is not a device"),
+    ("--devices foo", ("sweep", TINY, "--devices", "foo"), "foo: not a device"),
+    ("--devices cuda:0 on CPU", ("sweep", TINY, "--devices", "cuda:0"), "CUDA is not available"),
     ("--timeout -5m", ("sweep", TINY, "--timeout", "-5m"), "positive duration"),
     ("--timeout nan", ("sweep", TINY, "--timeout", "nan"), "positive duration"),
     ("--timeout inf", ("sweep", TINY, "--timeout", "inf"), "positive duration"),
