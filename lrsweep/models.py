@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import re
 import os
 import shutil
 import tempfile
@@ -206,7 +207,31 @@ def _load_source(path: str, seed: int) -> tuple[PreTrainedModel, Tokenizer, str]
         return *_load_gguf(_bundled_gguf()), BUNDLED_NAME
     if path.endswith(".gguf"):
         return *_load_gguf(_gguf_file(path)), path
-    return *_load_folder(Path(path).expanduser()), path
+    folder = Path(path).expanduser()
+    if not folder.exists() and _HUB_ID.fullmatch(path):
+        folder = hub_snapshot(path)
+    return *_load_folder(folder), path
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# What from_pretrained reads of a Hub repository (not its other weight formats).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a Hub model as transformers would find it: from the Hugging
+    Face cache, downloaded first when the machine is online."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise ModelError(
+            f"model.path: {repo_id} is not a local folder, not in the Hugging Face cache, and "
+            f"the Hub cannot give it ({first_line(err)}); download it on a machine online "
+            "(huggingface-cli download) or give a local folder"
+        ) from None
 
 
 def _gguf_file(path: str) -> Path:

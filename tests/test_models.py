@@ -476,3 +476,24 @@ def test_kbit_tiny_for_real_on_cpu(quantization: str) -> None:
     after = net.state_dict()
     assert after.keys() == before.keys()
     assert all(torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_a_hub_model_id_loads_from_the_hugging_face_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    from lrsweep.models import ByteTokenizer, _tiny_model, write_cache
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someorg--tiny-llama"
+    write_cache(_tiny_model(0), ByteTokenizer(), repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    base = load_base_model(ModelConfig(path="someorg/tiny-llama"), TrainConfig(device="cpu"))
+    assert base.name == "someorg/tiny-llama" and isinstance(base.tokenizer, ByteTokenizer)
+    # Not cached, and the Hub out of reach: one line that says what to do.
+    with pytest.raises(ModelError, match="someorg/other is not a local folder.*download"):
+        load_base_model(ModelConfig(path="someorg/other"), TrainConfig(device="cpu"))
