@@ -268,6 +268,55 @@ def test_chat_needs_a_template(tmp_path: Path) -> None:
     assert "<|im_start|>USER\n" in text and "<|im_start|>ASSISTANT\n" in text
 
 
+def test_inline_template_and_template_errors_name_the_row(tmp_path: Path) -> None:
+    bare = HFTokenizer(chat_tokenizer(template=None))
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tools') }}"
+        "{% endif %}{% endfor %}" + CHATML
+    )
+    rows = chat_rows(6)
+    rows[4]["messages"].insert(1, {"role": "tool", "content": "42"})
+    path = write(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError, match=r"chat.jsonl: line 5: the chat template refuses this row"):
+        load_blocks(
+            DataConfig(path=str(path), chat_template=strict, eval_blocks=1), TRAIN, bare, 0
+        )
+    del rows[4]
+    path = write(tmp_path / "chat.jsonl", rows)
+    blocks = load_blocks(
+        DataConfig(path=str(path), chat_template=strict, eval_blocks=1), TRAIN, bare, 0
+    )
+    assert len(blocks.train) + len(blocks.eval) == 5
+
+
+def test_text_files_cannot_be_chat(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(DataError, match="data.format = chat but notes.txt is plain text"):
+        read_data(DataConfig(path=str(path), format="chat"))
+
+
+def test_answers_a_template_rewrites_later_are_left_out(
+    tok: HFTokenizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Like templates that drop reasoning from earlier turns: an assistant turn followed by
+    # more conversation renders as "(earlier answer)".
+    template = CHATML.replace(
+        "message['content']",
+        "('(earlier answer)' if message['role'] == 'assistant' and not loop.last "
+        "else message['content'])",
+    )
+    renderer = Renderer(tok, DataConfig(chat_template=template))
+    with caplog.at_level(logging.WARNING, logger="lrsweep.data"):
+        encoded = renderer.encode(read_rows(chat_rows(4)), "test")
+        renderer.warn("test")
+    assert renderer.stats.unstable == 2 and renderer.stats.diverged == 0  # rows 0 and 3
+    # Row 0 has two answers; only the last one renders as trained.
+    assert tok.tokenizer.decode([t for t in encoded[0].labels if t != -100]) == "0<|im_end|>\n"
+    assert "(earlier answer)" in tok.tokenizer.decode(encoded[0].input_ids)
+    assert any("only the turns rendered" in r.getMessage() for r in caplog.records)
+
+
 def test_chat_answers_are_the_assistant_turns_only(tok: HFTokenizer) -> None:
     renderer = Renderer(tok, DataConfig())
     rows = read_rows(chat_rows(4))
