@@ -352,7 +352,7 @@ def test_plain_prompt_completion_trains_completion_and_eos() -> None:
     assert example.labels == [-100] * len(b"Count to 3:") + [*b" 0 1 2", byte.eos_token_id]
 
 
-def read_rows(rows: list[dict]):  # noqa: ANN201
+def read_rows(rows: list[dict]) -> list:
     from lrsweep.data.reading import parse_row
 
     fmt = "chat" if "messages" in rows[0] else "prompt_completion"

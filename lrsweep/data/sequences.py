@@ -43,7 +43,7 @@ class Examples:
     def packed(self) -> bool:
         return self.position_ids is not None
 
-    def __getitem__(self, index: int | slice | Iterable[int] | torch.Tensor):  # noqa: ANN204
+    def __getitem__(self, index: int | slice | Iterable[int] | torch.Tensor):
         if isinstance(index, slice):
             return Examples(
                 self.input_ids[index],
