@@ -16,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import re
 import os
+import re
 import shutil
 import tempfile
 import time
