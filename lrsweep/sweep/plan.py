@@ -110,9 +110,9 @@ def _open(
     storage = open_storage(out, url, heartbeat, create=False)
     study, cfg = join_study(storage, name, config, wait=wait)
     assert cfg is not None
-    if url and cfg.sweep.heartbeat_seconds != heartbeat:
-        # A worker learns the heartbeat from the study: reopen with its interval and grace.
-        storage = open_storage(out, url, cfg.sweep.heartbeat_seconds)
+    if cfg.sweep.heartbeat_seconds != heartbeat:
+        # A worker learns the heartbeat from the study: its interval and grace period.
+        storage = storage.beating(cfg.sweep.heartbeat_seconds)
         study = optuna.load_study(study_name=name, storage=storage.backend) if study else None
     return storage, study, cfg
 
