@@ -231,6 +231,13 @@ def sweep(
             sys.exit(code)
     else:
         execute(prepared, progress=not quiet)
+    _print_results(out, storage, study_name)
+
+
+def _print_results(out: Path, storage: str | None, study_name: str) -> None:
+    from lrsweep.report import format_trials
+    from lrsweep.sweep.collect import load_results
+
     trials_frame, _, _ = load_results(out, storage, study_name)
     click.echo("\n" + format_trials(trials_frame, top=5))
     click.echo(
