@@ -195,8 +195,7 @@ def sweep(
     """
     from lrsweep import config as config_mod
     from lrsweep.devices import parse_devices
-    from lrsweep.report import format_trials, plot_find
-    from lrsweep.sweep.collect import load_results
+    from lrsweep.report import plot_find
     from lrsweep.sweep.launch import spawn_workers
     from lrsweep.sweep.plan import execute, prepare_sweep
 
