@@ -107,8 +107,8 @@ def open_storage(
     assert path is not None
     if not path.exists() and not create:
         raise StudyError(
-            f"{path}: no study here; run lrsweep sweep --out {path.parent} first, "
-            "or give --storage"
+            f"{path}: no study here yet; give a study file to start one, or --storage for "
+            "a study that lives elsewhere"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     repair_journal(path)
