@@ -4,6 +4,8 @@
 - ``licenses``: the license texts Debian ships in /usr/share/common-licenses (legal prose).
 - ``manpages``: the roff sources of the section-1 manual pages (markup and terse prose); the
   held-out corpus, on which no choice of the suggestion was tuned.
+- ``instruct``: lrsweep's stdlib-instruct task, the standard library's documented functions as
+  "write this function" chats, trained on the answers only (an instruction fine-tune).
 
 Each non-default corpus is written once as a JSONL file of documents under runs/bench/corpora.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = ROOT / "runs" / "bench" / "corpora"
-CORPORA = ("stdlib", "licenses", "manpages")
+CORPORA = ("stdlib", "licenses", "manpages", "instruct")
 HELD_OUT = "manpages"
 _MAN_BYTES = 2_000_000  # enough for 100k tokens after the seeded document shuffle
 _MAN_STRIDE = 7
@@ -51,9 +53,10 @@ def _manpages() -> list[str]:
 
 
 def corpus_path(name: str) -> str:
-    """The ``data.path`` of a corpus: "stdlib", or a JSONL file built on first use."""
-    if name == "stdlib":
-        return "stdlib"
+    """The ``data.path`` of a corpus: "stdlib", "stdlib-instruct", or a JSONL file built on
+    first use."""
+    if name in ("stdlib", "instruct"):
+        return {"stdlib": "stdlib", "instruct": "stdlib-instruct"}[name]
     path = CORPORA_DIR / f"{name}.jsonl"
     if not path.exists():
         docs = {"licenses": _licenses, "manpages": _manpages}[name]()

@@ -2,7 +2,7 @@
 the suggestion-quality benchmark (bench.quality) and the baseline of the sweep-efficiency one
 (bench.efficiency).
 
-    python -m bench.grid [--shard 0/2] [--corpora stdlib,licenses,manpages]
+    python -m bench.grid [--shard 0/2] [--corpora stdlib,licenses,manpages] [--shapes base]
 
 Every point is a complete fine-tune of the bundled model as lrsweep's sweep runs it (the same
 ``run_trial``): a fresh LoRA adapter, 100 optimizer steps of linear warmup and cosine decay with
@@ -28,6 +28,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -53,6 +54,21 @@ OVERRIDES = [
     "sweep.steps=100",
     "sweep.eval_every=25",
 ]
+# Instruction examples are longer than the text blocks: one example per sequence of 256 tokens
+# (about 1 in 6 is cut), the answer tokens trained and scored.
+CORPUS_OVERRIDES = {"instruct": ["train.seq_len=256", "data.max_tokens=400000"]}
+# The fine-tune shapes whose best peak LR the grid compares: the base one, and each of the
+# others changes one thing from it (the trial length, the rows per optimizer step through the
+# batch or the accumulation, the LoRA rank with alpha = 2 r).
+SHAPES = {
+    "base": [],
+    "steps300": ["sweep.steps=300", "sweep.eval_every=75"],
+    "steps1000": ["sweep.steps=1000", "sweep.eval_every=250"],
+    "batch16": ["train.batch_size=16"],
+    "accum4": ["train.grad_accum=4"],
+    "rank8": ["lora.r=8", "lora.alpha=16"],
+    "rank64": ["lora.r=64", "lora.alpha=128"],
+}
 BASE_EXPONENTS = [-5 + 0.5 * i for i in range(7)]
 REFINE = 0.25  # decades either side of the best
 # Where the two best points of a corpus are closer than this (relative final loss), both
@@ -63,7 +79,12 @@ logger = logging.getLogger("bench.grid")
 
 
 def study_config(corpus: str, extra: list[str] | tuple[str, ...] = ()) -> StudyConfig:
-    overrides = [*OVERRIDES, f"data.path={corpus_path(corpus)}", *extra]
+    overrides = [
+        *OVERRIDES,
+        *CORPUS_OVERRIDES.get(corpus, []),
+        f"data.path={corpus_path(corpus)}",
+        *extra,
+    ]
     return config_mod.load(ROOT / "studies" / "default.toml", overrides)
 
 
@@ -72,10 +93,16 @@ class Point:
     corpus: str
     exponent: float  # log10 of the peak LR, rounded to a quarter decade
     seed: int = 0
+    shape: str = "base"
 
     @property
     def key(self) -> str:
-        return f"{self.corpus}/{self.exponent:+.2f}/{self.seed}"
+        shape = "" if self.shape == "base" else f"{self.shape}/"
+        return f"{shape}{self.corpus}/{self.exponent:+.2f}/{self.seed}"
+
+    @staticmethod
+    def of(row: dict) -> Point:
+        return Point(row["corpus"], row["exponent"], row["seed"], row.get("shape", "base"))
 
     @property
     def peak_lr(self) -> float:
@@ -99,11 +126,11 @@ def score(row: dict) -> float:
     return final if row["steps_done"] == row["steps"] and final is not None else math.inf
 
 
-def best(rows: list[dict], corpus: str) -> dict | None:
-    """The best point of a corpus: lowest final loss, averaged over seeds."""
+def best(rows: list[dict], corpus: str, shape: str = "base") -> dict | None:
+    """The best point of a corpus (in one shape): lowest final loss, averaged over seeds."""
     by_lr: dict[float, list[dict]] = {}
     for row in rows:
-        if row["corpus"] == corpus:
+        if row["corpus"] == corpus and row.get("shape", "base") == shape:
             by_lr.setdefault(row["exponent"], []).append(row)
     if not by_lr:
         return None
@@ -118,30 +145,41 @@ def best(rows: list[dict], corpus: str) -> dict | None:
     }
 
 
-def plan(rows: list[dict], corpora: list[str]) -> list[tuple[int, Point]]:
+def plan(
+    rows: list[dict], corpora: list[str], shapes: tuple[str, ...] = ("base",)
+) -> list[tuple[int, Point]]:
     """Every point the grid needs given what is done, each with a fixed slot number (which
-    shard runs it): the base grid of each corpus, then the refinement either side of its best
-    once its base grid is complete."""
-    done = {Point(r["corpus"], r["exponent"], r["seed"]).key for r in rows}
+    shard runs it): the base grid of each corpus and shape, then the refinement either side
+    of its best once its base grid is complete."""
+    slots: list[tuple[int, Point]] = []
+    for index, shape in enumerate(shapes):
+        mine = [r for r in rows if r.get("shape", "base") == shape]
+        # Slot numbers apart per shape, so that one shape's refinement never moves another's.
+        slots += [(1000 * index + i, p) for i, p in _plan_shape(mine, corpora, shape)]
+    return slots
+
+
+def _plan_shape(rows: list[dict], corpora: list[str], shape: str) -> list[tuple[int, Point]]:
+    done = {Point.of(r).key for r in rows}
     slots = [
-        (i * len(corpora) + j, Point(c, e))
+        (i * len(corpora) + j, Point(c, e, 0, shape))
         for i, e in enumerate(BASE_EXPONENTS)
         for j, c in enumerate(corpora)
     ]
     n_base = len(BASE_EXPONENTS) * len(corpora)
     for j, corpus in enumerate(corpora):
-        if not all(Point(corpus, e).key in done for e in BASE_EXPONENTS):
+        if not all(Point(corpus, e, 0, shape).key in done for e in BASE_EXPONENTS):
             continue
         seed0 = [r for r in rows if r["corpus"] == corpus and r["seed"] == 0]
         # Planned from the base grid's best alone, so that the plan does not move later.
         top = min((r for r in seed0 if r["exponent"] in BASE_EXPONENTS), key=score)
-        refine = [Point(corpus, top["exponent"] + d) for d in (-REFINE, REFINE)]
+        refine = [Point(corpus, top["exponent"] + d, 0, shape) for d in (-REFINE, REFINE)]
         slots += [(n_base + 2 * j + m, p) for m, p in enumerate(refine)]
         if all(p.key in done for p in refine):
             seed0 = [r for r in rows if r["corpus"] == corpus and r["seed"] == 0]
             first, second = sorted(seed0, key=score)[:2]
             if score(second) - score(first) < SEED_GAP * score(first):
-                seeds = [Point(corpus, r["exponent"], 1) for r in (first, second)]
+                seeds = [Point(corpus, r["exponent"], 1, shape) for r in (first, second)]
                 slots += [(n_base + 2 * (len(corpora) + j) + m, p) for m, p in enumerate(seeds)]
     return slots
 
@@ -159,6 +197,7 @@ def run_point(ctx: Context, point: Point) -> dict:
     evals = [(r.step + 1, r.eval_loss) for r in run.records if r.eval_loss is not None]
     return {
         "corpus": point.corpus,
+        "shape": point.shape,
         "exponent": point.exponent,
         "seed": point.seed,
         "peak_lr": point.peak_lr,
@@ -166,7 +205,7 @@ def run_point(ctx: Context, point: Point) -> dict:
         "min_lr_ratio": params["min_lr_ratio"],
         "steps": cfg.sweep.steps,
         "steps_done": len(run.records),
-        "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
+        "tokens_per_step": run.records[-1].tokens // len(run.records) if run.records else 0,
         "final_eval_loss": evals[-1][1] if len(run.records) == cfg.sweep.steps else None,
         "evals": evals,
         "train_loss_first_last": [run.records[0].loss, run.records[-1].loss],
@@ -179,18 +218,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shard", default="0/1", help="k/n: run every n-th point from k")
     parser.add_argument("--corpora", default=",".join(CORPORA))
+    parser.add_argument("--shapes", default="base", help=f"of {','.join(SHAPES)}")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda on a GPU machine")
     args = parser.parse_args()
     k, n = map(int, args.shard.split("/"))
-    corpora = args.corpora.split(",")
+    corpora, shapes = args.corpora.split(","), tuple(args.shapes.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = None
-    contexts: dict[str, Context] = {}
+    blocks: dict[str, Any] = {}
     while True:
         rows = load_rows()
-        done = {Point(r["corpus"], r["exponent"], r["seed"]).key for r in rows}
-        points = plan(rows, corpora)
-        pending = [(slot, p) for slot, p in points if p.key not in done]
-        base_done = all(Point(c, e).key in done for c in corpora for e in BASE_EXPONENTS)
+        done = {Point.of(r).key for r in rows}
+        pending = [(slot, p) for slot, p in plan(rows, corpora, shapes) if p.key not in done]
+        base_done = all(
+            Point(c, e, 0, s).key in done for c in corpora for e in BASE_EXPONENTS for s in shapes
+        )
         if not pending and base_done:
             return
         mine = [p for slot, p in pending if slot % n == k]
@@ -198,13 +240,13 @@ def main() -> None:
             time.sleep(30)  # the other shards' points decide the refinement
             continue
         point = mine[0]
-        cfg = study_config(point.corpus)
+        cfg = study_config(point.corpus, [*SHAPES[point.shape], f"train.device={args.device}"])
         if base is None:
             base = load_base_model(cfg.model, cfg.train, cfg.seed)
-        if point.corpus not in contexts:
-            blocks = load_blocks(cfg.data, cfg.train, base.tokenizer, cfg.seed)
-            contexts[point.corpus] = Context(cfg, base, blocks, Precision(base.device, base.dtype))
-        row = run_point(contexts[point.corpus], point)
+        if point.corpus not in blocks:  # the same examples in every shape
+            blocks[point.corpus] = load_blocks(cfg.data, cfg.train, base.tokenizer, cfg.seed)
+        ctx = Context(cfg, base, blocks[point.corpus], Precision(base.device, base.dtype))
+        row = run_point(ctx, point)
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
         logger.info(

@@ -4,7 +4,9 @@ against transformers' Trainer (same model, LoRA adapter, batches, optimizer and 
     python -m bench.overhead [--model tiny|bundled] [--steps 100] [--rounds 3]
 
 The three sides alternate within each round (the order rotates), each on a fresh adapter;
-the figure is the median over rounds of each side's tokens/s divided by the bare loop's.
+the figure is the median over rounds of each side's tokens/s divided by the bare loop's. All
+three run in the context's precision (bf16 autocast on a GPU). bench/gpu.py calls
+:func:`compare` on the GPU.
 """
 
 from __future__ import annotations
@@ -53,11 +55,14 @@ def _bare(ctx: Context, lrs: list[float]) -> None:
         optimizer = make_optimizer(model, ctx.config.train)
         data = batches(ctx.blocks.train, ctx.config.train.batch_size, 0)
         model.train()
+        device = ctx.precision.device
         for lr in lrs:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = next(data)
-            model(input_ids=x, labels=x).loss.backward()
+            x = next(data).to(device)
+            with ctx.precision.autocast():
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -96,10 +101,46 @@ def _trainer(ctx: Context, lrs: list[float], schedule: CosineSchedule) -> None:
                 report_to=[],
                 disable_tqdm=True,
                 use_cpu=ctx.base.device.type == "cpu",
+                bf16=ctx.precision.dtype == torch.bfloat16,
+                fp16=ctx.precision.dtype == torch.float16,
             )
             Trainer(model=model, args=args, train_dataset=_InOrder(ctx, len(lrs))).train()
     finally:
         detach_lora(model)
+
+
+def _sync(ctx: Context) -> None:
+    if ctx.precision.device.type == "cuda":
+        torch.cuda.synchronize(ctx.precision.device)
+
+
+def compare(
+    ctx: Context, steps: int, rounds: int, echo: Callable[[str], None] = print
+) -> dict[str, list[float]]:
+    """Tokens/s of each side (bare, lrsweep, trainer) in every round."""
+    cfg = ctx.config
+    schedule = CosineSchedule(1e-3, steps, 0.1, 0.1)
+    lrs = schedule.lrs()
+    sides: dict[str, Callable[[list[float]], None]] = {
+        "bare": lambda lrs: _bare(ctx, lrs),
+        "lrsweep": lambda lrs: _lrsweep(ctx, lrs),
+        "trainer": lambda lrs: _trainer(ctx, lrs, schedule),
+    }
+    for side in sides.values():  # warm-up: first-call costs belong to no side
+        side(lrs[:3])
+    tokens = steps * cfg.train.batch_size * cfg.train.seq_len
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for r in range(rounds):
+        order = names[r % 3 :] + names[: r % 3]
+        for name in order:
+            _sync(ctx)
+            start = time.perf_counter()
+            sides[name](lrs)
+            _sync(ctx)
+            rates[name].append(tokens / (time.perf_counter() - start))
+        echo(f"round {r}: " + ", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in order))
+    return rates
 
 
 def main() -> None:
@@ -110,28 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     study = "tiny.toml" if args.model == "tiny" else "default.toml"
     cfg = config_mod.load(ROOT / "studies" / study, ["lora.dropout=0.0", "data.max_tokens=100000"])
-    ctx = prepare(cfg)
-    schedule = CosineSchedule(1e-3, args.steps, 0.1, 0.1)
-    lrs = schedule.lrs()
-    sides: dict[str, Callable[[list[float]], None]] = {
-        "bare": lambda lrs: _bare(ctx, lrs),
-        "lrsweep": lambda lrs: _lrsweep(ctx, lrs),
-        "trainer": lambda lrs: _trainer(ctx, lrs, schedule),
-    }
-    for side in sides.values():  # warm-up: first-call costs belong to no side
-        side(lrs[:3])
-    tokens = args.steps * cfg.train.batch_size * cfg.train.seq_len
-    rates: dict[str, list[float]] = {name: [] for name in sides}
-    names = list(sides)
-    for r in range(args.rounds):
-        order = names[r % 3 :] + names[: r % 3]
-        for name in order:
-            start = time.perf_counter()
-            sides[name](lrs)
-            rates[name].append(tokens / (time.perf_counter() - start))
-        print(
-            f"round {r}: " + ", ".join(f"{n} {rates[n][-1]:.0f} tok/s" for n in order), flush=True
-        )
+    rates = compare(prepare(cfg), args.steps, args.rounds, lambda line: print(line, flush=True))
     for name in ("lrsweep", "trainer"):
         ratios = [a / b for a, b in zip(rates[name], rates["bare"], strict=True)]
         print(

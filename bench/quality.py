@@ -92,8 +92,32 @@ def _bounds(found: FindResult) -> tuple[float, float] | None:
     return peak_lr_bounds(found.config, found.suggestion, max(found.curve.lrs))
 
 
+def shape_table(rows: list[dict]) -> None:
+    """The grid's best peak LR per corpus and fine-tune shape (bench.grid.SHAPES), where the
+    grid of that shape is measured, and its ratio to the base shape's best."""
+    from bench.grid import SHAPES
+
+    measured = [s for s in SHAPES if any(r.get("shape", "base") == s for r in rows)]
+    if measured == ["base"]:
+        return
+    print("| corpus | " + " | ".join(measured) + " |")
+    print("|---" * (len(measured) + 1) + "|")
+    for corpus in CORPORA:
+        base = best(rows, corpus)
+        cells = []
+        for shape in measured:
+            top = best(rows, corpus, shape)
+            ratio = f" ({top['peak_lr'] / base['peak_lr']:.2g}x)" if top and base else ""
+            cells.append(f"{top['peak_lr']:.2e}{ratio}" if top else "")
+        print(f"| {corpus} | " + " | ".join(cells) + " |")
+    print()
+
+
 def grid_table(rows: list[dict]) -> None:
-    """Final held-out loss of every grid point (mean over seeds), one column per corpus."""
+    """Final held-out loss of every base-shape grid point (mean over seeds), one column per
+    corpus."""
+    shape_table(rows)
+    rows = [r for r in rows if r.get("shape", "base") == "base"]
     cells: dict[tuple[float, str], list[float]] = {}
     for r in rows:
         cells.setdefault((r["exponent"], r["corpus"]), []).append(score(r))

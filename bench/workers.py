@@ -28,15 +28,24 @@ from lrsweep.sweep.storage import open_storage
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_sweep(out: Path, workers: int, trials: int, steps: int) -> tuple[float, float]:
-    """Wall seconds of one whole sweep, and the span of its trials in seconds."""
+def one_sweep(
+    out: Path,
+    workers: int,
+    trials: int,
+    steps: int,
+    study: Path = ROOT / "studies" / "tiny.toml",
+    overrides: tuple[str, ...] = (),
+    timeout: float | None = None,
+) -> tuple[float, float]:
+    """Wall seconds of one whole sweep, and the span of its trials in seconds (bench/gpu.py
+    runs it on a GPU with its own study and overrides)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",
         "lrsweep",
         "sweep",
-        str(ROOT / "studies" / "tiny.toml"),
+        str(study),
         "--out",
         str(out),
         "--workers",
@@ -51,8 +60,10 @@ def one_sweep(out: Path, workers: int, trials: int, steps: int) -> tuple[float, 
         "--set",
         "search.peak_lr=[1e-3, 1e-1]",
     ]
+    for override in overrides:
+        cmd += ["--set", override]
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, timeout=timeout)
     wall = time.perf_counter() - start
     study = optuna.load_study(study_name="lrsweep", storage=open_storage(out).backend)
     done = [t for t in study.trials if t.datetime_complete is not None]

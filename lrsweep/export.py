@@ -60,10 +60,14 @@ def training_arguments(trial: pd.Series, config: StudyConfig) -> dict[str, Any]:
     (LoRA+ has no TrainingArguments key: see :func:`loraplus_snippet`)."""
     train = config.train
     schedule = schedule_of_row(trial, config)
+    # The shape that ran: after an out-of-memory retry, a smaller micro-batch with more
+    # accumulation (the same rows per optimizer step).
+    micro, accum = trial.get("micro_batch_size"), trial.get("grad_accum")
+    ran = micro is not None and not pd.isna(micro)
     kwargs: dict[str, Any] = {
         **schedule.trainer_kwargs(),
-        "per_device_train_batch_size": train.batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
+        "per_device_train_batch_size": int(micro) if ran else train.batch_size,
+        "gradient_accumulation_steps": int(accum) if ran else train.grad_accum,
         "optim": "adamw_torch",
         "adam_beta1": train.adam_beta1,
         "adam_beta2": train.adam_beta2,

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,10 @@ from lrsweep.rangetest import RangeTestCurve, run_probes, run_range_test
 from lrsweep.results import read_find, write_find
 from lrsweep.suggest import Suggestion, suggest, suggest_probe
 from lrsweep.training import Batch, Loop
+
+
+if TYPE_CHECKING:
+    from lrsweep.oom import Attempt
 
 
 logger = logging.getLogger(__name__)
@@ -74,8 +78,24 @@ def measure(
     return curve, suggest(curve.lrs, curve.losses, diverge_factor=config.diverge_factor)
 
 
-def run_find(ctx: Context, progress: bool = True) -> FindResult:
-    """The range test on a fresh adapter over ``ctx``'s base model; the base is left clean."""
+def run_find(ctx: Context, progress: bool = True, start: Attempt | None = None) -> FindResult:
+    """The range test on a fresh adapter over ``ctx``'s base model; the base is left clean.
+    Out of memory, it starts again with half the micro-batch (``lrsweep.oom``), from
+    ``start`` when the shape that fits is known (``lrsweep.devices.check_memory``)."""
+    from lrsweep.oom import run_with_retry
+
+    def attempt_run(attempt: Attempt) -> tuple[RangeTestCurve, Suggestion]:
+        return _measure_once(ctx, attempt, progress)
+
+    measured, _ = run_with_retry(
+        attempt_run, ctx.config.train, device=ctx.base.device, start=start
+    )
+    return FindResult(*measured, ctx.config)
+
+
+def _measure_once(
+    ctx: Context, attempt: Attempt, progress: bool
+) -> tuple[RangeTestCurve, Suggestion]:
     from lrsweep.data import batches
     from lrsweep.models import attach_lora, detach_lora
     from lrsweep.training import make_optimizer
@@ -83,15 +103,14 @@ def run_find(ctx: Context, progress: bool = True) -> FindResult:
     cfg = ctx.config
     model = attach_lora(ctx.base, cfg.lora, cfg.seed)
     try:
-        data = batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed)
+        data = attempt.batches(batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed))
         optimizer = make_optimizer(model, cfg.train)
-        loop = Loop.of(cfg.train, ctx.precision)
-        curve, suggestion = measure(
+        loop = Loop.of(attempt.train, ctx.precision)
+        return measure(
             model, optimizer, data, cfg.rangetest, loop, probe=ctx.blocks.eval, progress=progress
         )
     finally:
         detach_lora(model)
-    return FindResult(curve, suggestion, cfg)
 
 
 def save_find(result: FindResult, out: Path) -> None:

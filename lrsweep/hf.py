@@ -42,8 +42,9 @@ from lrsweep.config import (
 )
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, measure, save_and_draw
+from lrsweep.oom import free_memory
 from lrsweep.schedules import Schedule
-from lrsweep.sweep.trial import Runner, TrialRun, free_memory, report_eval
+from lrsweep.sweep.trial import Runner, TrialRun, report_eval
 from lrsweep.training import Batch, Loop, Precision, StepRecord
 
 

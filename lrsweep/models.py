@@ -3,6 +3,12 @@
 One base model is loaded per process and shared by every trial: :func:`attach_lora` wraps it,
 :func:`detach_lora` unwraps it again, leaving the frozen base weights untouched. The bundled
 model is a GGUF file; dequantising it is slow, so the converted weights are cached on disk.
+
+A quantised base (``model.quantization = "4bit"`` or ``"8bit"``, bitsandbytes on CUDA) is loaded
+with transformers' ``BitsAndBytesConfig`` and prepared once with peft's
+``prepare_model_for_kbit_training``; per-trial adapters attach to it and detach from it the same
+way (peft's bitsandbytes LoRA layers; ``unload`` puts the quantised Linear layers back as they
+were, nothing is merged or dequantised).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -21,11 +28,12 @@ from typing import Any, Protocol
 
 import safetensors.torch
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -98,6 +106,7 @@ class BaseModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+    quantization: str = "none"  # model.quantization: none, 4bit or 8bit
 
 
 def resolve_device(train: TrainConfig) -> torch.device:
@@ -136,42 +145,213 @@ def _weight_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def check_model_settings(model: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    """What can be told about ``model.quantization`` and ``model.attention`` before any weight
+    loads: one :class:`ModelError` line naming the setting and what to do."""
+    if model.quantization != "none":
+        key = f"model.quantization = {model.quantization}"
+        if device.type != "cuda":
+            raise ModelError(
+                f"{key} needs a CUDA GPU (bitsandbytes) and this run is on {device.type}; "
+                "use model.quantization = none here"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelError(f"{key} needs bitsandbytes: pip install 'lrsweep[gpu]'")
+    if model.attention == "flash_attention_2":
+        key = "model.attention = flash_attention_2"
+        if device.type != "cuda":
+            raise ModelError(f"{key} needs a CUDA GPU and this run is on {device.type}; use sdpa")
+        if dtype == torch.float32:
+            raise ModelError(f"{key} runs in float16 or bfloat16 only; set train.dtype = auto")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ModelError(
+                f"{key} needs the flash-attn package (pip install flash-attn); or use sdpa"
+            )
+
+
 def load_base_model(model: ModelConfig, train: TrainConfig, seed: int = 0) -> BaseModel:
     """The frozen base model on its device; ``seed`` only matters for ``tiny``."""
     device = resolve_device(train)
     dtype = resolve_dtype(train, device)
+    check_model_settings(model, device, dtype)
     start = time.perf_counter()
-    path = model.path
-    tokenizer: Tokenizer
-    if path == "tiny":
-        net, tokenizer, name = _tiny_model(seed), ByteTokenizer(), "tiny"
-    elif path == "bundled":
-        net, tokenizer = _load_gguf(_bundled_gguf())
-        name = BUNDLED_NAME
-    elif path.endswith(".gguf"):
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise ModelError(f"model.path: {path} does not exist; give an existing .gguf file")
-        net, tokenizer = _load_gguf(file)
-        name = path
+    if model.quantization != "none":
+        net, tokenizer, name = _load_quantized(model, dtype, device, seed)
     else:
-        net, tokenizer = _load_folder(Path(path).expanduser())
-        name = path
-    _prepare(net, _weight_dtype(dtype, device), device, model.gradient_checkpointing)
-    logger.info("loaded %s in %.1f s on %s (%s)", name, time.perf_counter() - start, device, dtype)
-    return BaseModel(model=net, tokenizer=tokenizer, name=name, device=device, dtype=dtype)
+        net, tokenizer, name = _load_source(model.path, seed)
+        _prepare(net, _weight_dtype(dtype, device), device, model.gradient_checkpointing)
+        _set_attention(net, model.attention)
+    logger.info(
+        "loaded %s in %.1f s on %s (%s%s)",
+        name,
+        time.perf_counter() - start,
+        device,
+        dtype,
+        "" if model.quantization == "none" else f", {model.quantization} base",
+    )
+    return BaseModel(
+        model=net,
+        tokenizer=tokenizer,
+        name=name,
+        device=device,
+        dtype=dtype,
+        quantization=model.quantization,
+    )
+
+
+def _load_source(path: str, seed: int) -> tuple[PreTrainedModel, Tokenizer, str]:
+    """The model named by ``model.path``, in float32 on the CPU."""
+    if path == "tiny":
+        return _tiny_model(seed), ByteTokenizer(), "tiny"
+    if path == "bundled":
+        return *_load_gguf(_bundled_gguf()), BUNDLED_NAME
+    if path.endswith(".gguf"):
+        return *_load_gguf(_gguf_file(path)), path
+    folder = Path(path).expanduser()
+    if not folder.exists() and _HUB_ID.fullmatch(path):
+        folder = hub_snapshot(path)
+    return *_load_folder(folder), path
+
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# What from_pretrained reads of a Hub repository (not its other weight formats).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a Hub model as transformers would find it: from the Hugging
+    Face cache, downloaded first when the machine is online."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        raise ModelError(
+            f"model.path: {repo_id} is not a local folder, not in the Hugging Face cache, and "
+            f"the Hub cannot give it ({first_line(err)}); download it on a machine online "
+            "(huggingface-cli download) or give a local folder"
+        ) from None
+
+
+def _gguf_file(path: str) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ModelError(f"model.path: {path} does not exist; give an existing .gguf file")
+    return file
 
 
 def _prepare(net: PreTrainedModel, dtype: torch.dtype, device: torch.device, ckpt: bool) -> None:
     net.to(device=device, dtype=dtype)
+    _freeze(net, ckpt)
+
+
+def _freeze(net: PreTrainedModel, ckpt: bool) -> None:
     net.requires_grad_(False)
     net.eval()
     net.config.use_cache = False  # a KV cache is useless in training and costs memory
     if ckpt:
-        net.activation_checkpointing_enable({"use_reentrant": False})
-        # Frozen embeddings give inputs without grad; checkpointed blocks then drop the LoRA grads.
-        if not getattr(net, "_require_grads_hooks", None):
-            net.enable_input_require_grads()
+        _enable_checkpointing(net)
+
+
+def _enable_checkpointing(net: PreTrainedModel) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(net, "activation_checkpointing_enable"):
+        net.activation_checkpointing_enable(kwargs)
+    else:  # transformers before activation_checkpointing_enable (5.17 has only this name)
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # Frozen embeddings give inputs without grad; checkpointed blocks then drop the LoRA grads.
+    if not getattr(net, "_require_grads_hooks", None):
+        net.enable_input_require_grads()
+
+
+def is_checkpointing(net: nn.Module) -> bool:
+    """Whether activation checkpointing is on (any transformers 5 version)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in net.modules())
+
+
+def _set_attention(net: PreTrainedModel, attention: str) -> None:
+    if attention == "auto":
+        return
+    try:
+        net.set_attn_implementation(attention)
+    except (ImportError, ValueError) as err:
+        raise ModelError(f"model.attention = {attention}: {first_line(err)}") from None
+
+
+def bnb_config(quantization: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's recipe for ``4bit`` (NF4, double quantisation, compute in the training dtype),
+    LLM.int8 for ``8bit``."""
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"no bitsandbytes config for quantization {quantization!r}")
+
+
+def _load_quantized(
+    model: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[PreTrainedModel, Tokenizer, str]:
+    """Quantise while loading, as transformers does it: from a saved folder. A model that only
+    exists in memory (tiny, a GGUF without its cache) is saved to a temporary folder first."""
+    path = model.path
+    with tempfile.TemporaryDirectory(prefix="lrsweep-kbit-") as tmp:
+        folder: Path | None = None
+        if path == "bundled" or path.endswith(".gguf"):
+            file = _bundled_gguf() if path == "bundled" else _gguf_file(path)
+            name = BUNDLED_NAME if path == "bundled" else path
+            folder = gguf_cache_dir(file)
+            if not folder.is_dir():
+                net, tokenizer = _load_gguf(file)  # converts and writes the cache
+                if not folder.is_dir():
+                    folder = Path(tmp) / "model"
+                    write_cache(net, tokenizer, folder)
+                del net
+        elif path == "tiny":
+            folder, name = Path(tmp) / "model", "tiny"
+            write_cache(_tiny_model(seed), ByteTokenizer(), folder)
+        else:
+            folder, name = Path(path).expanduser(), path
+        _check_folder(folder)
+        net = _from_pretrained_kbit(folder, model, dtype, device)
+        tokenizer = _load_tokenizer(folder)
+    prepare_kbit(net, model.gradient_checkpointing)
+    return net, tokenizer, name
+
+
+def _from_pretrained_kbit(
+    folder: Path, model: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> PreTrainedModel:
+    place: int | str = device.type
+    if device.type == "cuda":
+        place = device.index if device.index is not None else torch.cuda.current_device()
+    kwargs: dict[str, Any] = {
+        "quantization_config": bnb_config(model.quantization, dtype),
+        "dtype": dtype,  # of the weights that stay unquantised (embeddings, norms, lm_head)
+        "device_map": {"": place},
+        **_OFFLINE,
+    }
+    if model.attention != "auto":
+        kwargs["attn_implementation"] = model.attention
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
+        raise ModelError(
+            f"model.quantization = {model.quantization}: cannot load {folder} ({first_line(err)})"
+        ) from None
+
+
+def prepare_kbit(net: PreTrainedModel, ckpt: bool) -> None:
+    """peft's ``prepare_model_for_kbit_training`` (freezes everything, casts the unquantised
+    float16/bfloat16 weights to float32), once per loaded base, never per trial; then the same
+    non-reentrant checkpointing as an unquantised base."""
+    prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
+    _freeze(net, ckpt)
 
 
 def _tiny_model(seed: int) -> PreTrainedModel:
@@ -282,7 +462,7 @@ def write_cache(net: PreTrainedModel, tokenizer: Tokenizer, dest: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_folder(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
+def _check_folder(folder: Path) -> None:
     if not folder.exists():
         raise ModelError(
             f"model.path: {folder} does not exist; use 'bundled', 'tiny', a local model folder "
@@ -292,12 +472,20 @@ def _load_folder(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
         raise ModelError(
             f"model.path: {folder} has no config.json; give a folder saved with save_pretrained"
         )
+
+
+def _load_folder(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
+    _check_folder(folder)
     try:
         net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **_OFFLINE)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelError(f"model.path: cannot load {folder} as a causal LM ({first_line(err)})")
+    return net, _load_tokenizer(folder)
+
+
+def _load_tokenizer(folder: Path) -> Tokenizer:
     if (folder / BYTE_TOKENIZER_FILE).is_file():
-        return net, ByteTokenizer()
+        return ByteTokenizer()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **_OFFLINE)
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -305,7 +493,7 @@ def _load_folder(folder: Path) -> tuple[PreTrainedModel, Tokenizer]:
             f"model.path: {folder} has no usable tokenizer ({first_line(err)}); "
             "save the tokenizer into the same folder"
         )
-    return net, HFTokenizer(tokenizer)
+    return HFTokenizer(tokenizer)
 
 
 def attach_lora(base: BaseModel, lora: LoraSettings, seed: int) -> PeftModel:
@@ -322,7 +510,7 @@ def attach_lora(base: BaseModel, lora: LoraSettings, seed: int) -> PeftModel:
         use_rslora=lora.rslora,
         task_type=TaskType.CAUSAL_LM,
     )
-    checkpointing = net.is_activation_checkpointing
+    checkpointing = is_checkpointing(net)
     if checkpointing:
         # peft registers the input-grad hook again on every wrap; without this one more hook
         # would pile up on the embeddings per trial.

@@ -171,6 +171,11 @@ TRIAL_COLUMNS = {
     "worker": "host:pid that ran it",
     "confirms": "confirmation run: the number of the trial it repeats with a new seed",
     "origin": "why the trial was queued: range test recommendation, common default, ...",
+    "micro_batch_size": "rows per forward pass that ran (smaller than train.batch_size after "
+    "an out-of-memory retry)",
+    "grad_accum": "micro-batches per optimizer step that ran (micro_batch_size x grad_accum "
+    "= train.batch_size x train.grad_accum)",
+    "oom_retries": "out-of-memory errors before the shape that ran",
 }
 CURVE_COLUMNS = {
     "number": "trial number",
@@ -179,7 +184,17 @@ CURVE_COLUMNS = {
     "loss": "training loss of that step (token-weighted over grad_accum)",
     "eval_loss": "eval loss measured after that step, null where not evaluated",
 }
-_INTS = ("warmup_steps", "total_steps", "best_step", "tokens", "seed", "confirms")
+_INTS = (
+    "warmup_steps",
+    "total_steps",
+    "best_step",
+    "tokens",
+    "seed",
+    "confirms",
+    "micro_batch_size",
+    "grad_accum",
+    "oom_retries",
+)
 _STRINGS = ("state", "reason", "worker", "schedule", "origin")
 # Which copy of a trial is newest when files disagree: a finished state beats a waiting or
 # running one (the trial moved on since the other file was written).

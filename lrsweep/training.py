@@ -142,10 +142,12 @@ def evaluate(
     batch_size: int,
     precision: Precision,
 ) -> float:
-    """Token-weighted mean loss over ``blocks`` (packed blocks, or a list of batches), with
-    dropout off."""
+    """Token-weighted mean loss over ``blocks`` (packed blocks, instruction examples, or a list
+    of batches), with dropout off."""
     if isinstance(blocks, torch.Tensor):
         blocks = [blocks[i : i + batch_size] for i in range(0, len(blocks), batch_size)]
+    elif hasattr(blocks, "eval_batches"):  # lrsweep.data.Examples
+        blocks = blocks.eval_batches(batch_size)
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=precision.device, dtype=torch.float64), 0

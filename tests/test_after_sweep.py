@@ -53,12 +53,12 @@ def test_confirmation_runs_resume_and_the_report_says_what_to_use(
     # The third confirmation run is interrupted: it is queued again with its seed.
     real, calls = plan_mod.run_trial, []
 
-    def interrupted(ctx, trial, schedule, progress=True, watchers=()):  # type: ignore[no-untyped-def]
+    def interrupted(ctx, trial, schedule, progress=True, watchers=(), start=None):  # type: ignore[no-untyped-def]
         if "confirms" in trial.user_attrs:
             calls.append(trial.number)
             if len(calls) == 3:
                 raise KeyboardInterrupt
-        return real(ctx, trial, schedule, progress, watchers)
+        return real(ctx, trial, schedule, progress, watchers, start)
 
     monkeypatch.setattr(plan_mod, "run_trial", interrupted)
     with pytest.raises(KeyboardInterrupt):

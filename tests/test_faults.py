@@ -191,7 +191,7 @@ def test_report_with_nothing_to_plot_prints_the_table_and_why(
     from lrsweep.sweep import plan as plan_mod
     from lrsweep.sweep.trial import TrialRun
 
-    def diverged_at_once(ctx, trial, schedule, progress=True, watchers=()):  # type: ignore[no-untyped-def]
+    def diverged_at_once(ctx, trial, schedule, progress=True, watchers=(), start=None):  # type: ignore[no-untyped-def]
         return TrialRun(schedule, reason="non-finite loss at step 0")
 
     monkeypatch.setattr(plan_mod, "run_trial", diverged_at_once)
@@ -320,7 +320,8 @@ def _latin1_study(tmp_path: Path) -> str:
 
 
 BAD_INPUT = [
-    ("--devices foo", ("sweep", TINY, "--devices", "foo"), "'foo' is not a device"),
+    ("--devices foo", ("sweep", TINY, "--devices", "foo"), "foo: not a device"),
+    ("--devices cuda:0 on CPU", ("sweep", TINY, "--devices", "cuda:0"), "CUDA is not available"),
     ("--timeout -5m", ("sweep", TINY, "--timeout", "-5m"), "positive duration"),
     ("--timeout nan", ("sweep", TINY, "--timeout", "nan"), "positive duration"),
     ("--timeout inf", ("sweep", TINY, "--timeout", "inf"), "positive duration"),

@@ -10,6 +10,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -123,7 +124,7 @@ def test_detach_frees_adapter_and_keeps_base_bit_identical() -> None:
 
 def test_gradient_checkpointing_with_lora() -> None:
     base = tiny(gradient_checkpointing=True)
-    assert base.model.is_activation_checkpointing
+    assert models.is_checkpointing(base.model)
     embed = base.model.get_input_embeddings()
     for seed in range(3):
         peft = attach_lora(base, LoraSettings(r=4), seed=seed)
@@ -331,3 +332,168 @@ def test_gguf_cache_is_keyed_by_content_not_mtime(tmp_path: Path) -> None:
     assert gguf_cache_dir(a) == key
     a.write_bytes(b"x" * 2_999_999 + b"y")
     assert gguf_cache_dir(a) != key
+
+
+# --- quantised bases and the attention implementation ---
+
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+
+
+def test_quantization_and_attention_settings_are_validated() -> None:
+    from lrsweep import config as config_mod
+    from lrsweep.errors import ConfigError
+
+    cfg = config_mod.load(None, ["model.quantization=4bit", "model.attention=eager"])
+    assert cfg.model.quantization == "4bit" and cfg.model.attention == "eager"
+    assert ModelConfig().quantization == "none" and ModelConfig().attention == "auto"
+    with pytest.raises(ConfigError, match=r"^model.quantization: must be none, 4bit, 8bit"):
+        config_mod.load(None, ["model.quantization=3bit"])
+    with pytest.raises(ConfigError, match=r"^model.attention: must be auto, sdpa, flash_atten"):
+        config_mod.load(None, ["model.attention=flash3"])
+
+
+def test_4bit_without_cuda_is_one_line_before_anything_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_load(*args: object) -> None:
+        raise AssertionError("nothing may load before the settings are checked")
+
+    monkeypatch.setattr(models, "_load_source", no_load)
+    monkeypatch.setattr(models, "_load_quantized", no_load)
+    for q in ("4bit", "8bit"):
+        with pytest.raises(ModelError, match=f"^model.quantization = {q} needs a CUDA GPU") as e:
+            load_base_model(ModelConfig(path="tiny", quantization=q), CPU)
+        assert "\n" not in str(e.value) and e.value.exit_code == 2
+
+
+def test_missing_packages_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")  # only checked, never used
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("bitsandbytes", "flash_attn") else real(name, *a),
+    )
+    check = models.check_model_settings
+    with pytest.raises(ModelError, match=r"^model.quantization = 4bit needs bitsandbytes: pip "):
+        check(ModelConfig(quantization="4bit"), cuda, torch.bfloat16)
+    with pytest.raises(ModelError, match=r"pip install 'lrsweep\[gpu\]'$"):
+        check(ModelConfig(quantization="8bit"), cuda, torch.bfloat16)
+    fa2 = ModelConfig(attention="flash_attention_2")
+    with pytest.raises(ModelError, match=r"^model.attention = flash_attention_2 needs the flash"):
+        check(fa2, cuda, torch.bfloat16)
+    with pytest.raises(ModelError, match="float16 or bfloat16 only"):
+        check(fa2, cuda, torch.float32)
+    with pytest.raises(ModelError, match="needs a CUDA GPU and this run is on cpu; use sdpa"):
+        check(fa2, torch.device("cpu"), torch.float32)
+    check(ModelConfig(attention="sdpa"), torch.device("cpu"), torch.float32)
+
+
+def test_attention_implementation() -> None:
+    eager = tiny(attention="eager")
+    sdpa = tiny(attention="sdpa")
+    assert eager.model.config._attn_implementation == "eager"
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    assert tiny().model.config._attn_implementation == "sdpa", "auto: what transformers picks"
+    ids = batch(eager)
+    with torch.no_grad():
+        assert torch.allclose(eager.model(ids).logits, sdpa.model(ids).logits, atol=1e-5)
+
+
+def test_bnb_config_is_qlora() -> None:
+    four = models.bnb_config("4bit", torch.bfloat16)
+    assert four.load_in_4bit and not four.load_in_8bit
+    assert four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_use_double_quant
+    assert four.bnb_4bit_compute_dtype == torch.bfloat16
+    eight = models.bnb_config("8bit", torch.bfloat16)
+    assert eight.load_in_8bit and not eight.load_in_4bit
+    with pytest.raises(ValueError):
+        models.bnb_config("none", torch.bfloat16)
+
+
+def test_kbit_load_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the quantised load asks of transformers and peft, with both replaced by spies:
+    from_pretrained on a saved folder with QLoRA's config, prepare_model_for_kbit_training once
+    per base and never per trial."""
+    calls: dict[str, list[Any]] = {"load": [], "prepare": []}
+    real_prepare = models.prepare_model_for_kbit_training
+
+    def from_pretrained(folder: Path, **kwargs: Any) -> torch.nn.Module:
+        assert (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors")
+        calls["load"].append(kwargs)
+        return models._tiny_model(0)
+
+    def prepare(net: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        calls["prepare"].append(kwargs)
+        return real_prepare(net, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(models, "prepare_model_for_kbit_training", prepare)
+    cfg = ModelConfig(
+        path="tiny", quantization="4bit", gradient_checkpointing=True, attention="eager"
+    )
+    net, tokenizer, name = models._load_quantized(cfg, torch.bfloat16, torch.device("cpu"), 0)
+    (kwargs,) = calls["load"]
+    assert kwargs["quantization_config"].bnb_4bit_quant_type == "nf4"
+    assert kwargs["dtype"] == torch.bfloat16 and kwargs["device_map"] == {"": "cpu"}
+    assert kwargs["attn_implementation"] == "eager" and kwargs["local_files_only"] is True
+    assert calls["prepare"] == [{"use_gradient_checkpointing": False}]
+    assert name == "tiny" and isinstance(tokenizer, ByteTokenizer)
+    assert models.is_checkpointing(net) and not net.training and net.config.use_cache is False
+    base = BaseModel(net, tokenizer, name, torch.device("cpu"), torch.bfloat16, "4bit")
+    for seed in range(3):
+        detach_lora(attach_lora(base, LoraSettings(r=2), seed=seed))
+    assert len(calls["prepare"]) == 1, "prepare_model_for_kbit_training runs once per base"
+    assert len(net.get_input_embeddings()._forward_hooks) == 1
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="bitsandbytes not installed (pip install 'lrsweep[gpu]')")
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_kbit_tiny_for_real_on_cpu(quantization: str) -> None:
+    """bitsandbytes runs on the CPU too (slowly; lrsweep only offers it on CUDA): a real
+    quantised load, adapters attached and detached per trial, the quantised weights untouched."""
+    cfg = ModelConfig(path="tiny", quantization=quantization, gradient_checkpointing=True)
+    net, tokenizer, _ = models._load_quantized(cfg, torch.bfloat16, torch.device("cpu"), 0)
+    kind = "Linear4bit" if quantization == "4bit" else "Linear8bitLt"
+    q_proj = net.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == kind and net.is_quantized
+    before = {n: t.clone() for n, t in net.state_dict().items()}
+    base = BaseModel(net, tokenizer, "tiny", torch.device("cpu"), torch.bfloat16, quantization)
+    for seed in range(2):
+        peft = attach_lora(base, LoraSettings(r=4, target_modules=["q_proj", "v_proj"]), seed)
+        assert type(peft.base_model.model.model.layers[0].self_attn.q_proj).__module__.startswith(
+            "peft.tuners.lora.bnb"
+        )
+        ids = batch(base)
+        peft.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = peft(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None for p in peft.parameters() if p.requires_grad)
+        assert detach_lora(peft) is net
+        assert type(net.model.layers[0].self_attn.q_proj).__name__ == kind
+    after = net.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n], t) for n, t in before.items())
+
+
+def test_a_hub_model_id_loads_from_the_hugging_face_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    from lrsweep.models import ByteTokenizer, _tiny_model, write_cache
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someorg--tiny-llama"
+    write_cache(_tiny_model(0), ByteTokenizer(), repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    base = load_base_model(ModelConfig(path="someorg/tiny-llama"), TrainConfig(device="cpu"))
+    assert base.name == "someorg/tiny-llama" and isinstance(base.tokenizer, ByteTokenizer)
+    # Not cached, and the Hub out of reach: one line that says what to do.
+    with pytest.raises(ModelError, match="someorg/other is not a local folder.*download"):
+        load_base_model(ModelConfig(path="someorg/other"), TrainConfig(device="cpu"))

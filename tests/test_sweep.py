@@ -132,12 +132,12 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
 ) -> None:
     real = plan_mod.run_trial
 
-    def flaky(ctx, trial, schedule, progress=True, watchers=()):  # type: ignore[no-untyped-def]
+    def flaky(ctx, trial, schedule, progress=True, watchers=(), start=None):  # type: ignore[no-untyped-def]
         if trial.number == 1:
             raise ValueError("injected failure")
         if trial.number == 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(ctx, trial, schedule, progress, watchers)
+        return real(ctx, trial, schedule, progress, watchers, start)
 
     monkeypatch.setattr(plan_mod, "run_trial", flaky)
     study = execute(
@@ -146,7 +146,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
     states = {t.number: t.state for t in study.trials}
     assert states[1] == TrialState.FAIL and states[2] == TrialState.FAIL
     assert study.trials[1].user_attrs["reason"] == "ValueError: injected failure"
-    assert study.trials[2].user_attrs["reason"] == "out of memory"
+    assert study.trials[2].user_attrs["reason"].startswith("out of memory: CUDA out of memory")
     assert len(_finished(study)) == 3  # FAIL trials do not count against the budget
     trials, _, _ = load_results(tmp_path)
     assert trials.set_index("number").loc[1, "reason"] == "ValueError: injected failure"
@@ -323,7 +323,7 @@ def test_other_samplers_and_pruners(tmp_path: Path, sampler: str, pruner: str) -
 def test_a_cause_that_fails_every_trial_stops_the_sweep(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def broken(ctx, trial, schedule, progress=True, watchers=()):  # type: ignore[no-untyped-def]
+    def broken(ctx, trial, schedule, progress=True, watchers=(), start=None):  # type: ignore[no-untyped-def]
         raise RuntimeError("batch does not fit")
 
     monkeypatch.setattr(plan_mod, "run_trial", broken)
@@ -368,3 +368,28 @@ def test_bad_storage_urls_are_one_line_without_the_password(
     )
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert "hunter2" not in err
+
+
+def test_a_trial_out_of_memory_runs_again_with_half_the_micro_batch(tmp_path: Path) -> None:
+    from lrsweep.export import best_trial, training_arguments
+
+    cfg = tiny_config("search.peak_lr=[1e-3, 1e-2]", "sweep.steps=8", "sweep.eval_every=4")
+    prepared = prepare_sweep(cfg, tmp_path, trials=1, progress=False)
+    net = prepared.ctx.base.model
+    real_forward = net.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["input_ids"].shape[0] > 2 and net.training:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(*args, **kwargs)
+
+    net.forward = forward  # type: ignore[method-assign]
+    study = execute(prepared, progress=False)
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs["micro_batch_size"] == 2 and trial.user_attrs["grad_accum"] == 2
+    assert trial.user_attrs["oom_retries"] == 1
+    trials, _, _ = load_results(tmp_path)
+    kwargs = training_arguments(best_trial(trials), cfg)
+    assert kwargs["per_device_train_batch_size"] == 2
+    assert kwargs["gradient_accumulation_steps"] == 2

@@ -2,9 +2,9 @@
 asked, the schedule family and the LoRA+ ratio).
 
 Each trial attaches a fresh LoRA adapter to the base model loaded once per process, trains it
-with one of transformers' schedules (cosine with min LR by default), reports eval losses to the pruner, and detaches
-the adapter again. Trials run in-process: loading the base model once is what keeps a trial
-cheap. The modules, in the order a sweep uses them:
+with one of transformers' schedules (cosine with min LR by default), reports eval losses to
+the pruner, and detaches the adapter again. Trials run in-process: loading the base model
+once is what keeps a trial cheap. The modules, in the order a sweep uses them:
 
 - ``space``: the search space and trial length (pure functions of the config)
 - ``storage``: journal or database, heartbeats, stale trials, retries, redaction

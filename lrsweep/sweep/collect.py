@@ -67,6 +67,9 @@ def load_results(
                 f"no study named {study_name!r} in {storage.display}; check --study"
             ) from None
         if "config" in study.user_attrs:
+            heartbeat = study.user_attrs["config"]["sweep"]["heartbeat_seconds"]
+            storage = storage.beating(heartbeat)
+            study = optuna.load_study(study_name=study_name, storage=storage.backend)
             reap_stale_trials(study, storage)
             states = {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
             if sweep_states(out) != states:

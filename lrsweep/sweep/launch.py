@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 
+from lrsweep.oom import free_memory
 from lrsweep.sweep.collect import write_results
 from lrsweep.sweep.plan import PreparedSweep
-from lrsweep.sweep.trial import free_memory
 
 
 def _command(prepared: PreparedSweep, threads: int, device: str | None, quiet: bool) -> list[str]:

@@ -13,13 +13,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from lrsweep import config as config_mod
 from lrsweep.config import DEFAULT_STUDY, StudyConfig, SweepConfig
 from lrsweep.context import Context, prepare
+from lrsweep.devices import check_memory
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, load_find, run_find, save_find
 from lrsweep.sweep.adapters import AdapterKeeper
@@ -34,10 +35,16 @@ from lrsweep.sweep.study import (
     finished_count,
     join_study,
 )
-from lrsweep.sweep.trial import TrialWatcher, run_trial
+from lrsweep.sweep.trial import TrialRun, TrialWatcher, run_trial
 from lrsweep.sweep.worker import SweepPlan, run_worker
 from lrsweep.tracking import check_trackers, make_trackers
 
+
+if TYPE_CHECKING:
+    from optuna.trial import Trial
+
+    from lrsweep.oom import Attempt
+    from lrsweep.schedules import Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,8 @@ class PreparedSweep:
     plan: SweepPlan
     seconds_per_step: float
     ran_find: bool = False  # the range test ran now, for the bounds: its plot is still to draw
+    memory: str | None = None  # on CUDA: the first steps' peak memory against the device's
+    fits: Attempt | None = None  # the micro-batch and accumulation that fit on the device
 
     @property
     def left(self) -> int:
@@ -110,9 +119,9 @@ def _open(
     storage = open_storage(out, url, heartbeat, create=False)
     study, cfg = join_study(storage, name, config, wait=wait)
     assert cfg is not None
-    if url and cfg.sweep.heartbeat_seconds != heartbeat:
-        # A worker learns the heartbeat from the study: reopen with its interval and grace.
-        storage = open_storage(out, url, cfg.sweep.heartbeat_seconds)
+    if cfg.sweep.heartbeat_seconds != heartbeat:
+        # A worker learns the heartbeat from the study: its interval and grace period.
+        storage = storage.beating(cfg.sweep.heartbeat_seconds)
         study = optuna.load_study(study_name=name, storage=storage.backend) if study else None
     return storage, study, cfg
 
@@ -162,6 +171,7 @@ def prepare_sweep(
         cfg = cfg.replace(train=dataclasses.replace(cfg.train, device=device))
     check_trackers(cfg.sweep.report_to)
     ctx = prepare(cfg)
+    memory, fits = check_memory(ctx)
     found = load_find(out, cfg)
     ran_find = False
     if study is not None:
@@ -169,7 +179,7 @@ def prepare_sweep(
     else:
         if found is None and not cfg.search.peak_lr:
             logger.info("no range test in %s yet: running it for the bounds", out)
-            found, ran_find = run_find(ctx, progress=progress), True
+            found, ran_find = run_find(ctx, progress=progress, start=fits), True
             save_find(found, out)
         bounds = peak_lr_bounds(cfg, found and found.suggestion, _highest(found))
     steps = total_steps(
@@ -187,7 +197,7 @@ def prepare_sweep(
     deadline = time.time() + timeout if timeout else None
     plan = SweepPlan(out, study, backend, bounds, steps, goal, deadline)  # type: ignore[arg-type]
     seconds_per_step = found.curve.seconds_per_step if found else _seconds_per_step(study)
-    return PreparedSweep(ctx, plan, seconds_per_step, ran_find)
+    return PreparedSweep(ctx, plan, seconds_per_step, ran_find, memory, fits)
 
 
 def _highest(found: FindResult | None) -> float:
@@ -210,19 +220,22 @@ def execute(prepared: PreparedSweep, progress: bool = True, part: bool = False) 
     several workers and writes its own part files only."""
     ctx, plan = prepared.ctx, prepared.plan
     plan.part = part
-    cfg = ctx.config
+    cfg, shape = ctx.config, prepared.fits
     watchers: list[TrialWatcher] = make_trackers(
         cfg.sweep.report_to, plan.out, plan.study.study_name
     )
     if cfg.sweep.save_adapters != "none":
         watchers.append(AdapterKeeper(plan.out, cfg, ctx.base.tokenizer))
-    run_worker(
-        cfg,
-        plan,
-        lambda trial, schedule: run_trial(ctx, trial, schedule, progress, watchers),
-        device=ctx.base.device,
-        progress=progress,
-    )
+
+    def runner(trial: Trial, schedule: Schedule) -> TrialRun:
+        # Each trial starts at the shape the last one ended with: no need to run out of
+        # memory again at sizes known not to fit.
+        nonlocal shape
+        run = run_trial(ctx, trial, schedule, progress, watchers, start=shape)
+        shape = run.shape
+        return run
+
+    run_worker(cfg, plan, runner, device=ctx.base.device, progress=progress)
     return plan.study
 
 

@@ -10,6 +10,7 @@ alive is never failed. On a database, Optuna's own heartbeat does this job.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -67,6 +68,16 @@ class StudyStorage:
         name = LIVE_DIR if self.journal.name == JOURNAL_FILE else f"{self.journal.stem}.live"
         return self.journal.parent / name
 
+    def beating(self, heartbeat: float) -> StudyStorage:
+        """This storage with the study's own heartbeat, which sets the grace period after
+        which a silent trial counts as stale."""
+        if heartbeat == self.heartbeat:
+            return self
+        if self.journal is not None:
+            return dataclasses.replace(self, heartbeat=heartbeat)
+        assert self.url is not None
+        return StudyStorage(_open_database(self.url, heartbeat), heartbeat, self.url)
+
     def trial_id(self, study: optuna.Study, number: int) -> int:
         study_id = self.backend.get_study_id_from_name(study.study_name)
         return self.backend.get_trial_id_from_study_id_trial_number(study_id, number)
@@ -96,8 +107,8 @@ def open_storage(
     assert path is not None
     if not path.exists() and not create:
         raise StudyError(
-            f"{path}: no study here; run lrsweep sweep --out {path.parent} first, "
-            "or give --storage"
+            f"{path}: no study here yet; give a study file to start one, or --storage for "
+            "a study that lives elsewhere"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     repair_journal(path)

@@ -9,7 +9,7 @@ does not grow from trial to trial. ``lrsweep.hf`` has the other runner, the user
 from __future__ import annotations
 
 import dataclasses
-import gc
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +21,7 @@ import torch
 
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora
+from lrsweep.oom import Attempt, free_memory, run_with_retry
 from lrsweep.schedules import Schedule
 from lrsweep.suggest import ema
 from lrsweep.sweep.storage import retry
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
     from lrsweep.config import StudyConfig, SweepConfig
     from lrsweep.context import Context
+
+logger = logging.getLogger(__name__)
 
 _EMA_WINDOW = 100
 
@@ -47,6 +50,7 @@ class TrialRun:
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
     reason: str | None = None
+    shape: Attempt | None = None  # the micro-batch and accumulation that ran (OOM retries)
 
     def attrs(self, seed: int, worker: str) -> dict[str, Any]:
         evals = [(r.step, r.eval_loss) for r in self.records if r.eval_loss is not None]
@@ -67,6 +71,7 @@ class TrialRun:
             "reason": self.reason,
             "seed": seed,
             "worker": worker,
+            **(self.shape.attrs() if self.shape else {}),
             "curve": {
                 "lr": [r.lr for r in self.records],
                 "loss": [r.loss for r in self.records],
@@ -128,23 +133,47 @@ def peak_memory_mb(device: torch.device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_trial(
     ctx: Context,
     trial: Trial,
     schedule: Schedule,
     progress: bool = True,
     watchers: Sequence[TrialWatcher] = (),
+    start: Attempt | None = None,
 ) -> TrialRun:
     """Train a fresh adapter with ``schedule``, reporting eval losses through ``trial``.
 
     A run that the pruner stops, or whose loss diverges or turns non-finite, ends early with
-    ``reason`` set (the trial is then PRUNED); a confirmation run is never pruned."""
+    ``reason`` set (the trial is then PRUNED); a confirmation run is never pruned. Out of
+    memory, it starts again with half the micro-batch and twice the accumulation
+    (``lrsweep.oom``), from ``start`` when an earlier run found the shape that fits;
+    ``TrialRun.shape`` says what ran.
+    """
+    cfg = ctx.config
+
+    def attempt_run(attempt: Attempt) -> TrialRun:
+        return _train_once(ctx, trial, schedule, attempt, progress, watchers)
+
+    def retrying(attempt: Attempt) -> None:
+        logger.warning(
+            "trial %d out of memory: retrying with %s", trial.number, attempt.describe()
+        )
+
+    run, used = run_with_retry(
+        attempt_run, cfg.train, device=ctx.base.device, on_retry=retrying, start=start
+    )
+    run.shape = used
+    return run
+
+
+def _train_once(
+    ctx: Context,
+    trial: Trial,
+    schedule: Schedule,
+    attempt: Attempt,
+    progress: bool,
+    watchers: Sequence[TrialWatcher],
+) -> TrialRun:
     cfg, device = ctx.config, ctx.base.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -165,9 +194,9 @@ def run_trial(
         result = train(
             model,
             optimizer,
-            batches(ctx.blocks.train, cfg.train.batch_size, seed),
+            attempt.batches(batches(ctx.blocks.train, cfg.train.batch_size, seed)),
             schedule.lrs(),
-            Loop.of(cfg.train, precision),
+            Loop.of(attempt.train, precision),
             eval_blocks=ctx.blocks.eval,
             eval_every=cfg.sweep.eval_every,
             on_step=on_step,

@@ -27,13 +27,14 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
 
 from lrsweep.config import StudyConfig
-from lrsweep.errors import LrsweepError, StudyError
+from lrsweep.errors import LrsweepError, StudyError, first_line
+from lrsweep.oom import free_memory
 from lrsweep.sweep.collect import write_results
 from lrsweep.sweep.confirm import enqueue_missing
 from lrsweep.sweep.space import distributions, loraplus_ratio_of, schedule_of, worker_seed
 from lrsweep.sweep.storage import Heartbeat, StudyStorage, fail_trial, reap_stale_trials, retry
 from lrsweep.sweep.study import FINISHED, finished_count, make_pruner, make_sampler
-from lrsweep.sweep.trial import Runner, TrialRun, free_memory, trial_seed
+from lrsweep.sweep.trial import Runner, TrialRun, trial_seed
 
 
 logger = logging.getLogger(__name__)
@@ -227,8 +228,10 @@ def _run_and_tell(
             state = TrialState.PRUNED
         else:
             value = run.records[-1].eval_loss
-    except torch.OutOfMemoryError:
-        state, run.reason, out_of_memory = TrialState.FAIL, "out of memory", True
+    except torch.OutOfMemoryError as err:
+        # Still out of memory at a micro-batch of 1 (lrsweep.oom retried the smaller ones).
+        state, out_of_memory = TrialState.FAIL, True
+        run.reason = f"out of memory: {first_line(err)}"[:500]
     except Exception as err:
         logger.exception("trial %d raised", trial.number)
         state, run.reason = TrialState.FAIL, f"{type(err).__name__}: {err}"[:500]
