@@ -369,6 +369,7 @@ def test_result_files_follow_the_umask(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own study.ask()
 def test_a_stale_trial_on_a_database_is_reaped_by_report(
     postgres: Server,  # noqa: F811
     tmp_path: Path,
