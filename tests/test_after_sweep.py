@@ -121,6 +121,11 @@ def test_the_best_adapter_is_kept_and_loads(
     assert link.is_symlink() and link.resolve().name == f"trial-{best.number}"
     assert [p.name for p in (tmp_path / "adapters").glob("trial-*")] == [f"trial-{best.number}"]
     assert (link / "adapter_config.json").is_file()
+    # The modes any new file gets (the umask), not mkdtemp's private ones.
+    from lrsweep.results import umask
+
+    assert link.resolve().stat().st_mode & 0o777 == 0o777 & ~umask()
+    assert {p.stat().st_mode & 0o777 for p in link.resolve().iterdir()} == {0o666 & ~umask()}
     # Loadable with peft on a fresh base: the same eval loss as the trial.
     base = load_base_model(cfg.model, cfg.train, cfg.seed)
     model = PeftModel.from_pretrained(base.model, str(link))

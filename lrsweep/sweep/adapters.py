@@ -29,6 +29,7 @@ from lrsweep.results import (
     folder_bytes,
     read_adapter_info,
     size_text,
+    umask,
     write_json,
 )
 
@@ -107,6 +108,11 @@ def save_adapter(model: PeftModel, tokenizer: Tokenizer, out: Path, info: dict[s
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         write_json(info, tmp / ADAPTER_INFO)
+        # mkdtemp (and peft's writer) make them private: give them the modes new files get.
+        mask = umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o666 & ~mask)
         if dest.exists():
             shutil.rmtree(dest)
         os.rename(tmp, dest)
