@@ -20,12 +20,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
@@ -105,6 +107,20 @@ def _rangetest_config(
     return RangeTestConfig(mode=mode, signal=signal, **settings)
 
 
+def _rng_state() -> tuple[Any, ...]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _set_rng_state(state: tuple[Any, ...]) -> None:
+    cpu, cuda, python, numpy = state
+    torch.set_rng_state(cpu)
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python)
+    np.random.set_state(numpy)
+
+
 def find_lr(
     trainer: Trainer,
     *,
@@ -125,11 +141,14 @@ def find_lr(
     """
     cfg = _rangetest_config(trainer, mode, {"probe_blocks": probe_batches, **settings})
     args, model = trainer.args, trainer.model
+    # A data loader's iterator draws its seed from the global generators: keep the RNG state
+    # the Trainer would have started from.
+    rng = _rng_state()
+    had_optimizer = trainer.optimizer is not None
+    was_training = model.training
     probe = None
     if cfg.signal == "eval":
         probe = list(itertools.islice(trainer.get_eval_dataloader(), probe_batches))
-    had_optimizer = trainer.optimizer is not None
-    was_training = model.training
     loop = Loop(
         precision_of(trainer),
         args.gradient_accumulation_steps,
@@ -148,6 +167,7 @@ def find_lr(
         model.train(was_training)
         if not had_optimizer:
             trainer.optimizer = None
+        _set_rng_state(rng)
     result = FindResult(curve, suggestion, _config_of(trainer, cfg))
     if out is not None:
         save_and_draw(result, Path(out))
