@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
 import random
 import shutil
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from lrsweep.config import (
@@ -49,6 +50,8 @@ from lrsweep.schedules import CosineSchedule
 from lrsweep.sweep.trial import Runner, TrialRun, report_eval
 from lrsweep.training import Batch, Loop, Precision, StepRecord
 
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import optuna
@@ -225,11 +228,15 @@ def _trainer_runner(
     sweep: SweepConfig,
     keep_checkpoints: bool,
     device: torch.device,
+    seed: int = 0,
 ) -> Runner:
     def run(trial: Trial, schedule: CosineSchedule) -> TrialRun:
         folder = out / "trials" / str(trial.number)
         result = TrialRun(schedule)
         overrides = training_overrides(schedule, sweep.eval_every, folder, keep_checkpoints)
+        # Seeded before the Trainer is built: an adapter made in its constructor (TRL's
+        # peft_config=) starts from the same weights in every trial and in the export's run.
+        set_seed(seed)
         trainer = make_trainer(overrides)
         if trainer.args.learning_rate != schedule.peak_lr:
             raise StudyError(
@@ -325,12 +332,22 @@ def sweep(
         # The study's [train] section describes the user's TrainingArguments, so that
         # lrsweep export reproduces their batch size, accumulation and optimizer settings.
         stored = from_dict(study.user_attrs["config"])
+        if trainer.args.seed != stored.seed:
+            logger.warning(
+                "the Trainer's seed %d is not hf.sweep's seed %d, which lrsweep export writes: "
+                "pass seed=%d to hf.sweep",
+                trainer.args.seed,
+                stored.seed,
+                trainer.args.seed,
+            )
         train = _train_config(trainer)
         if stored.train != train:
             study.set_user_attr("config", stored.replace(train=train).to_dict())
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runner = _trainer_runner(make_trainer, record_train, out, cfg.sweep, keep_checkpoints, device)
+    runner = _trainer_runner(
+        make_trainer, record_train, out, cfg.sweep, keep_checkpoints, device, cfg.seed
+    )
     run_worker(cfg, plan, runner, device=device, progress=progress)
     return study
 

@@ -8,30 +8,27 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
+# Not skipped when missing: `make setup` installs lrsweep[trl] (through the dev extra).
+from trl import SFTConfig, SFTTrainer
 
-pytest.importorskip("trl")
-
-from datasets import Dataset  # noqa: E402
-from peft import LoraConfig, PeftModel  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
-
-from lrsweep import hf  # noqa: E402
-from lrsweep.export import best_trial, training_arguments  # noqa: E402
-from lrsweep.models import trainable_state  # noqa: E402
-from lrsweep.schedules import CosineSchedule  # noqa: E402
-from lrsweep.sweep.collect import load_results  # noqa: E402
-from lrsweep.training import Loop, train  # noqa: E402
-from tests.conftest import ROOT, run_cli  # noqa: E402
-from tests.test_instruct import chat_tokenizer  # noqa: E402
+from lrsweep import hf
+from lrsweep.export import best_trial, training_arguments
+from lrsweep.models import trainable_state
+from lrsweep.schedules import CosineSchedule
+from lrsweep.sweep.collect import load_results
+from lrsweep.training import Loop, train
+from tests.conftest import ROOT, run_cli
+from tests.test_instruct import chat_tokenizer
 
 
 # ChatML with generation markers around each assistant answer and its end of turn, which
@@ -303,9 +300,10 @@ def test_sweep_and_export_on_sfttrainer(
     finally:
         unload(trainer)
     best = best_trial(trials)
-    assert lrs == CosineSchedule(
-        best["peak_lr"], 10, best["warmup_fraction"], best["min_lr_ratio"]
-    ).lrs()
+    assert (
+        lrs
+        == CosineSchedule(best["peak_lr"], 10, best["warmup_fraction"], best["min_lr_ratio"]).lrs()
+    )
     recorded = curves[curves["number"] == best["number"]]["lr"].tolist()
     assert len(recorded) == 10 and lrs == recorded  # the best trial ran to the end
 
@@ -317,12 +315,12 @@ def _config(meta: dict[str, Any]) -> Any:
 
 
 def test_sft_trl_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """examples/sft_trl.py: find -> sweep -> export -> train with the export, on SFTTrainers."""
+    """examples/sft_trl.py: find -> sweep -> export -> SFTConfig(**export) -> train."""
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    monkeypatch.setattr(sys, "argv", ["sft_trl.py", "--tiny", "--out", str(tmp_path)])
     import sft_trl
 
-    summary = sft_trl.main()
+    summary = sft_trl.main(["--tiny", "--out", str(tmp_path)])
     assert summary["trials"] == 3
-    assert summary["learning_rate"] == summary["export"]["learning_rate"]
-    assert np.isfinite(summary["final_eval_loss"])
+    assert summary["export"]["learning_rate"] == summary["learning_rate"]
+    # The export's run is the best trial again: same adapter start, data order and schedule.
+    assert summary["final_eval_loss"] == pytest.approx(summary["trial_eval_loss"], abs=1e-4)
