@@ -328,11 +328,14 @@ def sweep(
     goal = budget(study, cfg.sweep.trials, cfg)
     plan = SweepPlan(out, study, backend, bounds, max_steps, goal)  # type: ignore[arg-type]
 
+    warned: list[bool] = []
+
     def record_train(trainer: Trainer) -> None:
         # The study's [train] section describes the user's TrainingArguments, so that
         # lrsweep export reproduces their batch size, accumulation and optimizer settings.
         stored = from_dict(study.user_attrs["config"])
-        if trainer.args.seed != stored.seed:
+        if trainer.args.seed != stored.seed and not warned:
+            warned.append(True)
             logger.warning(
                 "the Trainer's seed %d is not hf.sweep's seed %d, which lrsweep export writes: "
                 "pass seed=%d to hf.sweep",
