@@ -161,11 +161,13 @@ def _rng() -> tuple[Any, ...]:
     return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
 
 
-@pytest.mark.parametrize("mode", ["ramp", "probe"])
+@pytest.mark.parametrize(("mode", "packing"), [("ramp", False), ("probe", False), ("probe", True)])
 def test_find_lr_leaves_the_sfttrainer_as_it_was(
-    base: LlamaForCausalLM, tokenizer: Any, tmp_path: Path, mode: str
+    base: LlamaForCausalLM, tokenizer: Any, tmp_path: Path, mode: str, packing: bool
 ) -> None:
-    args = sft_config(tmp_path, assistant_only_loss=True, gradient_accumulation_steps=2)
+    args = sft_config(
+        tmp_path, assistant_only_loss=True, gradient_accumulation_steps=2, packing=packing
+    )
     trainer = sft_trainer(base, tokenizer, chat_rows(40), args)
     try:
         model = trainer.model
@@ -210,16 +212,21 @@ def test_find_lr_leaves_the_sfttrainer_as_it_was(
         unload(trainer)
 
 
-class _FirstLoraB(TrainerCallback):
-    """Whether every trial starts from a fresh adapter (LoRA B is zero before the first step)."""
+def _has_lora(model: torch.nn.Module) -> bool:
+    return any("lora_" in name for name, _ in model.named_parameters())
 
-    def __init__(self, trainer: SFTTrainer, seen: list[float]) -> None:
+
+class _Start(TrainerCallback):
+    """Each trial's adapter when its training begins: LoRA B (zero when fresh) and A."""
+
+    def __init__(self, trainer: SFTTrainer, seen: list[tuple[float, float]]) -> None:
         self.trainer, self.seen = trainer, seen
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        names = [n for n in trainable_state(self.trainer.model) if "lora_B" in n]
-        b = trainable_state(self.trainer.model)
-        self.seen.append(sum(float(b[n].abs().sum()) for n in names))
+        weights = trainable_state(self.trainer.model)
+        b = sum(float(w.abs().sum()) for n, w in weights.items() if "lora_B" in n)
+        a = sum(float(w.sum()) for n, w in weights.items() if "lora_A" in n)
+        self.seen.append((b, a))
 
 
 def test_sweep_and_export_on_sfttrainer(
@@ -230,30 +237,27 @@ def test_sweep_and_export_on_sfttrainer(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rows = chat_rows(40)
-    previous: list[SFTTrainer] = []
-    fresh: list[float] = []
+    adapters: list[PeftModel] = []
+    starts: list[tuple[float, float]] = []
 
     def make_trainer(overrides: dict[str, Any]) -> SFTTrainer:
-        # One shared base: the previous trial's adapter comes off before the next goes on.
-        while previous:
-            unload(previous.pop())
+        # One shared base: the previous trial's adapter comes off before the next goes on
+        # (hf.sweep drops trainer.model after the trial, so the adapter is kept here).
+        while adapters:
+            adapters.pop().unload()
+        assert not _has_lora(base)
         args = sft_config(
             tmp_path,
             assistant_only_loss=True,
             per_device_train_batch_size=2,
             gradient_accumulation_steps=2,
+            seed=0,
             **overrides,
         )
         trainer = sft_trainer(base, tokenizer, rows, args)
-        trainer.add_callback(_FirstLoraB(trainer, fresh))
-        previous.append(trainer)
-        # hf.sweep drops trainer.model after the trial; keep the adapter to unload it.
-        trainer.peft_model = trainer.model  # type: ignore[attr-defined]
+        trainer.add_callback(_Start(trainer, starts))
+        adapters.append(trainer.model)
         return trainer
-
-    def unload_last() -> None:
-        while previous:
-            previous.pop().peft_model.unload()  # type: ignore[attr-defined]
 
     try:
         study = hf.sweep(
@@ -266,10 +270,13 @@ def test_sweep_and_export_on_sfttrainer(
             progress=False,
         )
     finally:
-        unload_last()
-    assert not hasattr(base.model.layers[0].self_attn.q_proj, "lora_A")  # the base is clean
+        while adapters:
+            adapters.pop().unload()
+    assert not _has_lora(base)
+    # A fresh adapter in every trial, the same one (hf.sweep seeds before make_trainer).
+    assert len(starts) == 3 and all(b == 0.0 for b, _ in starts)
+    assert len({a for _, a in starts}) == 1
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
-    assert fresh == [0.0, 0.0, 0.0]
     trials, curves, meta = load_results(tmp_path / "sweep")
     assert meta["config"]["train"]["batch_size"] == 2
     assert meta["config"]["train"]["grad_accum"] == 2
