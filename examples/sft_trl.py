@@ -96,6 +96,8 @@ def bundled_model(folder: Path) -> None:
     from lrsweep.models import load_base_model, write_cache
 
     base = load_base_model(ModelConfig(path="bundled"), TrainConfig(device="cpu"))
+    # A GGUF-loaded config names no architecture; SFTTrainer(model=path) picks its class by it.
+    base.model.config.architectures = [type(base.model).__name__]
     write_cache(base.model, base.tokenizer, folder)
 
 
