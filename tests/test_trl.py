@@ -321,6 +321,7 @@ def _config(meta: dict[str, Any]) -> Any:
     return from_dict(meta["config"])
 
 
+@pytest.mark.slow
 def test_sft_trl_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """examples/sft_trl.py: find -> sweep -> export -> SFTConfig(**export) -> train."""
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
