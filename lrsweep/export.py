@@ -76,9 +76,9 @@ def training_arguments(trial: pd.Series, config: StudyConfig) -> dict[str, Any]:
         "max_grad_norm": train.max_grad_norm,
         "seed": config.seed,
     }
-    if train.dtype == "bfloat16":
-        kwargs["bf16"] = True
-    elif train.dtype == "float16":
+    # bf16 stated either way: TRL's SFTConfig defaults to bf16=True, TrainingArguments to False.
+    kwargs["bf16"] = train.dtype == "bfloat16"
+    if train.dtype == "float16":
         kwargs["fp16"] = True
     return kwargs
 

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from lrsweep.config import (
@@ -47,6 +50,8 @@ from lrsweep.schedules import Schedule
 from lrsweep.sweep.trial import Runner, TrialRun, report_eval
 from lrsweep.training import Batch, Loop, Precision, StepRecord
 
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import optuna
@@ -105,6 +110,20 @@ def _rangetest_config(
     return RangeTestConfig(mode=mode, signal=signal, **settings)
 
 
+def _rng_state() -> tuple[Any, ...]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
+
+
+def _set_rng_state(state: tuple[Any, ...]) -> None:
+    cpu, cuda, python, numpy = state
+    torch.set_rng_state(cpu)
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(python)
+    np.random.set_state(numpy)
+
+
 def find_lr(
     trainer: Trainer,
     *,
@@ -125,11 +144,14 @@ def find_lr(
     """
     cfg = _rangetest_config(trainer, mode, {"probe_blocks": probe_batches, **settings})
     args, model = trainer.args, trainer.model
+    # A data loader's iterator draws its seed from the global generators: keep the RNG state
+    # the Trainer would have started from.
+    rng = _rng_state()
+    had_optimizer = trainer.optimizer is not None
+    was_training = model.training
     probe = None
     if cfg.signal == "eval":
         probe = list(itertools.islice(trainer.get_eval_dataloader(), probe_batches))
-    had_optimizer = trainer.optimizer is not None
-    was_training = model.training
     loop = Loop(
         precision_of(trainer),
         args.gradient_accumulation_steps,
@@ -148,6 +170,7 @@ def find_lr(
         model.train(was_training)
         if not had_optimizer:
             trainer.optimizer = None
+        _set_rng_state(rng)
     result = FindResult(curve, suggestion, _config_of(trainer, cfg))
     if out is not None:
         save_and_draw(result, Path(out))
@@ -155,13 +178,11 @@ def find_lr(
 
 
 def training_overrides(
-    schedule: Schedule, eval_every: int, output_dir: Path, keep_checkpoints: bool, seed: int
+    schedule: Schedule, eval_every: int, output_dir: Path, keep_checkpoints: bool
 ) -> dict[str, Any]:
-    """TrainingArguments keyword arguments that make a Trainer run ``schedule`` with the
-    trial's ``seed`` (a confirmation run's own)."""
+    """TrainingArguments keyword arguments that make a Trainer run ``schedule``."""
     return {
         **schedule.trainer_kwargs(),
-        "seed": seed,
         "eval_strategy": "steps",
         "eval_steps": eval_every,
         "logging_steps": 1,
@@ -217,10 +238,15 @@ def _trainer_runner(
         attrs = trial.user_attrs
         ratio = trial.params.get("loraplus_lr_ratio")
         result = TrialRun(schedule, ratio)
-        overrides = training_overrides(
-            schedule, sweep.eval_every, folder, keep_checkpoints, int(attrs.get("seed", seed))
-        )
+        trial_seed = int(attrs.get("seed", seed))  # a confirmation run's own
+        overrides = training_overrides(schedule, sweep.eval_every, folder, keep_checkpoints)
+        # Seeded before the Trainer is built: an adapter made in its constructor (TRL's
+        # peft_config=) starts from the same weights in every trial and in the export's run.
+        set_seed(trial_seed)
         trainer = make_trainer(overrides)
+        if "confirms" in attrs:
+            # A new seed for the Trainer's data order and dropout too (it seeds at train()).
+            trainer.args.seed = trial_seed
         if trainer.args.learning_rate != schedule.peak_lr:
             raise StudyError(
                 "make_trainer(overrides) must pass the overrides on to "
@@ -338,10 +364,21 @@ def sweep(
     goal = budget(study, cfg.sweep.trials, cfg)
     plan = SweepPlan(out, study, backend, bounds, max_steps, goal)  # type: ignore[arg-type]
 
+    warned: list[bool] = []
+
     def record_train(trainer: Trainer) -> None:
         # The study's [train] section describes the user's TrainingArguments, so that
         # lrsweep export reproduces their batch size, accumulation and optimizer settings.
         stored = from_dict(study.user_attrs["config"])
+        if trainer.args.seed != stored.seed and not warned:
+            warned.append(True)
+            logger.warning(
+                "the Trainer's seed %d is not hf.sweep's seed %d, which lrsweep export writes: "
+                "pass seed=%d to hf.sweep",
+                trainer.args.seed,
+                stored.seed,
+                trainer.args.seed,
+            )
         train = _train_config(trainer)
         if stored.train != train:
             study.set_user_attr("config", stored.replace(train=train).to_dict())

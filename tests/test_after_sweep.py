@@ -252,7 +252,7 @@ def test_hf_sweep_gives_the_trainer_the_trials_loraplus_optimizer(tmp_path: Path
     def make_trainer(overrides: dict[str, Any]) -> Trainer:
         if adapters:
             detach_lora(adapters.pop())
-        adapters.append(attach_lora(ctx.base, ctx.config.lora, overrides["seed"]))
+        adapters.append(attach_lora(ctx.base, ctx.config.lora, 0))
         args = TrainingArguments(use_cpu=True, per_device_train_batch_size=4, **overrides)
         return Trainer(
             model=adapters[-1],

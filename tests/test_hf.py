@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from torch.utils.data import Dataset, IterableDataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lrsweep import hf
 from lrsweep.context import Context, prepare
@@ -141,7 +141,7 @@ def test_native_loop_and_trainer_agree(ctx: Context, tmp_path: Path) -> None:
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
         overrides = hf.training_overrides(
-            schedule, eval_every=100, output_dir=tmp_path / "t", keep_checkpoints=False, seed=0
+            schedule, eval_every=100, output_dir=tmp_path / "t", keep_checkpoints=False
         )
         overrides.update(eval_strategy="no", gradient_accumulation_steps=2)
         trainer = Trainer(
@@ -179,8 +179,11 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
     adapters: list[Any] = []
     seeds: list[int] = []
 
+    class SeedOf(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            seeds.append(args.seed)
+
     def make_trainer(overrides: dict[str, Any]) -> Trainer:
-        seeds.append(overrides["seed"])
         # A fresh adapter on the shared base for every trial; the last one comes off first
         # (peft stacks adapters on a base that still has one).
         if adapters:
@@ -199,6 +202,7 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
             args=args,
             train_dataset=Blocks(ctx.blocks.train),
             eval_dataset=Blocks(ctx.blocks.eval),
+            callbacks=[SeedOf()],
         )
 
     try:
@@ -219,9 +223,9 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 4
     trials, curves, meta = load_results(tmp_path)
     assert len(trials) == 4 and meta["config"]["model"]["path"] == "trainer"
-    # The best trial ran again with a new seed, passed on in the overrides.
+    # The best trial ran again with a new seed: the Trainer's (data order, dropout) too.
     (confirmation,) = trials[trials["confirms"].notna()].itertuples()
-    assert seeds == [0, 0, 0, 1] and confirmation.seed == 1
+    assert seeds == [42, 42, 42, 1] and confirmation.seed == 1
     # The study describes the user's TrainingArguments, so the export reproduces them.
     assert meta["config"]["train"]["batch_size"] == 2
     assert meta["config"]["train"]["grad_accum"] == 2

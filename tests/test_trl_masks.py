@@ -13,19 +13,17 @@ from typing import Any
 
 import pytest
 import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+from trl import SFTConfig, SFTTrainer
+
+from lrsweep.config import DataConfig, ModelConfig, TrainConfig
+from lrsweep.data.reading import parse_row
+from lrsweep.data.render import Renderer
+from lrsweep.models import HFTokenizer, load_base_model
 
 
-pytest.importorskip("trl")
-pytestmark = pytest.mark.slow
-
-from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
-
-from lrsweep.config import DataConfig, ModelConfig, TrainConfig  # noqa: E402
-from lrsweep.data.reading import parse_row  # noqa: E402
-from lrsweep.data.render import Renderer  # noqa: E402
-from lrsweep.models import HFTokenizer, load_base_model  # noqa: E402
+pytestmark = pytest.mark.slow  # the bundled model's tokenizer
 
 
 ASSISTANT = (
