@@ -143,18 +143,29 @@ def _next_trial(
 @contextmanager
 def _signals_held() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back while this block runs (in the main thread), so that an
-    interrupt cannot fall between asking for a trial and guarding it."""
+    interrupt cannot fall between asking for a trial and guarding it; one that arrives is
+    handled as the block ends. Python runs signal handlers in the main thread whichever
+    thread the OS delivered the signal to, so swapping the handlers holds them reliably
+    (masking the main thread alone does not: torch's and tqdm's threads take them)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    held: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda signum, _: held.append(signum)) for s in signals}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in held[:1]:
+            handler = old[s]
+            if callable(handler):
+                handler(s, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(s)
 
 
 def _one_trial(
