@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from optuna.trial import Trial
     from transformers import Trainer
 
+    from lrsweep.sweep.worker import SweepPlan
+
 
 def precision_of(trainer: Trainer) -> Precision:
     args = trainer.args
@@ -345,25 +347,11 @@ def sweep(
     Same storage, study, worker loop, result files and report as ``lrsweep sweep``.
     """
     from lrsweep.config import from_dict
-    from lrsweep.sweep.storage import open_storage
-    from lrsweep.sweep.study import budget, create_study, join_study
-    from lrsweep.sweep.worker import SweepPlan, run_worker
+    from lrsweep.sweep.worker import run_worker
 
     out = Path(out)
-    cfg = _sweep_config(seed, max_steps, peak_lr, settings)
-    backend = open_storage(out, storage, cfg.sweep.heartbeat_seconds)
-    stored = _stored_train(backend.backend, study_name)
-    if stored is not None:
-        # [train] comes from the user's Trainers (see record_train below), not from here.
-        cfg = cfg.replace(train=stored)
-    study, cfg = join_study(backend, study_name, cfg)
-    if study is None:
-        study, cfg = create_study(backend, study_name, cfg, peak_lr, None, cfg.sweep.trials)
-    assert study is not None and cfg is not None
-    bounds = tuple(study.user_attrs["peak_lr_bounds"])
-    goal = budget(study, cfg.sweep.trials, cfg)
-    plan = SweepPlan(out, study, backend, bounds, max_steps, goal)  # type: ignore[arg-type]
-
+    plan, cfg = _plan(out, _sweep_config(seed, max_steps, peak_lr, settings), storage, study_name)
+    study = plan.study
     warned: list[bool] = []
 
     def record_train(trainer: Trainer) -> None:
@@ -389,6 +377,30 @@ def sweep(
     )
     run_worker(cfg, plan, runner, device=device, progress=progress)
     return study
+
+
+def _plan(
+    out: Path, cfg: StudyConfig, storage: str | None, study_name: str
+) -> tuple[SweepPlan, StudyConfig]:
+    """Join the study or create it, as ``lrsweep sweep`` does."""
+    from lrsweep.sweep.storage import open_storage
+    from lrsweep.sweep.study import budget, create_study, join_study
+    from lrsweep.sweep.worker import SweepPlan
+
+    backend = open_storage(out, storage, cfg.sweep.heartbeat_seconds)
+    stored = _stored_train(backend.backend, study_name)
+    if stored is not None:
+        # [train] comes from the user's Trainers (see record_train in sweep), not from here.
+        cfg = cfg.replace(train=stored)
+    study, joined = join_study(backend, study_name, cfg)
+    if study is None:
+        bounds = tuple(cfg.search.peak_lr)
+        study, joined = create_study(backend, study_name, cfg, bounds, None, cfg.sweep.trials)  # type: ignore[arg-type]
+    assert joined is not None
+    bounds = tuple(study.user_attrs["peak_lr_bounds"])
+    goal = budget(study, joined.sweep.trials, joined)
+    steps = joined.sweep.steps
+    return SweepPlan(out, study, backend, bounds, steps, goal), joined  # type: ignore[arg-type]
 
 
 def _stored_train(storage: optuna.storages.BaseStorage, name: str) -> TrainConfig | None:
