@@ -38,8 +38,8 @@ fmt: setup
 
 # The range test on the bundled model, then a small sweep that reuses it (3 trials, the
 # common 2e-4 default among them when it lies in the bounds, and the best one again with a
-# fresh seed; about 10 minutes on
-# a 2-core CPU), its report and the best schedule as TrainingArguments.
+# fresh seed; about 10 minutes on a 2-core CPU), its report and the best schedule as
+# TrainingArguments.
 demo: setup
 	$(BIN)/lrsweep find studies/default.toml --out $(DEMO)
 	$(BIN)/lrsweep sweep studies/default.toml --out $(DEMO) --trials 3 \
