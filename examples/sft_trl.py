@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trials=3,
         eval_every=steps // 2,
         seed=seed,
+        confirm_top=0,  # a real sweep re-runs its best configurations with fresh seeds
     )
 
     # 3. Export the best schedule (the same as `lrsweep export runs/sft_trl/sweep`).
