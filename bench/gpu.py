@@ -71,21 +71,23 @@ def _log(message: str) -> None:
 # --- the models: shapes only, random weights written like a saved checkpoint ---
 
 
+# The toy size of --cpu-smoke: the same code paths in seconds.
+_TOY = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
 def llama8b_config(smoke: bool) -> Any:
     """Llama-3.1-8B's architecture (smoke: the same code path at toy size)."""
     from transformers import LlamaConfig
 
     if smoke:
-        return LlamaConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-        )
+        return LlamaConfig(**_TOY, max_position_embeddings=2048, tie_word_embeddings=False)
     return LlamaConfig(
         vocab_size=128256,
         hidden_size=4096,
@@ -114,15 +116,7 @@ def smollm_config(smoke: bool) -> Any:
     from transformers import LlamaConfig
 
     if smoke:
-        return LlamaConfig(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=True,
-        )
+        return LlamaConfig(**_TOY, tie_word_embeddings=True)
     return LlamaConfig(
         vocab_size=49152,
         hidden_size=576,
