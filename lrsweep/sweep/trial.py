@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import psutil
 import torch
 
 from lrsweep.data import batches
+from lrsweep.devices import measure_memory, reset_peak_memory
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.oom import Attempt, free_memory, run_with_retry
 from lrsweep.schedules import Schedule
@@ -128,9 +128,9 @@ def diverged(losses: list[float], factor: float) -> str | None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return psutil.Process().memory_info().rss / 2**20
+    """Peak CUDA memory allocated since ``reset_peak_memory``, or the process RSS on CPU."""
+    use = measure_memory(device)
+    return (use.peak_allocated if use.peak_allocated is not None else use.rss) / 2**20
 
 
 def run_trial(
@@ -175,8 +175,7 @@ def _train_once(
     watchers: Sequence[TrialWatcher],
 ) -> TrialRun:
     cfg, device = ctx.config, ctx.base.device
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     seed, prune, ratio = _identity(trial, cfg)
     # Same seed, same adapter init, data order and dropout masks: trials differ only by their
     # schedule, whatever ran before them in this process.
