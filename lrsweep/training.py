@@ -120,6 +120,13 @@ def _inputs(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def _real_tokens(inputs: dict[str, torch.Tensor]) -> int:
+    # The tokens a step trained on: padding is not counted (tokens/s would flatter it).
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    return inputs["input_ids"].numel()
+
+
 def _predicted_tokens(inputs: dict[str, torch.Tensor]) -> int:
     # Causal LM: every labelled position but the first is predicted.
     labels = inputs["labels"]
@@ -242,7 +249,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 return TrainResult(records, f"non-finite loss at step {step} (lr {lr:.3g})")
             grad_norm = _update(optimizer, params, loop)
-            tokens += sum(inputs["input_ids"].numel() for inputs in micro)
+            tokens += sum(_real_tokens(inputs) for inputs in micro)
             now = time.perf_counter()
             train_seconds += now - step_start
             record = StepRecord(step, lr, loss, grad_norm, tokens, now - start, train_seconds)

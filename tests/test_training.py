@@ -162,3 +162,26 @@ def test_mixed_precision_paths_train(ctx, dtype: torch.dtype) -> None:  # type: 
     assert result.stop_reason is None and result.records[-1].eval_loss is not None
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(v.dtype == torch.float32 for v in after.values())  # adapters stay fp32
+
+
+def test_tokens_count_what_was_trained_on_not_padding(ctx) -> None:  # type: ignore[no-untyped-def]
+    """A padded batch (an instruction batch, a Trainer's) counts its real tokens only, so
+    that tokens and tokens/s are not inflated by padding."""
+    ids = ctx.blocks.train[:2].clone()
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = 0  # the first sequence is 10 tokens, the rest padding
+    batch = {"input_ids": ids, "attention_mask": mask}
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        result = train(
+            model,
+            make_optimizer(model, ctx.config.train),
+            itertools.repeat(batch),
+            [1e-3, 1e-3],
+            Loop(CPU, 1, 1.0),
+            progress=False,
+        )
+    finally:
+        detach_lora(model)
+    per_step = 10 + ids.shape[1]
+    assert [r.tokens for r in result.records] == [per_step, 2 * per_step]
