@@ -186,6 +186,18 @@ def test_the_schedule_family_is_a_search_dimension(tmp_path: Path) -> None:
     assert (linear["min_lr"] == 0).all()  # linear decays to 0: no floor
 
 
+@pytest.mark.parametrize(
+    ("families", "floor_searched"),
+    [(["linear"], False), (["constant", "linear"], False), (["linear", "wsd"], True)],
+)
+def test_min_lr_ratio_is_searched_only_for_families_with_a_floor(
+    tmp_path: Path, families: list[str], floor_searched: bool
+) -> None:
+    cfg = tiny_config(FIXED, f"search.schedule={families}", "sweep.sampler=random")
+    study = execute(prepare_sweep(cfg, tmp_path, trials=2, progress=False), progress=False)
+    assert all(("min_lr_ratio" in t.params) == floor_searched for t in study.trials)
+
+
 # ---------------------------------------------------------------- 4: LoRA+
 
 

@@ -10,7 +10,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from lrsweep.config import StudyConfig, SweepConfig
 from lrsweep.errors import StudyError
-from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, Schedule
+from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, FLOORED, Schedule
 from lrsweep.suggest import Suggestion
 
 
@@ -38,12 +38,19 @@ def peak_lr_bounds(
     return low, max(high, low * 10)
 
 
+def _searches_floor(config: StudyConfig) -> bool:
+    # min_lr_ratio is searched unless the floor is absolute or no searched family has one
+    # (linear decays to 0, constant never decays): a dimension that changes nothing only
+    # slows the sampler down.
+    return config.search.min_lr == 0 and any(f in FLOORED for f in config.search.schedule)
+
+
 def distributions(config: StudyConfig, bounds: tuple[float, float]) -> dict[str, BaseDistribution]:
     space: dict[str, BaseDistribution] = {
         "peak_lr": FloatDistribution(*bounds, log=True),
         "warmup_fraction": FloatDistribution(*config.search.warmup_fraction),
     }
-    if config.search.min_lr == 0:
+    if _searches_floor(config):
         space["min_lr_ratio"] = FloatDistribution(*config.search.min_lr_ratio)
     if len(config.search.schedule) > 1:
         space["schedule"] = CategoricalDistribution(config.search.schedule)
@@ -88,7 +95,7 @@ def first_trial(
         "peak_lr": clip(recommended_lr, *bounds),
         "warmup_fraction": clip(FIRST_WARMUP_FRACTION, *search.warmup_fraction),
     }
-    if search.min_lr == 0:
+    if _searches_floor(config):
         params["min_lr_ratio"] = clip(FIRST_MIN_LR_RATIO, *search.min_lr_ratio)
     if len(search.schedule) > 1:
         params["schedule"] = "cosine" if "cosine" in search.schedule else search.schedule[0]
