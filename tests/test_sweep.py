@@ -259,6 +259,21 @@ def test_dry_run_creates_no_study(
     assert code == 0, err
     assert out.startswith("Estimate: 4 trials x 12 steps")
     assert not (tmp_path / "study.journal").exists()
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "sweep",
+        str(ROOT / "studies" / "tiny.toml"),
+        "--out",
+        str(tmp_path / "fixed"),
+        "--dry-run",
+        "-q",
+        "--set",
+        "search.peak_lr=[1e-4, 1e-2]",
+    )
+    # Fixed bounds: no range test ran, so no step was timed, and the estimate says so.
+    assert code == 0, err
+    assert "time per step not measured yet" in out and "nan" not in out
 
 
 def test_changed_config_is_refused(

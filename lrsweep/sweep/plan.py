@@ -91,10 +91,13 @@ class PreparedSweep:
         runs = self.left + confirm
         secs = estimate_seconds(runs, plan.steps, self.seconds_per_step, self.ctx.config)
         extra = f" + {confirm} confirmation runs" if confirm else ""
+        bounds = f"peak_lr in [{plan.bounds[0]:.2e}, {plan.bounds[1]:.2e}]"
+        head = f"Estimate: {self.left} trials{extra} x {plan.steps} steps"
+        if not math.isfinite(secs):  # fixed bounds and no trial yet: no step was timed
+            return f"{head} (time per step not measured yet); {bounds}"
         return (
-            f"Estimate: {self.left} trials{extra} x {plan.steps} steps x "
-            f"{self.seconds_per_step:.2f} s/step (+ evals) = {_duration(secs)} at most; "
-            f"peak_lr in [{plan.bounds[0]:.2e}, {plan.bounds[1]:.2e}]"
+            f"{head} x {self.seconds_per_step:.2f} s/step (+ evals) = {_duration(secs)} "
+            f"at most; {bounds}"
         )
 
 
