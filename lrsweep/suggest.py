@@ -356,8 +356,8 @@ def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: flo
     The best run's LR, refined by a parabola through it and its neighbours in log10(LR); the
     interval spans the runs whose loss drop is within 75% of the best drop, and at least one
     run spacing either side of the recommendation. No correction factor: on the quality
-    benchmark (BENCHMARKS.md) the best LR of 3-step runs landed within a factor of 1.6 of the
-    best peak LR of complete 100-step cosine fine-tunes, unscaled."""
+    benchmark (BENCHMARKS.md) the best LR of 6-step runs landed within a factor of 2 of the
+    best peak LR of complete 100-step cosine fine-tunes on four corpora, unscaled."""
     x = np.log10(np.asarray(lrs, dtype=float))
     y = np.asarray(losses, dtype=float)
     drops = start_loss - y

@@ -41,8 +41,8 @@ def test_find_on_the_bundled_model(tmp_path: Path, mode: str) -> None:
     if mode == "ramp":
         assert len(frame) == 12 and methods == {"valley", "steep", "minimum", "slide"}
     else:
-        # 4 runs of 3 steps at 1e-5 .. 1e-2: 1e-3 lowers the held-out loss of the
-        # pretrained model within 3 steps, so there is a recommendation.
+        # 4 runs at 1e-5 .. 1e-2: 1e-3 lowers the held-out loss of the pretrained model
+        # within a run, so there is a recommendation.
         assert 3 <= len(frame) <= 4 and methods == {"probe", "best run"}
         assert result.recommended_lr is not None and 1e-5 <= result.recommended_lr <= 1e-2
     assert result.curve.seconds_per_step > 0

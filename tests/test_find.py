@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import lrsweep
+from lrsweep.config import RangeTestConfig
 from lrsweep.find import load_find
 from lrsweep.results import read_parquet
 from lrsweep.suggest import suggest_probe
@@ -83,11 +84,11 @@ def test_cli_find_probe_mode_writes_one_point_per_run(
     assert meta["config"]["rangetest"]["mode"] == "probe"
     assert 3 <= len(frame) <= 9 and frame["lr"].is_monotonic_increasing
     assert meta["start_loss"] > frame["loss"].min()
-    # 9 runs of 3 steps, each scored once at its end.
+    # Runs of the default rangetest.run_steps, each scored once at its end.
     assert all(len(losses) == 1 for losses in frame["run_losses"])
     found = load_find(out_dir)
     assert found is not None and found.curve.mode == "probe"
-    assert found.curve.optimizer_steps == 3 * len(frame)
+    assert found.curve.optimizer_steps == RangeTestConfig().run_steps * len(frame)
     assert found.curve.start_loss is not None
     suggested = suggest_probe(found.curve.lrs, found.curve.losses, found.curve.start_loss)
     assert found.suggestion == suggested
