@@ -183,15 +183,15 @@ class RangeTestConfig:
     """Args:
     mode: ``probe`` (``runs`` short runs at fixed LRs, each from the same start on the same
         batches, scored by the held-out loss at their end; the default: on the quality
-        benchmark it predicts the best peak LR of complete fine-tunes within a factor of 1.6,
+        benchmark it predicts the best peak LR of complete fine-tunes within a factor of 2,
         where the ramp's suggestions miss by up to 34x) or ``ramp`` (one run whose LR grows
         every step, the classic range test).
     start_lr, end_lr: the lowest and highest LR tested. steps: the ramp's optimizer steps.
     spacing: ``exp`` (geometric) or ``linear`` LRs between start_lr and end_lr.
     runs, run_steps: probe mode's number of fixed-LR runs and optimizer steps per run (6: on
         the quality benchmark, 6-step runs landed within a factor of 2 of the best peak LR of
-        complete fine-tunes on all four corpora; 3-step runs were 2.7x high on instruction
-        data, where a too-high LR needs more than 3 steps to show).
+        complete fine-tunes on all four corpora; 3-step runs were up to 2.7x high on
+        instruction data, where a too-high LR needs more than 3 steps to show).
     smoothing: EMA beta of the recorded loss (ramp).
     diverge_factor: stop once the smoothed loss exceeds this many times its best (ramp).
     signal: the loss a ramp records: ``eval`` (after every step, on ``probe_blocks`` fixed
