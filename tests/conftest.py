@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,22 @@ def tiny_config(*overrides: str) -> StudyConfig:
 @pytest.fixture
 def tiny() -> StudyConfig:
     return tiny_config()
+
+
+def default_sigint() -> None:
+    """Ctrl-C as Python handles it by default. A suite started in the background by a
+    non-interactive shell inherits SIGINT ignored, and so would every process it starts;
+    the interrupt tests need the real thing (``preexec_fn`` for a subprocess)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint() -> Iterator[None]:
+    """Python's own KeyboardInterrupt handler in this process for the test (see
+    default_sigint), the previous handler restored after it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(autouse=True)

@@ -207,6 +207,7 @@ def test_report_with_nothing_to_plot_prints_the_table_and_why(
 # ---------------------------------------------------------------- interrupts and stale trials
 
 
+@pytest.mark.usefixtures("python_sigint")
 def test_a_signal_right_after_ask_marks_the_trial_and_queues_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

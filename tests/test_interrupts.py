@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lrsweep.sweep.storage import open_storage
-from tests.conftest import ROOT
+from tests.conftest import ROOT, default_sigint
 
 
 pytestmark = pytest.mark.slow
@@ -46,6 +46,7 @@ def _sweep(out: Path) -> subprocess.Popen[str]:
         ],
         cwd=ROOT,
         env=env,
+        preexec_fn=default_sigint,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
