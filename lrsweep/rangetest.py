@@ -22,7 +22,7 @@ import torch
 from lrsweep.config import RangeTestConfig
 from lrsweep.models import load_trainable_state, trainable_state
 from lrsweep.schedules import ramp
-from lrsweep.suggest import divergence_index, ema
+from lrsweep.suggest import divergence_index, ema, probe_diverged
 from lrsweep.training import Batch, Loop, Precision, StepRecord, TrainResult, evaluate, train
 
 
@@ -226,8 +226,8 @@ def run_probes(
     """``config.runs`` runs of ``run_steps`` steps at fixed LRs from ``start_lr`` to
     ``end_lr``, each from the same weights, optimizer state, RNG state and batches, so that
     they differ only by their LR; each is scored by the loss on all of ``probe`` at its end
-    (and every ``eval_every`` steps, for ``run_losses``). Runs stop at the first LR that ends
-    non-finite or above the untrained loss once a lower LR improved on it."""
+    (and every ``eval_every`` steps, for ``run_losses``). Runs stop at the first LR that has
+    diverged (:func:`lrsweep.suggest.probe_diverged`) once a lower LR improved on the start."""
     lrs = ramp(config.start_lr, config.end_lr, config.runs, config.spacing)
     per_run = config.run_steps
     fixed = [next(batches) for _ in range(per_run * loop.grad_accum)]
@@ -250,9 +250,16 @@ def run_probes(
                 progress=progress,
             )
             runs.append(_ProbeRun.of(lr, result, per_run))
-            improved = any(r.loss < start_loss for r in runs[:-1])
-            if not math.isfinite(runs[-1].loss) or (improved and runs[-1].loss > start_loss):
-                stop_reason = f"diverged at lr {lr:.3g} (held-out loss above the untrained one)"
+            best = min(runs[:-1], key=lambda r: r.loss, default=None)
+            loss = runs[-1].loss
+            if not math.isfinite(loss) or (
+                best is not None
+                and best.loss < start_loss
+                and probe_diverged(loss, start_loss, best.loss)
+            ):
+                stop_reason = (
+                    f"diverged at lr {lr:.3g} (held-out loss back at or above the untrained one)"
+                )
                 break
     finally:
         _restore(model, optimizer, loop.precision, saved)

@@ -12,6 +12,7 @@ from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.rangetest import run_probes, run_range_test
 from lrsweep.schedules import ramp
+from lrsweep.suggest import probe_diverged
 from lrsweep.training import Loop, Precision, make_optimizer, train
 from tests.conftest import tiny_config
 
@@ -172,13 +173,13 @@ def test_probe_runs_start_alike_and_leave_no_trace(trained) -> None:  # type: ig
     assert all(loss < wide.start_loss for loss in wide.losses)
 
 
-def test_probe_stops_at_the_first_run_that_ends_worse_than_untrained(trained) -> None:  # type: ignore[no-untyped-def]
+def test_probe_stops_at_the_first_run_that_gives_back_the_drop(trained) -> None:  # type: ignore[no-untyped-def]
     ctx, model, opt = trained
     curve = _probes(
         ctx, model, opt, RangeTestConfig(start_lr=1e-3, end_lr=1e3, runs=7, run_steps=3)
     )
     assert curve.stop_reason is not None and "diverged" in curve.stop_reason
     assert len(curve.lrs) < 7
-    last = curve.losses[-1]
-    assert not np.isfinite(last) or last > curve.start_loss
+    last, best = curve.losses[-1], min(curve.losses[:-1])
+    assert probe_diverged(last, curve.start_loss, best)
     assert all(loss < curve.start_loss for loss in curve.losses[:-1])
