@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from lrsweep.config import DataConfig, TrainConfig
 from lrsweep.data import Examples, batches, load_blocks, read_data, stdlib_instruct
@@ -21,32 +21,11 @@ from lrsweep.data.sequences import pack, to_examples, trim
 from lrsweep.errors import ConfigError, DataError
 from lrsweep.models import ByteTokenizer, HFTokenizer
 from lrsweep.training import Loop, Precision, evaluate, train
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import CHATML, chat_tokenizer, run_cli, tiny_config, tiny_llama
 
 
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 TRAIN = TrainConfig(seq_len=256, batch_size=2)
 CPU = Precision(torch.device("cpu"), torch.float32)
-
-
-def chat_tokenizer(template: str | None = CHATML) -> PreTrainedTokenizerFast:
-    """Byte-level BPE without merges (one token per byte) plus ChatML's two special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>"
-    )
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
-    tok.chat_template = template
-    return tok
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +38,7 @@ def chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with the ChatML byte tokenizer, saved as a model folder."""
     folder = tmp_path_factory.mktemp("tiny-chat")
     tokenizer = chat_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    tiny_llama(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

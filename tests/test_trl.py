@@ -16,7 +16,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import LlamaForCausalLM, TrainerCallback
 
 # Not skipped when missing: `make setup` installs lrsweep[trl] (through the dev extra).
 from trl import SFTConfig, SFTTrainer
@@ -27,12 +27,11 @@ from lrsweep.models import trainable_state
 from lrsweep.schedules import CosineSchedule
 from lrsweep.sweep.collect import load_results
 from lrsweep.training import Loop, train
-from tests.conftest import ROOT, run_cli
-from tests.test_instruct import chat_tokenizer
+from tests.conftest import ROOT, chat_tokenizer, run_cli, tiny_llama
 
 
 # ChatML with generation markers around each assistant answer and its end of turn, which
-# TRL's assistant_only_loss needs (it renders exactly as test_instruct's CHATML).
+# TRL's assistant_only_loss needs (it renders exactly as conftest's CHATML).
 MARKED = (
     "{% for message in messages %}{% if message['role'] == 'assistant' %}"
     "{{ '<|im_start|>assistant\\n' }}{% generation %}"
@@ -70,18 +69,7 @@ def tokenizer() -> Any:
 
 @pytest.fixture(scope="module")
 def base(tokenizer: Any) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return tiny_llama(tokenizer, hidden=32)
 
 
 def sft_config(tmp: Path, **kw: Any) -> SFTConfig:
