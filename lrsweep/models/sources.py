@@ -32,11 +32,7 @@ from lrsweep.models.tokenizers import BYTE_TOKENIZER_FILE, ByteTokenizer, HFToke
 logger = logging.getLogger(__name__)
 
 BUNDLED_NAME = "bundled:SmolLM2-135M-Instruct"
-
-
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 OFFLINE: dict[str, Any] = {"local_files_only": True}  # never reach for a model hub
 
 
@@ -55,8 +51,6 @@ def load_source(path: str, seed: int) -> tuple[PreTrainedModel, Tokenizer, str]:
 
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-
 # What from_pretrained reads of a Hub repository (not its other weight formats).
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
