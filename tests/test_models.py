@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -188,6 +189,9 @@ def test_write_cache_is_atomic_and_race_safe(tmp_path: Path) -> None:
     models.write_cache(base.model, base.tokenizer, dest)
     models.write_cache(base.model, base.tokenizer, dest)  # a second writer loses the race quietly
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["model-1-2"]
+    # A folder other tools can load too (vLLM, TRL from a path): the architecture is named.
+    saved = json.loads((dest / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"]
     loaded = load_base_model(ModelConfig(path=str(dest)), CPU)
     ids = batch(base)
     with torch.no_grad():

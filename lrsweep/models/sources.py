@@ -169,6 +169,10 @@ def write_cache(net: PreTrainedModel, tokenizer: Tokenizer, dest: Path) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         # save_model, not save_file: it handles the tied embedding / lm_head storage.
         safetensors.torch.save_model(net, str(tmp / "model.safetensors"), {"format": "pt"})
+        # A model built from its config (tiny, a GGUF load) names no architecture, which
+        # other tools (vLLM, TRL given the folder) read from config.json.
+        if not net.config.architectures:
+            net.config.architectures = [type(net).__name__]
         net.config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(tmp)  # type: ignore[attr-defined]
         try:
