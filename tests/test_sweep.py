@@ -246,31 +246,17 @@ def test_dry_run_creates_no_study(
 ) -> None:
     from tests.conftest import ROOT
 
-    code, out, err = run_cli(
-        capsys,
-        monkeypatch,
-        "sweep",
-        str(ROOT / "studies" / "tiny.toml"),
-        "--out",
-        str(tmp_path),
-        "--dry-run",
-        "-q",
-    )
+    def dry_run(out: Path, *extra: str) -> tuple[int, str, str]:
+        tiny = str(ROOT / "studies" / "tiny.toml")
+        return run_cli(
+            capsys, monkeypatch, "sweep", tiny, "--out", str(out), "--dry-run", "-q", *extra
+        )
+
+    code, out, err = dry_run(tmp_path)
     assert code == 0, err
     assert out.startswith("Estimate: 4 trials x 12 steps")
     assert not (tmp_path / "study.journal").exists()
-    code, out, err = run_cli(
-        capsys,
-        monkeypatch,
-        "sweep",
-        str(ROOT / "studies" / "tiny.toml"),
-        "--out",
-        str(tmp_path / "fixed"),
-        "--dry-run",
-        "-q",
-        "--set",
-        "search.peak_lr=[1e-4, 1e-2]",
-    )
+    code, out, err = dry_run(tmp_path / "fixed", "--set", "search.peak_lr=[1e-4, 1e-2]")
     # Fixed bounds: no range test ran, so no step was timed, and the estimate says so.
     assert code == 0, err
     assert "time per step not measured yet" in out and "nan" not in out
