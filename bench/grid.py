@@ -149,38 +149,88 @@ def plan(
     rows: list[dict], corpora: list[str], shapes: tuple[str, ...] = ("base",)
 ) -> list[tuple[int, Point]]:
     """Every point the grid needs given what is done, each with a fixed slot number (which
-    shard runs it): the base grid of each corpus and shape, then the refinement either side
-    of its best once its base grid is complete."""
+    shard runs it). The base shape gets the full grid of each corpus, then the refinement
+    either side of its best; every other shape starts from the base shape's best instead."""
     slots: list[tuple[int, Point]] = []
     for index, shape in enumerate(shapes):
         mine = [r for r in rows if r.get("shape", "base") == shape]
+        if shape == "base":
+            planned = _plan_base(mine, corpora)
+        else:
+            base = [r for r in rows if r.get("shape", "base") == "base"]
+            planned = _plan_around(mine, base, corpora, shape)
         # Slot numbers apart per shape, so that one shape's refinement never moves another's.
-        slots += [(1000 * index + i, p) for i, p in _plan_shape(mine, corpora, shape)]
+        slots += [(1000 * index + i, p) for i, p in planned]
     return slots
 
 
-def _plan_shape(rows: list[dict], corpora: list[str], shape: str) -> list[tuple[int, Point]]:
+def _seed_pair(rows: list[dict], corpus: str, shape: str) -> list[Point]:
+    """A second seed for the two best points when they lie within SEED_GAP of each other."""
+    seed0 = [r for r in rows if r["corpus"] == corpus and r["seed"] == 0]
+    first, second = sorted(seed0, key=score)[:2]
+    if score(second) - score(first) < SEED_GAP * score(first):
+        return [Point(corpus, r["exponent"], 1, shape) for r in (first, second)]
+    return []
+
+
+def _plan_base(rows: list[dict], corpora: list[str]) -> list[tuple[int, Point]]:
     done = {Point.of(r).key for r in rows}
     slots = [
-        (i * len(corpora) + j, Point(c, e, 0, shape))
+        (i * len(corpora) + j, Point(c, e, 0))
         for i, e in enumerate(BASE_EXPONENTS)
         for j, c in enumerate(corpora)
     ]
     n_base = len(BASE_EXPONENTS) * len(corpora)
     for j, corpus in enumerate(corpora):
-        if not all(Point(corpus, e, 0, shape).key in done for e in BASE_EXPONENTS):
+        if not all(Point(corpus, e, 0).key in done for e in BASE_EXPONENTS):
             continue
         seed0 = [r for r in rows if r["corpus"] == corpus and r["seed"] == 0]
         # Planned from the base grid's best alone, so that the plan does not move later.
         top = min((r for r in seed0 if r["exponent"] in BASE_EXPONENTS), key=score)
-        refine = [Point(corpus, top["exponent"] + d, 0, shape) for d in (-REFINE, REFINE)]
+        refine = [Point(corpus, top["exponent"] + d, 0) for d in (-REFINE, REFINE)]
         slots += [(n_base + 2 * j + m, p) for m, p in enumerate(refine)]
         if all(p.key in done for p in refine):
-            seed0 = [r for r in rows if r["corpus"] == corpus and r["seed"] == 0]
-            first, second = sorted(seed0, key=score)[:2]
-            if score(second) - score(first) < SEED_GAP * score(first):
-                seeds = [Point(corpus, r["exponent"], 1, shape) for r in (first, second)]
-                slots += [(n_base + 2 * (len(corpora) + j) + m, p) for m, p in enumerate(seeds)]
+            seeds = _seed_pair(rows, corpus, "base")
+            slots += [(n_base + 2 * (len(corpora) + j) + m, p) for m, p in enumerate(seeds)]
+    return slots
+
+
+def _base_complete(rows: list[dict], corpus: str) -> bool:
+    """Whether the base plan of a corpus has nothing left (so its best will not move)."""
+    done = {Point.of(r).key for r in rows}
+    return all(p.key in done for _, p in _plan_base(rows, [corpus]))
+
+
+def _plan_around(
+    rows: list[dict], base: list[dict], corpora: list[str], shape: str
+) -> list[tuple[int, Point]]:
+    """A shape's points where they decide its best: the base shape's best and its half-decade
+    neighbours; one more half decade outwards while the best is at an end; a quarter decade
+    either side of the best; then the second seeds."""
+    done = {Point.of(r).key: r for r in rows}
+    slots: list[tuple[int, Point]] = []
+    for j, corpus in enumerate(corpora):
+        anchor = best(base, corpus)
+        if anchor is None or not _base_complete(base, corpus):
+            continue
+        # In the order they were planned, so that a point's slot never moves.
+        planned = [Point(corpus, anchor["exponent"] + d, 0, shape) for d in (0.0, -0.5, 0.5)]
+        while all(p.key in done for p in planned):
+            top = min(planned, key=lambda p: (score(done[p.key]), p.exponent))
+            lo = min(p.exponent for p in planned)
+            hi = max(p.exponent for p in planned)
+            if top.exponent == lo and lo - 0.5 >= BASE_EXPONENTS[0]:
+                planned.append(Point(corpus, lo - 0.5, 0, shape))
+            elif top.exponent == hi and hi + 0.5 <= -1.0:
+                planned.append(Point(corpus, hi + 0.5, 0, shape))
+            else:
+                refine = [Point(corpus, top.exponent + d, 0, shape) for d in (-REFINE, REFINE)]
+                planned += refine
+                if all(p.key in done for p in refine):
+                    planned += _seed_pair(rows, corpus, shape)
+                break
+        # Slots per corpus, 100 apart.
+        slots += [(100 * j + m, p) for m, p in enumerate(planned)]
     return slots
 
 
@@ -230,10 +280,8 @@ def main() -> None:
         rows = load_rows()
         done = {Point.of(r).key for r in rows}
         pending = [(slot, p) for slot, p in plan(rows, corpora, shapes) if p.key not in done]
-        base_done = all(
-            Point(c, e, 0, s).key in done for c in corpora for e in BASE_EXPONENTS for s in shapes
-        )
-        if not pending and base_done:
+        base_rows = [r for r in rows if r.get("shape", "base") == "base"]
+        if not pending and all(_base_complete(base_rows, c) for c in corpora):
             return
         mine = [p for slot, p in pending if slot % n == k]
         if not mine:
