@@ -18,6 +18,7 @@ import click
 
 from lrsweep.config import DEFAULT_STUDY
 from lrsweep.errors import LrsweepError
+from lrsweep.interop import FORMATS as EXPORT_FORMATS
 
 
 STUDY = click.argument("study", required=False, type=click.Path(dir_okay=False, path_type=Path))
@@ -29,6 +30,27 @@ SET = click.option(
     help="Override one key of the study file (repeatable).",
 )
 QUIET = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+FROM = click.option(
+    "--from",
+    "from_config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Your own training config (TrainingArguments/SFTConfig or TRL CLI JSON/YAML, Axolotl "
+    "or LLaMA-Factory YAML): model, data, batch, LoRA, precision and planned length come from "
+    "it; STUDY and --set still apply on top.",
+)
+
+
+def _with_run(from_config: Path | None, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The study keys read from the user's own config, before the --set ones; what lrsweep
+    cannot honour of it is said, a line a key."""
+    if from_config is None:
+        return overrides
+    from lrsweep.interop import read_run
+
+    run = read_run(from_config)
+    for note in run.notes:
+        click.echo(f"note: {from_config.name}: {note}", err=True)
+    return (*run.overrides(), *overrides)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -54,6 +76,7 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @STUDY
 @SET
+@FROM
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -69,6 +92,7 @@ def cli(verbose: bool) -> None:
 def find(
     study: Path | None,
     overrides: tuple[str, ...],
+    from_config: Path | None,
     out: Path | None,
     mode: str | None,
     quiet: bool,
@@ -84,6 +108,7 @@ def find(
     from lrsweep.find import run_find, save_and_draw
     from lrsweep.report import format_suggestion, format_trainer_snippet
 
+    overrides = _with_run(from_config, overrides)
     if mode is not None:
         overrides = (*overrides, f"rangetest.mode={mode}")
     cfg = config_mod.load(study, overrides)
@@ -97,6 +122,12 @@ def find(
     unit = "fixed-LR runs" if result.curve.mode == "probe" else "steps"
     click.echo(
         format_suggestion(result.suggestion, len(result.curve.lrs), result.curve.stop_reason, unit)
+    )
+    run = result.for_run()
+    length = f"{run['max_steps']} steps" if run["max_steps"] else f"{run['epochs']:g} epochs"
+    click.echo(
+        f"For a run of {length} of {run['sequences_per_step']} x {run['seq_len']} tokens a "
+        f"step, LoRA r = {run['lora_r']} (from {run['source']})."
     )
     click.echo(f"\nWrote {out}/rangetest.parquet, rangetest.png, suggestion.json")
     if result.recommended_lr is not None:
@@ -157,6 +188,7 @@ TIMEOUT = click.option("--timeout", help="Start no trial after this long, e.g. 8
 @cli.command()
 @STUDY
 @SET
+@FROM
 @sweep_out("Output folder: the study's journal, its results and plots.")
 @TRIALS
 @TIMEOUT
@@ -178,6 +210,7 @@ TIMEOUT = click.option("--timeout", help="Start no trial after this long, e.g. 8
 def sweep(
     study: Path | None,
     overrides: tuple[str, ...],
+    from_config: Path | None,
     out: Path,
     trials: int | None,
     timeout: str | None,
@@ -203,7 +236,8 @@ def sweep(
     device_list = parse_devices(devices, workers) if devices else []
     workers = len(device_list) or workers or 1
     # Without a study file, --set applies to the config stored in the study.
-    cfg = config_mod.load(study, overrides) if study else None
+    overrides = _with_run(from_config, overrides)
+    cfg = config_mod.load(study, overrides) if study or from_config else None
     prepared = prepare_sweep(
         cfg,
         out,
@@ -369,40 +403,80 @@ def report(out: Path, top: int, storage: str | None, study_name: str) -> None:
 @cli.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
-    "--format", "fmt", type=click.Choice(["json", "python"]), default="json", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(EXPORT_FORMATS),
+    help="json, yaml, python: TrainingArguments / SFTConfig; axolotl, llamafactory: their "
+    "YAML; llamafactory-cli: overrides of llamafactory-cli train; llamacpp: llama-finetune "
+    "flags (default json).",
+)
+@click.option(
+    "--into",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Your own training config (TrainingArguments/SFTConfig JSON or YAML, Axolotl or "
+    "LLaMA-Factory YAML): print a copy with the schedule filled in, every other byte as it was.",
+)
+@click.option("--max-steps", type=click.IntRange(min=1), help="The planned run's length.")
+@click.option(
+    "--epochs", type=click.FloatRange(min=0, min_open=True), help="The planned run's epochs."
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to this file (atomically) instead of printing.",
 )
 @click.option(
     "--adapter", is_flag=True, help="Print where the best trial's saved adapter is instead."
 )
 @STORAGE
 @STUDY_NAME
-def export(out: Path, fmt: str, adapter: bool, storage: str | None, study_name: str) -> None:
-    """Print the recommended schedule (the best mean over seeds) as TrainingArguments keyword
-    arguments; what it is and how sure goes to stderr."""
+def export(
+    out: Path,
+    fmt: str | None,
+    into: Path | None,
+    max_steps: int | None,
+    epochs: float | None,
+    output: Path | None,
+    adapter: bool,
+    storage: str | None,
+    study_name: str,
+) -> None:
+    """The recommended schedule (the best mean over seeds) for the planned run, in the config
+    of the tool you train with; what it is, which run it is for and how sure go to stderr."""
     from lrsweep import config as config_mod
-    from lrsweep.export import (
-        loraplus_ratio,
-        recommendation,
-        recommendation_note,
-        to_json,
-        to_python,
-        training_arguments,
-    )
+    from lrsweep.export import planned_run, recommendation, recommendation_note, render
+    from lrsweep.results import atomic_write
     from lrsweep.sweep.collect import load_results
 
     if adapter:
         click.echo(_adapter_line(out, storage, study_name))
         return
+    if into is not None and fmt is not None:
+        raise LrsweepError("--format has no effect with --into (the file's own format is kept)")
+    if max_steps and epochs:
+        raise LrsweepError("give --max-steps or --epochs, not both")
     trials, _, meta = load_results(out, storage, study_name)
     rec = recommendation(trials)
     best = rec.best.row
-    kwargs = training_arguments(best, config_mod.from_dict(meta["config"]))
-    click.echo(to_json(kwargs) if fmt == "json" else to_python(kwargs, best))
-    click.echo(recommendation_note(rec), err=True)
-    if fmt == "json" and loraplus_ratio(best) is not None:
+    cfg = config_mod.from_dict(meta["config"])
+    planned, source = planned_run(best, cfg, max_steps or 0, epochs or 0.0, into)
+    text, notes = render(fmt or "json", best, cfg, planned, into)
+    if output is None:
+        click.echo(text)
+    else:
+        atomic_write(output, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+        click.echo(f"Wrote {output}", err=True)
+    click.echo(f"For a run of {planned.length} (from {source}).", err=True)
+    if planned.length != f"{int(best['total_steps'])} steps":
         click.echo(
-            "LoRA+ has no TrainingArguments key: --format python prints the optimizer", err=True
+            f"The sweep's trials ran {int(best['total_steps'])} steps; the peak LR, warmup "
+            "fraction and floor carry over unchanged.",
+            err=True,
         )
+    for note in notes:
+        click.echo(note, err=True)
+    click.echo(recommendation_note(rec), err=True)
 
 
 def _adapter_line(out: Path, storage: str | None, study_name: str) -> str:

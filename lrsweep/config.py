@@ -22,6 +22,7 @@ from lrsweep.errors import ConfigError
 DEFAULT_STUDY = "lrsweep"  # the study name in a storage when none is given
 QUANTIZATIONS = ("none", "4bit", "8bit")
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
+ALL_LINEAR = "all-linear"  # peft's target_modules for every linear layer but the head
 
 
 def _fail(key: str, problem: str) -> typing.NoReturn:
@@ -116,7 +117,8 @@ FORMATS = ("auto", "text", "chat", "prompt_completion")
 class LoraSettings:
     """Args:
     r: LoRA rank. alpha: scaling numerator (alpha / r, or alpha / sqrt(r) with rslora).
-    dropout: dropout on the LoRA input. target_modules: module names that get adapters.
+    dropout: dropout on the LoRA input. target_modules: module names that get adapters, or
+        ``all-linear`` (peft's name for every linear layer but the output head).
     """
 
     r: int = 16
@@ -133,6 +135,8 @@ class LoraSettings:
             _fail("lora.dropout", f"must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             _fail("lora.target_modules", "must name at least one module, e.g. ['q_proj']")
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            _fail("lora.target_modules", f"{ALL_LINEAR!r} stands alone, got {self.target_modules}")
 
 
 @dataclass(frozen=True)
@@ -344,6 +348,27 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class PlannedConfig:
+    """The fine-tune the numbers are for: the run the user will do with what lrsweep found.
+
+    Args:
+        max_steps, epochs: its length (one of them); both 0 means the sweep's own trial length.
+            ``lrsweep export`` writes this length, with the warmup as the found fraction of it.
+        source: the user's own training config it was read from (``--from``); ``lrsweep
+            export --into`` fills a copy of such a file in.
+    """
+
+    max_steps: int = 0
+    epochs: float = 0.0
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        _at_least("planned", self, max_steps=0, epochs=0)
+        if self.max_steps and self.epochs:
+            _fail("planned.max_steps", "give max_steps or epochs, not both")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """One study file, resolved: every section with its defaults filled in."""
 
@@ -355,6 +380,7 @@ class StudyConfig:
     rangetest: RangeTestConfig = field(default_factory=RangeTestConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    planned: PlannedConfig = field(default_factory=PlannedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -391,6 +417,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
+        if item is str and isinstance(value, str):  # peft's own spelling: "all-linear"
+            value = [value]
         if not isinstance(value, list):
             _fail(key, f"must be a list, got {type(value).__name__} {value!r}")
         return [_coerce(key, v, item) for v in value]

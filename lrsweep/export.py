@@ -1,19 +1,24 @@
-"""The best trial's schedule as TrainingArguments keyword arguments for transformers 5.
+"""The recommended trial's schedule for the planned run, in the config of the tool the user
+trains with (:mod:`lrsweep.interop` has each tool's keys).
 
-``warmup_steps`` is exported as an integer (the trial's own ceil(fraction x total)), never a
-fraction: transformers 5 deprecates ``warmup_ratio`` and reads ``warmup_steps < 1`` as a
-fraction, and a fraction cast to int silently becomes 0.
+The planned run is ``--max-steps`` / ``--epochs``, else the study's ``planned`` section (read
+from the user's own config with ``--from``), else the sweep's own trial length. The peak LR,
+warmup fraction, floor and family carry over unchanged: the warmup is exported as the found
+fraction of the planned length, never as the trial's step count.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from lrsweep.config import StudyConfig
+from lrsweep.config import ALL_LINEAR, StudyConfig
 from lrsweep.errors import StudyError
+from lrsweep.interop import Planned, fill, llamacpp, llamafactory, read_run, schedule_keys
+from lrsweep.interop.edit import yaml_scalar
 from lrsweep.ranking import Recommendation, recommend
 from lrsweep.schedules import Schedule
 from lrsweep.sweep.space import BASELINE_ORIGIN, FIRST_ORIGIN
@@ -55,20 +60,58 @@ def loraplus_ratio(trial: pd.Series) -> float | None:
     return float(ratio) if ratio is not None and pd.notna(ratio) and ratio != 1 else None
 
 
-def training_arguments(trial: pd.Series, config: StudyConfig) -> dict[str, Any]:
-    """Everything the trial's schedule and update depended on, as TrainingArguments kwargs
-    (LoRA+ has no TrainingArguments key: see :func:`loraplus_snippet`)."""
-    train = config.train
+def planned_run(
+    trial: pd.Series,
+    config: StudyConfig,
+    max_steps: int = 0,
+    epochs: float = 0.0,
+    into: Path | None = None,
+) -> tuple[Planned, str]:
+    """The trial's schedule over the planned run, and where that run's length came from: the
+    given length, else the length in the user's own file (``into``), else the study's
+    ``planned`` section, else the trial's own steps."""
     schedule = schedule_of_row(trial, config)
+    source = "--max-steps / --epochs"
+    if not (max_steps or epochs) and into is not None:
+        values = read_run(into).values
+        max_steps, epochs = values.get("planned.max_steps", 0), values.get("planned.epochs", 0)
+        source = str(into)
+    if not (max_steps or epochs):
+        max_steps, epochs = config.planned.max_steps, config.planned.epochs
+        source = f"the config the sweep read ({config.planned.source or 'the study'})"
+    if not (max_steps or epochs):
+        max_steps = schedule.total_steps
+        source = "the sweep's own trial length; give --max-steps or --epochs for your run"
+    planned = Planned(
+        schedule.peak_lr,
+        schedule.warmup_fraction,
+        schedule.min_lr_ratio,
+        schedule.family,
+        schedule.decay_fraction,
+        loraplus_ratio(trial),
+        max_steps,
+        epochs,
+    )
+    return planned, source
+
+
+def training_arguments(
+    trial: pd.Series, config: StudyConfig, planned: Planned | None = None
+) -> dict[str, Any]:
+    """Everything the trial's schedule and update depended on, as TrainingArguments kwargs for
+    the planned run (LoRA+ has no TrainingArguments key: see :func:`loraplus_snippet`). The
+    optimizer is not named: lrsweep's AdamW is the Trainer's default, and a user's own
+    ``optim`` stays theirs."""
+    train = config.train
+    values, _ = schedule_keys("transformers", planned or planned_run(trial, config)[0])
     # The shape that ran: after an out-of-memory retry, a smaller micro-batch with more
     # accumulation (the same rows per optimizer step).
     micro, accum = trial.get("micro_batch_size"), trial.get("grad_accum")
     ran = micro is not None and not pd.isna(micro)
     kwargs: dict[str, Any] = {
-        **schedule.trainer_kwargs(),
+        **values,
         "per_device_train_batch_size": int(micro) if ran else train.batch_size,
         "gradient_accumulation_steps": int(accum) if ran else train.grad_accum,
-        "optim": "adamw_torch",
         "adam_beta1": train.adam_beta1,
         "adam_beta2": train.adam_beta2,
         "adam_epsilon": train.adam_epsilon,
@@ -83,8 +126,83 @@ def training_arguments(trial: pd.Series, config: StudyConfig) -> dict[str, Any]:
     return kwargs
 
 
-def to_json(kwargs: dict[str, Any]) -> str:
-    return json.dumps(kwargs, indent=2)
+def render(
+    fmt: str, trial: pd.Series, config: StudyConfig, planned: Planned, into: Path | None = None
+) -> tuple[str, list[str]]:
+    """The planned schedule in ``fmt`` (or written into a copy of the user's file ``into``),
+    and one line for each thing the format cannot say."""
+    header = f"lrsweep trial {int(trial['number'])}: the schedule for {planned.length}"
+    if into is not None:
+        return fill(into, planned, header), []
+    kwargs = training_arguments(trial, config, planned)
+    notes = []
+    if planned.loraplus_lr_ratio is not None and fmt in ("json", "yaml"):
+        notes.append("LoRA+ has no TrainingArguments key: --format python prints the optimizer")
+    if fmt == "json":
+        return json.dumps(kwargs, indent=2), notes
+    if fmt == "yaml":
+        return _yaml(header, kwargs), notes
+    if fmt == "python":
+        return to_python(kwargs, trial), notes
+    if fmt == "axolotl":
+        return _yaml(header, {**schedule_keys("axolotl", planned)[0], **_axolotl(config)}), []
+    if fmt == "llamafactory":
+        keys = {**schedule_keys("llamafactory", planned)[0], **_llamafactory(config)}
+        return _yaml(header, keys), []
+    if fmt == "llamafactory-cli":
+        return llamafactory.cli_overrides(planned), []
+    if fmt == "llamacpp":
+        return llamacpp.flags(planned, config.train.weight_decay)
+    raise ValueError(fmt)
+
+
+def _yaml(header: str, values: dict[str, Any]) -> str:
+    return "\n".join([f"# {header}", *(f"{k}: {yaml_scalar(v)}" for k, v in values.items())])
+
+
+def _targets(config: StudyConfig) -> list[str] | None:
+    targets = config.lora.target_modules
+    return None if targets == [ALL_LINEAR] else list(targets)
+
+
+def _axolotl(config: StudyConfig) -> dict[str, Any]:
+    """The batch shape and adapter the trials ran, in Axolotl's keys."""
+    train, lora = config.train, config.lora
+    targets = _targets(config)
+    return {
+        "micro_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "sequence_len": train.seq_len,
+        "adapter": "qlora" if config.model.quantization == "4bit" else "lora",
+        "lora_r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        **({"lora_target_modules": targets} if targets else {"lora_target_linear": True}),
+        "weight_decay": train.weight_decay,
+        "max_grad_norm": train.max_grad_norm,
+        "seed": config.seed,
+    }
+
+
+def _llamafactory(config: StudyConfig) -> dict[str, Any]:
+    """The batch shape and adapter the trials ran, in LLaMA-Factory's keys."""
+    train, lora = config.train, config.lora
+    targets = _targets(config)
+    quantized = config.model.quantization in ("4bit", "8bit")
+    return {
+        "finetuning_type": "lora",
+        "per_device_train_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "cutoff_len": train.seq_len,
+        "lora_rank": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "lora_target": ",".join(targets) if targets else "all",
+        **({"quantization_bit": int(config.model.quantization[0])} if quantized else {}),
+        "weight_decay": train.weight_decay,
+        "max_grad_norm": train.max_grad_norm,
+        "seed": config.seed,
+    }
 
 
 def loraplus_snippet(kwargs: dict[str, Any], ratio: float) -> list[str]:

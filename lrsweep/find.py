@@ -45,6 +45,23 @@ class FindResult:
     def recommended_lr(self) -> float | None:
         return self.suggestion.recommended_lr
 
+    def for_run(self) -> dict[str, Any]:
+        """The fine-tune the number is for: the planned run, else the sweep's trial, with the
+        batch shape and rank both share."""
+        cfg = self.config
+        planned, train = cfg.planned, cfg.train
+        steps, epochs = planned.max_steps, planned.epochs
+        if not (steps or epochs):
+            steps, epochs = (0, cfg.sweep.epochs) if cfg.sweep.epochs else (cfg.sweep.steps, 0.0)
+        return {
+            "max_steps": steps,
+            "epochs": epochs,
+            "sequences_per_step": train.batch_size * train.grad_accum,
+            "seq_len": train.seq_len,
+            "lora_r": cfg.lora.r,
+            "source": planned.source or "the study's sweep settings",
+        }
+
     def metadata(self) -> dict[str, Any]:
         return {
             "version": lrsweep.__version__,
@@ -115,7 +132,8 @@ def _measure_once(
 
 def save_find(result: FindResult, out: Path) -> None:
     """rangetest.parquet and suggestion.json in ``out`` (the plot is drawn from them)."""
-    write_find(out, result.curve.frame(), result.suggestion.to_dict(), result.metadata())
+    suggestion = {**result.suggestion.to_dict(), "for_run": result.for_run()}
+    write_find(out, result.curve.frame(), suggestion, result.metadata())
     result.out = out
 
 

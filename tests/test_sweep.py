@@ -228,7 +228,9 @@ def test_export_reproduces_the_trial_in_a_trainer(tmp_path: Path) -> None:
     trials, curves, meta = load_results(tmp_path)
     best = best_trial(trials)
     kwargs = training_arguments(best, cfg)
-    assert isinstance(kwargs["warmup_steps"], int) and kwargs["warmup_steps"] >= 3
+    # The warmup as the found fraction, which transformers 5 reads as ceil(fraction x steps).
+    assert kwargs["warmup_steps"] == best["warmup_fraction"] and kwargs["warmup_steps"] >= 0.1
+    assert "optim" not in kwargs  # the Trainer's own AdamW default, or the user's optimizer
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), report_to=[], **kwargs)
     model = torch.nn.Linear(2, 2)
     trainer = Trainer(model=model, args=args)

@@ -10,6 +10,7 @@ naming the file, the row and the problem.
 from __future__ import annotations
 
 import json
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 # Folders of the standard library that are not the library itself.
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data"}
 TEXT_SUFFIXES = (".txt", ".md", ".py", "")
+# A Hub dataset ID (org/name) that is no local path: read through datasets.
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TABLE_SUFFIXES = (".parquet", ".csv")
 JSON_SUFFIXES = (".jsonl", ".json")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -140,6 +143,8 @@ def detect_format(columns: list[str], text_field: str) -> str | None:
         return "chat"
     if "prompt" in columns and "completion" in columns:
         return "prompt_completion"
+    if "instruction" in columns and "output" in columns:  # Alpaca's rows
+        return "prompt_completion"
     if text_field in columns:
         return "text"
     return None
@@ -152,6 +157,11 @@ def read_data(config: DataConfig) -> Data:
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
         return Data("text", "stdlib", documents=docs)
     path = Path(config.path).expanduser()
+    if not path.exists() and HUB_ID.fullmatch(config.path):
+        columns, plain = _read_hub(config.path)
+        return _from_records(
+            config, path, columns, [(f"row {i}", r) for i, r in enumerate(plain, 1)], "columns are"
+        )
     if not path.exists():
         raise DataError(
             f"data.path: {path} does not exist; give a .txt, .jsonl, .json, "
@@ -178,6 +188,18 @@ def read_data(config: DataConfig) -> Data:
             f"data.path: unsupported file type {suffix!r}; use .txt, .jsonl, "
             ".json, .parquet, .csv or a save_to_disk folder"
         )
+    return _from_records(config, path, columns, records, where)
+
+
+def _from_records(
+    config: DataConfig,
+    path: Path,
+    columns: list[str],
+    records: list[tuple[str, Any]],
+    where: str,
+) -> Data:
+    """Text documents or instruction rows out of a file's (or dataset's) records."""
+    suffix = path.suffix.lower()
     fmt = config.format if config.format != "auto" else detect_format(columns, config.text_field)
     if fmt is None or (fmt == "text" and config.text_field not in columns):
         noun = "no record has the text field" if suffix in JSON_SUFFIXES else "no text field"
@@ -201,6 +223,25 @@ def read_data(config: DataConfig) -> Data:
             f"{'message lists' if odd.conversational else 'strings'} but the first row's are not"
         )
     return Data(fmt, path.name, rows=rows)
+
+
+def _read_hub(name: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """The train split of a Hub dataset, through datasets (its cache, or a download online)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"data.path: {name} is a Hub dataset ID; reading it needs pip install datasets"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(name, split="train")
+    except Exception as err:  # offline, missing, gated: datasets raises many types
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"data.path: cannot load the Hub dataset {name} ({first}); give a local file or "
+            "folder, or run where the Hub (or its cache) is reachable"
+        ) from None
+    return list(dataset.column_names), dataset.to_list()
 
 
 def _nonempty(docs: list[str], path: Path) -> list[str]:
@@ -241,6 +282,14 @@ def parse_row(record: Any, where: str, fmt: str, source: str, json_cells: bool =
         if row.messages[0]["role"] == "assistant":
             raise fail("the first message is the assistant's; start with a system or user one")
         return row
+    if "prompt" not in record and "instruction" in record and "output" in record:
+        # Alpaca: the input (when there is one) follows the instruction on a new line, as
+        # LLaMA-Factory joins them.
+        extra = record.get("input") or ""
+        record = {
+            "prompt": f"{record['instruction']}\n{extra}" if extra else record["instruction"],
+            "completion": record["output"],
+        }
     if "prompt" not in record or "completion" not in record:
         raise fail(f"needs prompt and completion (keys: {sorted(record)})")
     prompt, completion = record["prompt"], record["completion"]

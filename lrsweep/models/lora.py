@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from lrsweep.config import LoraSettings
+from lrsweep.config import ALL_LINEAR, LoraSettings
 from lrsweep.errors import ModelError
 from lrsweep.models.frozen import is_checkpointing
 
@@ -25,12 +25,14 @@ def attach_lora(base: BaseModel, lora: LoraSettings, seed: int) -> PeftModel:
     net = base.model
     if hasattr(net, "peft_config"):
         raise RuntimeError("the base model still carries an adapter; call detach_lora first")
-    _check_targets(net, lora.target_modules)
+    all_linear = lora.target_modules == [ALL_LINEAR]
+    if not all_linear:
+        _check_targets(net, lora.target_modules)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=ALL_LINEAR if all_linear else list(lora.target_modules),
         use_rslora=lora.rslora,
         task_type=TaskType.CAUSAL_LM,
     )

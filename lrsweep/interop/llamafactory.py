@@ -1,0 +1,177 @@
+"""LLaMA-Factory's YAML config (``llamafactory-cli train config.yaml``) and its ``key=value``
+overrides.
+
+Its training keys are transformers' own TrainingArguments, so the schedule is
+cosine_with_min_lr with ``min_lr_rate``. LLaMA-Factory runs on transformers 4 and 5: a run of
+known length gets an integer ``warmup_steps``, which both read the same; a run in epochs gets
+``warmup_ratio`` (transformers 4; on 5 it is refused loudly, where a fraction in
+``warmup_steps`` would be misread in silence by 4).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+from typing import Any
+
+from lrsweep.config import ALL_LINEAR
+from lrsweep.errors import ConfigError
+from lrsweep.interop import IGNORED, Planned, UserRun, length, map_keys, optimizer, set_dtype
+from lrsweep.interop.edit import yaml_scalar
+from lrsweep.schedules import FAMILIES
+
+
+HANDLED = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_ratio",
+    "warmup_steps",
+    "max_steps",
+    "num_train_epochs",
+    "optim",
+    "bf16",
+    "fp16",
+    "stage",
+    "finetuning_type",
+    "lora_target",
+    "quantization_bit",
+    "dataset",
+    "dataset_dir",
+    "template",
+    "train_on_prompt",
+    "flash_attn",
+    "do_train",
+    "max_samples",
+)
+MAPPING: dict[str, Any] = {
+    "model_name_or_path": "model.path",
+    "cutoff_len": "train.seq_len",
+    "packing": "data.packing",
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "max_grad_norm": "train.max_grad_norm",
+    "weight_decay": "train.weight_decay",
+    "adam_beta1": "train.adam_beta1",
+    "adam_beta2": "train.adam_beta2",
+    "adam_epsilon": "train.adam_epsilon",
+    "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "use_rslora": "lora.rslora",
+    "loraplus_lr_ratio": "train.loraplus_lr_ratio",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "seed": "seed",
+    "cache_dir": ("", lambda v: None),
+    "ddp_timeout": ("", lambda v: None),
+}
+ALPACA = {"prompt": "instruction", "query": "input", "response": "output"}
+
+
+def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
+    map_keys(raw, run, MAPPING, IGNORED, HANDLED)
+    length(run, raw.get("max_steps"), raw.get("num_train_epochs", 3.0))
+    set_dtype(run, raw)
+    if raw.get("stage", "sft") != "sft":
+        run.notes.append(f"stage: {raw['stage']}; lrsweep measures supervised fine-tuning (sft)")
+    if raw.get("finetuning_type", "lora") != "lora":
+        run.notes.append(f"finetuning_type: {raw['finetuning_type']}; lrsweep measures LoRA")
+    if "lora_alpha" not in raw and "lora_rank" in raw:
+        run.values["lora.alpha"] = 2 * int(raw["lora_rank"])  # LLaMA-Factory's default
+    target = str(raw.get("lora_target", "all"))
+    run.values["lora.target_modules"] = (
+        [ALL_LINEAR] if target == "all" else [t.strip() for t in target.split(",") if t.strip()]
+    )
+    if bits := raw.get("quantization_bit"):
+        if bits not in (4, 8):
+            raise ConfigError(f"quantization_bit: {bits}; lrsweep quantizes to 4 or 8 bits")
+        run.values["model.quantization"] = f"{bits}bit"
+    if raw.get("flash_attn") == "fa2":
+        run.values["model.attention"] = "flash_attention_2"
+    if raw.get("train_on_prompt"):
+        run.values["data.train_on"] = "all"
+    if raw.get("template") not in (None, "default", "empty"):
+        run.notes.append(
+            f"template: {raw['template']} is LLaMA-Factory's own chat template; lrsweep uses "
+            "the tokenizer's (or data.chat_template)"
+        )
+    optimizer(run, "optim", raw.get("optim"))
+    _dataset(raw, folder, run)
+
+
+def _dataset(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
+    """The first dataset named, looked up in dataset_info.json as LLaMA-Factory does."""
+    names = [n.strip() for n in str(raw.get("dataset", "")).split(",") if n.strip()]
+    if not names:
+        raise ConfigError("dataset: LLaMA-Factory's config names no dataset")
+    if len(names) > 1:
+        run.notes.append(f"dataset: lrsweep measures on the first of {len(names)} ({names[0]})")
+    base = Path(str(raw.get("dataset_dir", "data")))
+    dirs = [base] if base.is_absolute() else [Path.cwd() / base, folder / base]
+    info_dir = next((d for d in dirs if (d / "dataset_info.json").is_file()), None)
+    if info_dir is None:
+        raise ConfigError(
+            f"dataset_dir: no dataset_info.json in {' or '.join(str(d) for d in dirs)}; run "
+            "lrsweep where llamafactory-cli runs, or set dataset_dir"
+        )
+    info = json.loads((info_dir / "dataset_info.json").read_text(encoding="utf-8"))
+    entry = info.get(names[0])
+    if not isinstance(entry, dict):
+        raise ConfigError(f"dataset: {names[0]} is not in {info_dir / 'dataset_info.json'}")
+    if "file_name" in entry:
+        run.values["data.path"] = str(info_dir / entry["file_name"])
+    elif "hf_hub_url" in entry:
+        run.values["data.path"] = entry["hf_hub_url"]
+    else:
+        raise ConfigError(f"dataset: {names[0]} has neither file_name nor hf_hub_url")
+    formatting = entry.get("formatting", "alpaca")
+    columns = entry.get("columns", {})
+    if formatting == "alpaca":
+        if any(columns.get(k, v) != v for k, v in ALPACA.items()):
+            raise ConfigError(
+                f"dataset: {names[0]} renames the alpaca columns ({columns}); lrsweep reads "
+                "instruction / input / output"
+            )
+        run.values["data.format"] = "prompt_completion"
+    elif formatting == "sharegpt":
+        run.values["data.format"] = "chat"
+    else:
+        raise ConfigError(f"dataset: {names[0]} is {formatting}; lrsweep reads alpaca, sharegpt")
+
+
+def schedule_keys(planned: Planned) -> tuple[dict[str, Any], tuple[str, ...]]:
+    values: dict[str, Any] = {
+        "learning_rate": planned.peak_lr,
+        "lr_scheduler_type": FAMILIES[planned.family],
+    }
+    if planned.family == "wsd":
+        if not planned.max_steps:
+            raise ConfigError(
+                "warmup_stable_decay counts its decay in steps: give the planned run as "
+                "--max-steps, not --epochs"
+            )
+        values["lr_scheduler_kwargs"] = planned.schedule().scheduler_kwargs()
+    elif planned.family == "cosine":
+        values["lr_scheduler_kwargs"] = {"min_lr_rate": planned.min_lr_ratio}
+    if planned.loraplus_lr_ratio is not None:
+        values["loraplus_lr_ratio"] = planned.loraplus_lr_ratio
+    if planned.max_steps:
+        values["warmup_steps"] = math.ceil(planned.warmup_fraction * planned.max_steps)
+        values["max_steps"] = planned.max_steps
+        return values, ("warmup_ratio",)
+    values["warmup_ratio"] = planned.warmup_fraction
+    values["num_train_epochs"] = planned.epochs
+    values["max_steps"] = -1
+    return values, ("warmup_steps",)
+
+
+def cli_overrides(planned: Planned, config: str = "config.yaml") -> str:
+    """The schedule as ``llamafactory-cli train`` overrides of a config file."""
+    values, _ = schedule_keys(planned)
+    parts = [
+        f"{k}={json.dumps(v, separators=(',', ':')) if isinstance(v, dict) else yaml_scalar(v)}"
+        for k, v in values.items()
+    ]
+    return "llamafactory-cli train " + " ".join(shlex.quote(p) for p in [config, *parts])

@@ -1,0 +1,121 @@
+"""transformers' TrainingArguments, TRL's SFTConfig, and the YAML/JSON file of TRL's CLI
+(``trl sft --config``: SFTConfig with TRL's ModelConfig and ScriptArguments keys).
+
+The schedule out is transformers 5's: ``cosine_with_min_lr`` with ``min_lr_rate``, and the
+warmup as a fraction in ``warmup_steps`` (transformers 5 reads a value below 1 as
+ceil(fraction x total steps) and has no ``warmup_ratio``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lrsweep.config import ALL_LINEAR
+from lrsweep.errors import ConfigError
+from lrsweep.interop import IGNORED, Planned, UserRun, length, map_keys, optimizer, set_dtype
+from lrsweep.schedules import FAMILIES
+
+
+# Keys that read() handles itself or that the export decides (the schedule, the length).
+HANDLED = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+    "max_steps",
+    "num_train_epochs",
+    "optim",
+    "bf16",
+    "fp16",
+    "load_in_4bit",
+    "load_in_8bit",
+    "use_peft",
+    "completion_only_loss",
+    "assistant_only_loss",
+)
+
+
+def _targets(value: Any) -> list[str] | None:
+    if value == ALL_LINEAR or value == [ALL_LINEAR]:
+        return [ALL_LINEAR]
+    return list(value) if isinstance(value, (list, tuple)) else None
+
+
+MAPPING: dict[str, Any] = {
+    "model_name_or_path": "model.path",
+    "attn_implementation": "model.attention",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "dataset_name": "data.path",
+    "dataset_text_field": "data.text_field",
+    "chat_template_path": "data.chat_template",
+    "packing": "data.packing",
+    "max_length": "train.seq_len",
+    "max_seq_length": "train.seq_len",  # TRL before 0.20
+    "per_device_train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "max_grad_norm": "train.max_grad_norm",
+    "weight_decay": "train.weight_decay",
+    "adam_beta1": "train.adam_beta1",
+    "adam_beta2": "train.adam_beta2",
+    "adam_epsilon": "train.adam_epsilon",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": ("lora.target_modules", _targets),
+    "use_rslora": "lora.rslora",
+    "seed": "seed",
+    # Read for what they are, nothing to set: the dtype follows bf16 / fp16, the split is train.
+    "dtype": ("", lambda v: None),
+    "torch_dtype": ("", lambda v: None),
+    "dataset_train_split": ("", lambda v: None),
+    "gradient_checkpointing_kwargs": ("", lambda v: None),
+    "model_init_kwargs": ("", lambda v: None),
+    "lora_task_type": ("", lambda v: None),
+    "bnb_4bit_quant_type": ("", lambda v: None),
+    "use_bnb_nested_quant": ("", lambda v: None),
+    "shuffle_dataset": ("", lambda v: None),
+    "truncation_mode": ("", lambda v: None),
+    "dataset_kwargs": ("", lambda v: None),
+}
+
+
+def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
+    map_keys(raw, run, MAPPING, IGNORED, HANDLED)
+    length(run, raw.get("max_steps"), raw.get("num_train_epochs", 3.0))
+    set_dtype(run, raw)
+    if raw.get("load_in_4bit") or raw.get("load_in_8bit"):
+        run.values["model.quantization"] = "4bit" if raw.get("load_in_4bit") else "8bit"
+    if raw.get("completion_only_loss") is False or raw.get("assistant_only_loss") is False:
+        if raw.get("assistant_only_loss") is not True:
+            run.values["data.train_on"] = "all"
+    optimizer(run, "optim", raw.get("optim"))
+    path = run.values.get("data.path")
+    if isinstance(path, str) and not Path(path).is_absolute() and (folder / path).exists():
+        run.values["data.path"] = str(folder / path)
+
+
+def schedule_keys(planned: Planned) -> tuple[dict[str, Any], tuple[str, ...]]:
+    values: dict[str, Any] = {
+        "learning_rate": planned.peak_lr,
+        "lr_scheduler_type": FAMILIES[planned.family],
+    }
+    if planned.family == "wsd":
+        if not planned.max_steps:
+            raise ConfigError(
+                "warmup_stable_decay counts its decay in steps: give the planned run as "
+                "--max-steps, not --epochs"
+            )
+        values["lr_scheduler_kwargs"] = planned.schedule().scheduler_kwargs()
+    else:
+        values["lr_scheduler_kwargs"] = (
+            {"min_lr_rate": planned.min_lr_ratio} if (planned.family == "cosine") else {}
+        )
+    values["warmup_steps"] = planned.warmup_fraction
+    if planned.max_steps:
+        values["max_steps"] = planned.max_steps
+    else:
+        values["num_train_epochs"] = planned.epochs
+        values["max_steps"] = -1  # a max_steps above 0 would override the epochs
+    return values, ("warmup_ratio",)
