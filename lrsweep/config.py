@@ -308,6 +308,9 @@ class SweepConfig:
     save_adapters: ``best`` (the best trial's adapter, replaced when a better one finishes),
         ``all`` or ``none``, under ``OUT/adapters/``.
     report_to: live trackers of every trial: ``tensorboard``, ``mlflow``, ``wandb``.
+    project: the W&B project / MLflow experiment of the trackers; empty means
+        ``WANDB_PROJECT`` / ``MLFLOW_EXPERIMENT_NAME`` (as transformers reads them), else the
+        study's name. Each trial is one run, grouped (W&B) or tagged (MLflow) by the study.
     baseline_lr: a common default peak LR queued as a trial (when it lies in the bounds), so
         that the report can say how much the sweep beats it; 0 queues none.
     """
@@ -324,6 +327,7 @@ class SweepConfig:
     confirm_seeds: int = 2
     save_adapters: str = "best"
     report_to: list[str] = field(default_factory=list)
+    project: str = ""
     baseline_lr: float = 2e-4
 
     def __post_init__(self) -> None:

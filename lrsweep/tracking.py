@@ -4,14 +4,19 @@ Each tracker is a trial watcher (see ``lrsweep.sweep.trial.TrialWatcher``) that 
 parameters when it starts and its training loss, LR and eval loss at every step while it
 runs, through the tracker's own library: TensorBoard's ``SummaryWriter`` (event files in
 ``OUT/tensorboard/trial-<n>``), ``mlflow`` (one run per trial, in the tracking URI that mlflow
-is set up with, experiment named after the study) and ``wandb`` (one run per trial in project
-``lrsweep``). None is installed by default (``pip install 'lrsweep[tensorboard]'`` etc.); a
-missing one is a one-line error before anything trains.
+is set up with, tagged with the study) and ``wandb`` (one run per trial, grouped under the
+study). The metrics have the names transformers' Trainer gives them in TensorBoard and W&B
+(``train/loss``, ``train/learning_rate``, ``eval/loss``), so a sweep's trials sit beside the
+user's own runs; the project (W&B project, MLflow experiment) is ``sweep.project``, else the
+one transformers would use (``WANDB_PROJECT``, ``MLFLOW_EXPERIMENT_NAME``), else the study's
+name. None is installed by default (``pip install 'lrsweep[tensorboard]'`` etc.); a missing
+one is a one-line error before anything trains.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,7 +62,7 @@ def trial_params(trial: Trial, run: TrialRun) -> dict[str, Any]:
 
 
 def _metrics(record: StepRecord) -> dict[str, float]:
-    metrics = {"train/loss": record.loss, "train/lr": record.lr}
+    metrics = {"train/loss": record.loss, "train/learning_rate": record.lr}
     if record.eval_loss is not None:
         metrics["eval/loss"] = record.eval_loss
     return metrics
@@ -91,22 +96,21 @@ class TensorBoardTracker:
 
 
 class MlflowTracker:
-    def __init__(self, study: str) -> None:
+    def __init__(self, study: str, project: str) -> None:
         self.study = study
+        self.project = project or os.environ.get("MLFLOW_EXPERIMENT_NAME") or study
 
     def start(self, trial: Trial, run: TrialRun) -> None:
         import mlflow
 
-        mlflow.set_experiment(self.study)
-        mlflow.start_run(run_name=f"trial-{trial.number}")
+        mlflow.set_experiment(self.project)
+        mlflow.start_run(run_name=f"trial-{trial.number}", tags={"lrsweep.study": self.study})
         mlflow.log_params(trial_params(trial, run))
 
     def step(self, record: StepRecord) -> None:
         import mlflow
 
-        mlflow.log_metrics(
-            {k.replace("/", "_"): v for k, v in _metrics(record).items()}, step=record.step
-        )
+        mlflow.log_metrics(_metrics(record), step=record.step)
 
     def end(self, model: PeftModel, run: TrialRun, finished: bool) -> None:
         import mlflow
@@ -115,15 +119,16 @@ class MlflowTracker:
 
 
 class WandbTracker:
-    def __init__(self, study: str) -> None:
+    def __init__(self, study: str, project: str) -> None:
         self.study = study
+        self.project = project or os.environ.get("WANDB_PROJECT") or study
         self.run: Any = None
 
     def start(self, trial: Trial, run: TrialRun) -> None:
         import wandb
 
         self.run = wandb.init(
-            project="lrsweep",
+            project=self.project,
             group=self.study,
             name=f"trial-{trial.number}",
             config=trial_params(trial, run),
@@ -137,9 +142,12 @@ class WandbTracker:
         self.run.finish(exit_code=0 if finished else 1)
 
 
-def make_trackers(names: list[str], out: Path, study: str) -> list[Any]:
+def make_trackers(names: list[str], out: Path, study: str, project: str = "") -> list[Any]:
     """One watcher per name of ``sweep.report_to``."""
     check_trackers(names)
     made = {"tensorboard": lambda: TensorBoardTracker(out)}
-    made |= {"mlflow": lambda: MlflowTracker(study), "wandb": lambda: WandbTracker(study)}
+    made |= {
+        "mlflow": lambda: MlflowTracker(study, project),
+        "wandb": lambda: WandbTracker(study, project),
+    }
     return [made[name]() for name in names]

@@ -196,7 +196,9 @@ PLANNED = Planned(3e-4, 0.1, 0.2, max_steps=250)
 
 
 def test_a_yaml_edit_changes_only_the_schedule_lines() -> None:
-    text = "# my run\nlearning_rate: 0.0002  # the usual\nwarmup_ratio: 0.1\nlr_scheduler: cosine\n"
+    text = (
+        "# my run\nlearning_rate: 0.0002  # the usual\nwarmup_ratio: 0.1\nlr_scheduler: cosine\n"
+    )
     text += "datasets:\n  - path: a\n    type: alpaca\nseed: 42\n"
     new = edit_yaml(text, {"learning_rate": 1e-05, "warmup_steps": 25}, ("warmup_ratio",), "x")
     assert new.splitlines()[:2] == ["# my run", "learning_rate: 1.0e-05  # the usual"]
@@ -462,5 +464,7 @@ def test_find_from_the_user_s_config_then_export_into_it(
     assert f"For a run of {planned}" in err and "trials ran 6 steps" in err
     exported = yaml.safe_load(out)
     assert exported["learning_rate"] != yaml.safe_load(path.read_text())["learning_rate"]
-    code, out, err = run_cli(capsys, monkeypatch, "export", "s", "--format", "json", "--into", str(path))
+    code, out, err = run_cli(
+        capsys, monkeypatch, "export", "s", "--format", "json", "--into", str(path)
+    )
     assert code == 2 and err.count("\n") == 1

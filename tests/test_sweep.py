@@ -152,6 +152,38 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
     assert trials.set_index("number").loc[1, "reason"] == "ValueError: injected failure"
 
 
+def test_a_tracker_that_fails_to_start_fails_its_trial_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its store unreachable once: that trial fails, the adapter still comes off the shared
+    base, and the next trials run (they failed with 'the base model still carries an
+    adapter' before)."""
+
+    class Flaky:
+        def start(self, trial: Any, run: Any) -> None:
+            if trial.number == 1:
+                raise ConnectionError("tracking server unreachable")
+
+        def step(self, record: Any) -> None:
+            pass
+
+        def end(self, model: Any, run: Any, finished: bool) -> None:
+            pass
+
+    monkeypatch.setattr(plan_mod, "make_trackers", lambda *a: [Flaky()])
+    study = execute(
+        prepare_sweep(tiny_config(), tmp_path, trials=3, progress=False), progress=False
+    )
+    states = [t.state for t in study.trials]
+    assert states == [
+        TrialState.COMPLETE,
+        TrialState.FAIL,
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+    ]
+    assert study.trials[1].user_attrs["reason"] == "ConnectionError: tracking server unreachable"
+
+
 def test_nan_trial_is_pruned_with_its_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -225,7 +225,7 @@ def execute(prepared: PreparedSweep, progress: bool = True, part: bool = False) 
     plan.part = part
     cfg, shape = ctx.config, prepared.fits
     watchers: list[TrialWatcher] = make_trackers(
-        cfg.sweep.report_to, plan.out, plan.study.study_name
+        cfg.sweep.report_to, plan.out, plan.study.study_name, cfg.sweep.project
     )
     if cfg.sweep.save_adapters != "none":
         watchers.append(AdapterKeeper(plan.out, cfg, ctx.base.tokenizer))

@@ -184,11 +184,14 @@ def _train_once(
     precision = Precision(device, ctx.precision.dtype)  # a fresh GradScaler for fp16
     run = TrialRun(schedule, ratio)
     start = time.perf_counter()
-    for watcher in watchers:
-        watcher.start(trial, run)
-    on_step = _watch(trial, run, watchers, cfg.sweep, prune)
-    finished = False
+    finished, started = False, list[TrialWatcher]()
     try:
+        # Inside the try: a tracker that fails to start (a store it cannot reach) fails this
+        # trial alone, and the adapter still comes off the shared base.
+        for watcher in watchers:
+            watcher.start(trial, run)
+            started.append(watcher)
+        on_step = _watch(trial, run, started, cfg.sweep, prune)
         optimizer = make_optimizer(model, dataclasses.replace(cfg.train, loraplus_lr_ratio=ratio))
         result = train(
             model,
@@ -207,12 +210,14 @@ def _train_once(
     finally:
         run.seconds = time.perf_counter() - start
         run.peak_memory_mb = peak_memory_mb(device)
-        for watcher in watchers:
-            watcher.end(model, run, finished)
-        detach_lora(model)
-        del model
-        optimizer = None  # noqa: F841 - drop the last reference before collecting
-        free_memory(device)
+        try:
+            for watcher in started:
+                watcher.end(model, run, finished)
+        finally:
+            detach_lora(model)
+            del model
+            optimizer = None  # noqa: F841 - drop the last reference before collecting
+            free_memory(device)
     return run
 
 
