@@ -40,6 +40,14 @@ FROM = click.option(
 )
 
 
+def _optuna_logging() -> None:
+    """Optuna's own INFO lines ("A new study created in Journal ...") only with -v."""
+    import optuna
+
+    verbose = click.get_current_context().find_root().params.get("verbose", False)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+
+
 def _with_run(from_config: Path | None, overrides: tuple[str, ...]) -> tuple[str, ...]:
     """The study keys read from the user's own config, before the --set ones; what lrsweep
     cannot honour of it is said, a line a key."""
@@ -232,6 +240,7 @@ def sweep(
     from lrsweep.sweep.launch import spawn_workers
     from lrsweep.sweep.plan import execute, prepare_sweep
 
+    _optuna_logging()
     seconds = _duration(timeout)
     device_list = parse_devices(devices, workers) if devices else []
     workers = len(device_list) or workers or 1
@@ -321,6 +330,7 @@ def worker(
 
     from lrsweep.sweep.plan import execute, prepare_sweep
 
+    _optuna_logging()
     seconds, wait_seconds = _duration(timeout), _duration(wait, "--wait")
     if device is not None:
         from lrsweep.devices import parse_devices
@@ -341,12 +351,11 @@ def worker(
         progress=not quiet,
         sweep_section=json.loads(sweep_json) if sweep_json else None,
         wait=wait_seconds or 0.0,
+        deadline=deadline,
     )
-    if deadline is not None:
-        prepared.plan.deadline = deadline
     if prepared.left == 0 and prepared.confirmations_left == 0:
         click.echo(
-            f"Nothing to do: the study has its {prepared.plan.trials} finished trials and "
+            f"Nothing to do: the study has its {prepared.trials} finished trials and "
             "their confirmation runs."
         )
         return
@@ -375,18 +384,24 @@ class Terminated(KeyboardInterrupt):
 )
 @STORAGE
 @STUDY_NAME
-def report(out: Path, top: int, storage: str | None, study_name: str) -> None:
-    """What to use, the table of the best trials and plots (PNG) of a sweep in OUT."""
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the PNG plots (default OUT; a read-only OUT gets none unless given).",
+)
+def report(out: Path, top: int, storage: str | None, study_name: str, plots: Path | None) -> None:
+    """What to use, the table of the best trials and plots (PNG) of a sweep in OUT.
+    It only reads OUT (which may be read-only), apart from the plots it draws there."""
     from lrsweep.ranking import configurations, recommend, seed_noise
+    from lrsweep.record import BASELINE_ORIGIN, FIRST_ORIGIN
     from lrsweep.report import (
         format_configurations,
         format_recommendation,
         format_trials,
         plot_sweep,
     )
-    from lrsweep.results import read_find
-    from lrsweep.sweep.collect import load_results
-    from lrsweep.sweep.space import BASELINE_ORIGIN, FIRST_ORIGIN
+    from lrsweep.results import read_find, writable
+    from lrsweep.sweep.collect import load_results, stale_lines
 
     trials, curves, _ = load_results(out, storage, study_name)
     click.echo(format_recommendation(recommend(trials, FIRST_ORIGIN, BASELINE_ORIGIN)) + "\n")
@@ -394,10 +409,32 @@ def report(out: Path, top: int, storage: str | None, study_name: str) -> None:
     if table := format_configurations(configs, seed_noise(configs)):
         click.echo(table + "\n")
     click.echo(format_trials(trials, top=top))
+    for line in stale_lines(out, storage, study_name):
+        click.echo(line)
+    if plots is None and not writable(out):
+        click.echo(f"\nNo plots: {out} is read-only; --plots DIR draws them elsewhere")
+        return
+    folder = plots or out
+    folder.mkdir(parents=True, exist_ok=True)
     found = read_find(out)
     spent = found[1].get("optimizer_steps", 0) if found else 0
-    paths, missing = plot_sweep(trials, curves, out, spent)
+    paths, missing = plot_sweep(trials, curves, folder, spent)
     click.echo("\n" + (missing or "Plots: " + ", ".join(str(p) for p in paths)))
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@STORAGE
+@STUDY_NAME
+def reap(out: Path, storage: str | None, study_name: str) -> None:
+    """Fail the trials of dead workers in OUT's study and queue their parameters again, and
+    bring the result files up to date (a running sweep does both itself)."""
+    from lrsweep.sweep.collect import reap as reap_trials
+
+    reaped = reap_trials(out, storage, study_name)
+    done = ", ".join(str(n) for n in reaped)
+    click.echo(f"Reaped trials {done}; queued again." if reaped else "No stale trials.")
+    click.echo(f"Result files in {out} are up to date.")
 
 
 @cli.command()
@@ -520,7 +557,7 @@ def dashboard(out: Path, storage: str | None, study_name: str, port: int, host: 
     journal = journal_path(out, storage)
     if storage is None and (journal is None or not journal.exists()):
         raise LrsweepError(f"{out}: no study journal here; give --storage for a database")
-    backend = open_storage(out, storage, create=False)
+    backend = open_storage(out, storage, create=False, read_only=True)
     click.echo(f"optuna-dashboard on http://{host}:{port} (study {study_name!r}); Ctrl-C stops it")
     run_server(backend.backend, host=host, port=port)
 

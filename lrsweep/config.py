@@ -237,6 +237,25 @@ class RangeTestConfig:
             _fail("rangetest.signal", f"must be 'eval' or 'train', got {self.signal!r}")
 
 
+# The [rangetest] keys that only one mode reads: given for the other mode they would change
+# nothing, so a study file or a Python call that does so is refused.
+MODE_ONLY = {
+    "ramp": ("steps", "spacing", "smoothing", "diverge_factor", "signal", "probe_blocks"),
+    "probe": ("runs", "run_steps"),
+}
+
+
+def check_mode_keys(mode: str, keys: typing.Iterable[str]) -> None:
+    """Refuse, naming the key and the mode, a range-test key the mode does not read."""
+    for other, only in MODE_ONLY.items():
+        if other != mode and (unused := [k for k in keys if k in only]):
+            _fail(
+                f"rangetest.{unused[0]}",
+                f"has no effect in {mode} mode (a {other}-mode setting); drop it, or set "
+                f"rangetest.mode = '{other}'",
+            )
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """The sweep's search space.
@@ -507,7 +526,10 @@ def load(
             ) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
-    return from_dict(apply_overrides(raw, overrides))
+    raw = apply_overrides(raw, overrides)
+    if isinstance(section := raw.get("rangetest"), dict):
+        check_mode_keys(section.get("mode", RangeTestConfig.mode), section)
+    return from_dict(raw)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

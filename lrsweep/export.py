@@ -20,8 +20,8 @@ from lrsweep.errors import StudyError
 from lrsweep.interop import Planned, fill, llamacpp, llamafactory, read_run, schedule_keys
 from lrsweep.interop.edit import yaml_scalar
 from lrsweep.ranking import Recommendation, recommend
+from lrsweep.record import BASELINE_ORIGIN, FIRST_ORIGIN
 from lrsweep.schedules import Schedule
-from lrsweep.sweep.space import BASELINE_ORIGIN, FIRST_ORIGIN
 
 
 def best_trial(trials: pd.DataFrame) -> pd.Series:

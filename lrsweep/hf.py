@@ -33,6 +33,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from lrsweep import record
 from lrsweep.config import (
     DEFAULT_STUDY,
     DataConfig,
@@ -42,10 +43,12 @@ from lrsweep.config import (
     StudyConfig,
     SweepConfig,
     TrainConfig,
+    check_mode_keys,
 )
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, measure, save_and_draw
 from lrsweep.oom import free_memory
+from lrsweep.record import StudyRecord, TrialRecord
 from lrsweep.schedules import Schedule
 from lrsweep.sweep.trial import Runner, TrialRun, report_eval
 from lrsweep.training import Batch, Loop, Precision, StepRecord
@@ -109,6 +112,7 @@ def _rangetest_config(
             "find_lr(mode='probe') scores on held-out data: give the Trainer an "
             "eval_dataset, or use mode='ramp'"
         )
+    check_mode_keys(mode, settings)
     return RangeTestConfig(mode=mode, signal=signal, **settings)
 
 
@@ -144,7 +148,8 @@ def find_lr(
     ``end_lr``, ``steps``, ``spacing``, ``runs``, ``run_steps``, ...), with the same
     defaults as a study file.
     """
-    cfg = _rangetest_config(trainer, mode, {"probe_blocks": probe_batches, **settings})
+    cfg = _rangetest_config(trainer, mode, settings)
+    cfg = dataclasses.replace(cfg, probe_blocks=probe_batches)
     args, model = trainer.args, trainer.model
     # A data loader's iterator draws its seed from the global generators: keep the RNG state
     # the Trainer would have started from.
@@ -237,16 +242,16 @@ def _trainer_runner(
 ) -> Runner:
     def run(trial: Trial, schedule: Schedule) -> TrialRun:
         folder = out / "trials" / str(trial.number)
-        attrs = trial.user_attrs
+        queued = TrialRecord.of(trial)
         ratio = trial.params.get("loraplus_lr_ratio")
         result = TrialRun(schedule, ratio)
-        trial_seed = int(attrs.get("seed", seed))  # a confirmation run's own
+        trial_seed = queued.seed_or(seed)
         overrides = training_overrides(schedule, sweep.eval_every, folder, keep_checkpoints)
         # Seeded before the Trainer is built: an adapter made in its constructor (TRL's
         # peft_config=) starts from the same weights in every trial and in the export's run.
         set_seed(trial_seed)
         trainer = make_trainer(overrides)
-        if "confirms" in attrs:
+        if queued.is_confirmation:
             # A new seed for the Trainer's data order and dropout too (it seeds at train()).
             trainer.args.seed = trial_seed
         if trainer.args.learning_rate != schedule.peak_lr:
@@ -257,7 +262,7 @@ def _trainer_runner(
         on_trainer(trainer)
         if ratio is not None:
             trainer.optimizer = loraplus_optimizer(trainer, ratio)
-        watch = _Watch(trainer, trial, result, sweep.pruner, "confirms" not in attrs)
+        watch = _Watch(trainer, trial, result, sweep.pruner, not queued.is_confirmation)
         trainer.add_callback(watch)
         # lrsweep prints one line per trial; the Trainer's per-step log lines would bury it.
         trainer.remove_callback(PrinterCallback)
@@ -357,7 +362,7 @@ def sweep(
     def record_train(trainer: Trainer) -> None:
         # The study's [train] section describes the user's TrainingArguments, so that
         # lrsweep export reproduces their batch size, accumulation and optimizer settings.
-        stored = from_dict(study.user_attrs["config"])
+        stored = from_dict(StudyRecord.of(study).config or {})
         if trainer.args.seed != stored.seed and not warned:
             warned.append(True)
             logger.warning(
@@ -369,7 +374,7 @@ def sweep(
             )
         train = _train_config(trainer)
         if stored.train != train:
-            study.set_user_attr("config", stored.replace(train=train).to_dict())
+            record.write_study(study, config=stored.replace(train=train).to_dict())
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runner = _trainer_runner(
@@ -382,34 +387,24 @@ def sweep(
 def _plan(
     out: Path, cfg: StudyConfig, storage: str | None, study_name: str
 ) -> tuple[SweepPlan, StudyConfig]:
-    """Join the study or create it, as ``lrsweep sweep`` does."""
-    from lrsweep.sweep.storage import open_storage
-    from lrsweep.sweep.study import budget, create_study, join_study
-    from lrsweep.sweep.worker import SweepPlan
+    """Join the study or create it through the plan ``lrsweep sweep`` makes."""
+    from lrsweep.sweep.plan import open_study, settle, stored_config
 
-    backend = open_storage(out, storage, cfg.sweep.heartbeat_seconds)
-    stored = _stored_train(backend.backend, study_name)
+    stored = stored_config(out, storage, study_name)
     if stored is not None:
         # [train] comes from the user's Trainers (see record_train in sweep), not from here.
-        cfg = cfg.replace(train=stored)
-    study, joined = join_study(backend, study_name, cfg)
-    if study is None:
-        bounds = tuple(cfg.search.peak_lr)
-        study, joined = create_study(backend, study_name, cfg, bounds, None, cfg.sweep.trials)  # type: ignore[arg-type]
-    assert joined is not None
-    bounds = tuple(study.user_attrs["peak_lr_bounds"])
-    goal = budget(study, joined.sweep.trials, joined)
-    steps = joined.sweep.steps
-    return SweepPlan(out, study, backend, bounds, steps, goal), joined  # type: ignore[arg-type]
-
-
-def _stored_train(storage: optuna.storages.BaseStorage, name: str) -> TrainConfig | None:
-    import optuna
-
-    from lrsweep.config import from_dict
-
-    try:
-        study = optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        return None
-    return from_dict(study.user_attrs["config"]).train if "config" in study.user_attrs else None
+        cfg = cfg.replace(train=stored.train)
+    backend, study, joined = open_study(cfg, out, storage, study_name)
+    bounds = (float(cfg.search.peak_lr[0]), float(cfg.search.peak_lr[1]))
+    return settle(
+        backend,
+        study,
+        joined,
+        out,
+        url=storage,
+        name=study_name,
+        bounds=bounds,
+        first=None,
+        steps=joined.sweep.steps,
+        trials=joined.sweep.trials,
+    )

@@ -20,7 +20,7 @@ The one entry point is :func:`run_with_retry`::
             detach_lora(model)
 
     result, used = run_with_retry(attempt_run, cfg.train, device=device)
-    # used.train.batch_size / used.train.grad_accum: what ran; used.attrs(): for the records;
+    # used.train.batch_size / used.train.grad_accum: what ran; used.facts(): for the records;
     # start=used lets the next run of the same shape begin there
 
 Micro-batch sizes are divisors of the original batch size (8 -> 4 -> 2 -> 1; 6 -> 3 -> 1;
@@ -149,8 +149,8 @@ class Attempt:
         """The micro-batches of this attempt, from batches drawn at the original size."""
         return split_batches(drawn, self.parts)
 
-    def attrs(self) -> dict[str, Any]:
-        """What ran, for a trial's user attributes and the export (flat, JSON-friendly)."""
+    def facts(self) -> dict[str, Any]:
+        """What ran, for the trial record (``lrsweep.sweep.record``)."""
         return {
             "micro_batch_size": self.train.batch_size,
             "grad_accum": self.train.grad_accum,

@@ -184,6 +184,8 @@ def format_trials(trials: pd.DataFrame, top: int = 10) -> str:
         .sort_values(["_done", "_key", "number"])
         .head(top)
     )
+    if len(ranked) < len(trials):
+        head += f"; the best {len(ranked)} of {len(trials)}:"
     lines = [
         head,
         "",

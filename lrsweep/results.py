@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lrsweep.errors import StudyError, first_line
+from lrsweep.record import TrialRecord
 
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def writable(folder: Path) -> bool:
+    """Whether lrsweep may write into ``folder``: this user can, and its mode lets someone
+    (a folder made read-only with chmod a-w stays read-only, for root too)."""
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -202,17 +209,22 @@ _STRINGS = ("state", "reason", "worker", "schedule", "origin")
 _STATE_RANK = {"WAITING": 0, "RUNNING": 1, "FAIL": 2, "PRUNED": 2, "COMPLETE": 2}
 
 
+def _either(recorded: Any, sampled: Any) -> Any:
+    """What a trial ran with (recorded), else what was sampled for it (a trial not run yet)."""
+    return recorded if recorded is not None else sampled
+
+
 def _trial_row(t: Any) -> dict[str, Any]:
-    attrs = t.user_attrs
-    row = {c: attrs.get(c) for c in TRIAL_COLUMNS}
+    r = TrialRecord.of(t)
+    row = {c: getattr(r, c, None) for c in TRIAL_COLUMNS}
     row.update(
         number=t.number,
         state=t.state.name,
         peak_lr=t.params.get("peak_lr"),
         warmup_fraction=t.params.get("warmup_fraction"),
-        min_lr_ratio=attrs.get("min_lr_ratio", t.params.get("min_lr_ratio")),
-        schedule=attrs.get("schedule", t.params.get("schedule")),
-        loraplus_lr_ratio=attrs.get("loraplus_lr_ratio", t.params.get("loraplus_lr_ratio")),
+        min_lr_ratio=_either(r.min_lr_ratio, t.params.get("min_lr_ratio")),
+        schedule=r.schedule or t.params.get("schedule"),
+        loraplus_lr_ratio=_either(r.loraplus_lr_ratio, t.params.get("loraplus_lr_ratio")),
         eval_loss=t.value if t.state.name == "COMPLETE" else None,
     )
     return row
@@ -234,18 +246,18 @@ def curves_frame(trials: list[Any]) -> pd.DataFrame:
     """One row per trial per optimizer step, in the schema of ``CURVE_COLUMNS``."""
     parts = []
     for t in trials:
-        curve = t.user_attrs.get("curve")
-        if not curve or not curve["lr"]:
+        curve = TrialRecord.of(t).curve
+        if curve is None or not curve.lr:
             continue
-        n = len(curve["lr"])
+        n = len(curve.lr)
         parts.append(
             pd.DataFrame(
                 {
                     "number": [t.number] * n,
                     "step": range(n),
-                    "lr": curve["lr"],
-                    "loss": curve["loss"],
-                    "eval_loss": [math.nan if v is None else v for v in curve["eval_loss"]],
+                    "lr": curve.lr,
+                    "loss": curve.loss,
+                    "eval_loss": [math.nan if v is None else v for v in curve.eval_loss],
                 }
             )
         )
@@ -306,10 +318,9 @@ def sweep_states(out: Path) -> dict[int, str] | None:
     return dict(zip(frame["number"], frame["state"], strict=True))
 
 
-def merge_parts(out: Path) -> bool:
-    """Merge the workers' part files and ``out``'s own files into ``out``'s files: every
-    trial any of them holds, each in its newest state. Returns False when there was
-    nothing to merge."""
+def merged_parts(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
+    """The workers' part files and ``out``'s own files merged: every trial any of them
+    holds, each in its newest state (None when there is nothing to merge). Reads only."""
     sources = [out] + sorted(p.parent for p in (out / PARTS_DIR).glob(f"*/{TRIALS_FILE}"))
     frames, curves, meta, damaged = [], [], {}, []
     for folder in sources:
@@ -328,15 +339,32 @@ def merge_parts(out: Path) -> bool:
     if not frames:
         if damaged:
             raise StudyError(f"{damaged[0]}; give --storage to rebuild it from the study")
-        return False
+        return None
     merged = pd.concat(frames, ignore_index=True).sort_values("_rank", kind="stable")
     merged = merged.drop_duplicates("number", keep="last").drop(columns="_rank")
     merged = merged.sort_values("number").reset_index(drop=True)
     curve = pd.concat(curves, ignore_index=True).drop_duplicates(["number", "step"], keep="last")
     curve = curve[curve["number"].isin(merged["number"])].sort_values(["number", "step"])
-    write_parquet(curve.reset_index(drop=True), out / CURVES_FILE, meta)
-    write_parquet(merged, out / TRIALS_FILE, meta)
+    return merged, curve.reset_index(drop=True), meta
+
+
+def merge_parts(out: Path) -> bool:
+    """Write :func:`merged_parts` into ``out``'s own files; False when there was nothing to
+    merge."""
+    merged = merged_parts(out)
+    if merged is None:
+        return False
+    trials, curves, meta = merged
+    write_parquet(curves, out / CURVES_FILE, meta)
+    write_parquet(trials, out / TRIALS_FILE, meta)
     return True
+
+
+def sweep_frames(
+    trials: list[Any], metadata: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """What :func:`write_sweep` would write, in memory: for a reader whose files lag."""
+    return trials_frame(trials), curves_frame(trials), {**metadata, "columns": TRIAL_COLUMNS}
 
 
 def read_sweep(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lrsweep.errors import ConfigError
+from lrsweep.record import TrialRecord
 from lrsweep.results import TENSORBOARD_DIR
 
 
@@ -47,7 +48,7 @@ def check_trackers(names: list[str]) -> None:
 def trial_params(trial: Trial, run: TrialRun) -> dict[str, Any]:
     """What a tracker shows for a trial: its sampled parameters and schedule as run."""
     schedule = run.schedule
-    attrs = trial.user_attrs
+    queued = TrialRecord.of(trial)
     return {
         **trial.params,
         "trial": trial.number,
@@ -56,8 +57,8 @@ def trial_params(trial: Trial, run: TrialRun) -> dict[str, Any]:
         "min_lr_ratio": schedule.floor_ratio,
         "total_steps": schedule.total_steps,
         "loraplus_lr_ratio": run.loraplus_lr_ratio,
-        "seed": attrs.get("seed"),
-        "confirms": attrs.get("confirms"),
+        "seed": queued.seed,
+        "confirms": queued.confirms,
     }
 
 

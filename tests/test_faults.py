@@ -122,10 +122,17 @@ DAMAGES = [
         "line 10",
     ),
     Damage("garbage journal line, report", _garbage_line, ("report",), 2, "line 10"),
+    Damage("garbage journal line, reap", _garbage_line, ("reap",), 2, "line 10"),
+    # report and export read the study past damaged files and leave them as they are;
+    # reap (like the next sweep) rebuilds them.
     Damage("truncated trials.parquet", _cut(TRIALS_FILE, 3000), ("report",), 0, "Plots:"),
     Damage("empty curves.parquet", _cut("curves.parquet", 0), ("report",), 0, "Plots:"),
     Damage("truncated curves.parquet", _cut("curves.parquet", 500), ("export",), 0, "max_steps"),
+    Damage("truncated trials.parquet, reap", _cut(TRIALS_FILE, 3000), ("reap",), 0, "up to date"),
+    Damage("torn last journal record, report", _cut_journal, ("report",), 0, "Plots:"),
 ]
+# The commands that only read: they change no file (the plots they draw aside).
+READERS = ("report", "export")
 
 
 @pytest.mark.parametrize("case", DAMAGES, ids=lambda c: c.name)
@@ -146,6 +153,15 @@ def test_damaged_files(
         _one_line(err)
         assert case.said in err
         assert (sweep_dir / "study.journal").read_bytes() == journal  # nothing appended
+    elif case.command[0] in READERS:
+        assert case.said in out, out
+        after = _files(sweep_dir)
+        drawn = (".png",)
+        assert {p: n for p, n in after.items() if p.suffix not in drawn} == {
+            p: n for p, n in before.items() if p.suffix not in drawn
+        }
+        assert (sweep_dir / "study.journal").read_bytes() == journal
+        return
     else:
         assert case.said in out, out
         _agree(sweep_dir)
@@ -165,7 +181,7 @@ def test_torn_journal_repair_says_so(
 ) -> None:  # type: ignore[no-untyped-def]
     _cut_journal(sweep_dir)
     with caplog.at_level("WARNING"):
-        code, _, err = run_cli(capsys, monkeypatch, "report", str(sweep_dir))
+        code, _, err = run_cli(capsys, monkeypatch, "reap", str(sweep_dir))
     assert code == 0, err
     assert any("torn last record" in r.getMessage() for r in caplog.records)
     assert (sweep_dir / "study.journal").read_bytes().endswith(b"\n")
@@ -237,7 +253,7 @@ def _dead_pid() -> Liveness:
     return Liveness("", proc.pid, 0.0, time.time())
 
 
-@pytest.mark.parametrize("command", [("report",), ("sweep", "-q", "--out")])
+@pytest.mark.parametrize("command", [("reap",), ("sweep", "-q", "--out")])
 def test_a_dead_workers_trial_is_reaped_once_the_budget_is_met(
     command: tuple[str, ...],
     sweep_dir: Path,
@@ -371,28 +387,38 @@ def test_result_files_follow_the_umask(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # the test's own study.ask()
-def test_a_stale_trial_on_a_database_is_reaped_by_report(
+def test_a_stale_trial_on_a_database_is_seen_by_report_and_reaped_by_reap(
     postgres: Server,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     cfg = tiny_config("sweep.heartbeat_seconds=1", *FAST[1::2])
     prepared = prepare_sweep(cfg, tmp_path, storage=postgres.url, study_name="stale", trials=1)
     execute(prepared, progress=False)
+    assert prepared.plan is not None
     storage = prepared.plan.storage
     study = optuna.load_study(study_name="stale", storage=storage.backend)
     stuck = study.ask()
     storage.backend.record_heartbeat(storage.trial_id(study, stuck.number))  # type: ignore[attr-defined]
     time.sleep(8)  # past the grace period of six beats
-    done = subprocess.run(
-        [sys.executable, "-m", "lrsweep", "report", str(tmp_path), "--study", "stale"],
-        cwd=ROOT,
-        env={**os.environ, "LRSWEEP_STORAGE": postgres.url},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def lrsweep(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lrsweep", *args, str(tmp_path), "--study", "stale"],
+            cwd=ROOT,
+            env={**os.environ, "LRSWEEP_STORAGE": postgres.url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    done = lrsweep("report")
     assert done.returncode == 0, done.stderr
     assert "Heartbeat of storage" not in done.stderr
+    assert f"trial {stuck.number} looks stale" in done.stdout
+    seen = optuna.load_study(study_name="stale", storage=storage.backend).trials[stuck.number]
+    assert seen.state == TrialState.RUNNING  # a report only reads
+    done = lrsweep("reap")
+    assert done.returncode == 0 and f"Reaped trials {stuck.number}" in done.stdout, done.stderr
     reaped = optuna.load_study(study_name="stale", storage=storage.backend).trials[stuck.number]
     assert reaped.state == TrialState.FAIL and "no heartbeat" in reaped.user_attrs["reason"]
     trials, meta = read_parquet(tmp_path / TRIALS_FILE)
@@ -421,3 +447,73 @@ def test_a_password_in_the_query_reaches_no_file(
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert PASSWORD.encode() not in path.read_bytes(), path
+
+
+# ---------------------------------------------------------------- faults of the new features
+
+
+def test_run_sweep_applies_overrides_to_a_config_too(tmp_path: Path) -> None:
+    """They were dropped in silence when the study was a StudyConfig (or None)."""
+    from lrsweep import config as config_mod
+    from lrsweep.sweep.plan import run_sweep
+
+    cfg = config_mod.load(TINY)
+    run_sweep(cfg, tmp_path / "a", overrides=["sweep.steps=7"], trials=1, progress=False)
+    trials, _ = read_parquet(tmp_path / "a" / TRIALS_FILE)
+    assert trials["total_steps"].tolist() == [7]
+    run_sweep(TINY, tmp_path / "b", overrides=["sweep.steps=7"], trials=1, progress=False)
+    run_sweep(None, tmp_path / "b", overrides=["sweep.eval_every=7"], trials=2, progress=False)
+    trials, _ = read_parquet(tmp_path / "b" / TRIALS_FILE)
+    assert trials["total_steps"].tolist() == [7, 7]
+
+
+def test_a_range_test_key_of_the_other_mode_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "f"
+    code, _, err = run_cli(
+        capsys, monkeypatch, "find", TINY, "--set", "rangetest.steps=20", "--out", str(out)
+    )
+    assert code == 2 and "rangetest.steps: has no effect in probe mode" in err, err
+    _one_line(err)
+    assert not out.exists()
+    code, _, err = run_cli(
+        capsys,
+        monkeypatch,
+        "find",
+        TINY,
+        "--mode",
+        "ramp",
+        "--set",
+        "rangetest.runs=5",
+        "--out",
+        str(out),
+    )
+    assert code == 2 and "rangetest.runs: has no effect in ramp mode" in err, err
+
+
+def test_a_quiet_sweep_prints_no_optuna_info_and_says_its_table_is_the_top(
+    tmp_path: Path,
+) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lrsweep",
+            "sweep",
+            TINY,
+            "--out",
+            str(tmp_path),
+            "-q",
+            "--trials",
+            "6",
+            *FAST,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "A new study created" not in done.stderr and "[I " not in done.stderr
+    assert "; the best 5 of 6:" in done.stdout

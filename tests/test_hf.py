@@ -17,6 +17,7 @@ from lrsweep.data import batches
 from lrsweep.errors import StudyError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.schedules import CosineSchedule
+from lrsweep.errors import ConfigError
 from lrsweep.sweep.collect import load_results
 from lrsweep.training import Loop, make_optimizer, train
 from tests.conftest import tiny_config
@@ -84,15 +85,19 @@ def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path, mode
             k: {n: t.clone() for n, t in v.items()}
             for k, v in trainer.optimizer.state_dict()["state"].items()
         }
+        # Each mode's own length; the other mode's is refused, naming the key and the mode.
+        length = {"steps": 12} if mode == "ramp" else {"runs": 3}
+        other = {"runs": 3} if mode == "ramp" else {"steps": 12}
+        with pytest.raises(ConfigError, match=f"has no effect in {mode} mode"):
+            hf.find_lr(trainer, mode=mode, progress=False, **other)  # type: ignore[arg-type]
         result = hf.find_lr(
             trainer,
             start_lr=1e-4,
             end_lr=1.0,
-            steps=12,
             mode=mode,
-            runs=3,
             out=tmp_path / "f",
             progress=False,
+            **length,  # type: ignore[arg-type]
         )
         assert result.curve.mode == mode
         assert len(result.curve.lrs) == (12 if mode == "ramp" else 3)

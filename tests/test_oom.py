@@ -123,7 +123,7 @@ def test_retry_halves_until_it_fits() -> None:
     assert retried == seen[1:] and used == seen[-1]
     assert used.retries == 2 and "4 rows" in (used.reason or "")
     assert used.original_batch_size == 8
-    assert used.attrs() == {
+    assert used.facts() == {
         "micro_batch_size": 2,
         "grad_accum": 8,
         "oom_retries": 2,

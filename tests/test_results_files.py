@@ -118,3 +118,59 @@ def test_a_worker_started_before_its_study_waits_for_it(tmp_path: Path) -> None:
     ran = trials[trials["worker"].str.endswith(f":{worker.pid}")]
     assert len(ran) >= 1, (said, err)
     assert set(ran["state"]) <= {"COMPLETE", "PRUNED"}
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    } | {str(p.relative_to(folder)) + "/": "" for p in folder.rglob("*") if p.is_dir()}
+
+
+def test_report_export_and_dashboard_read_a_read_only_folder_and_change_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A colleague's finished sweep, copied and made read-only (chmod -R a-w): every byte,
+    every file and folder stays as it was, also where the files lag behind the journal and
+    a trial looks stale (report and export used to reap it and rewrite the files)."""
+    import shutil
+
+    from lrsweep.sweep.storage import open_storage
+
+    import time
+
+    _sweep(capsys, monkeypatch, tmp_path / "s", "--set", "sweep.heartbeat_seconds=0.2")
+    # One more trial left RUNNING by a dead worker: the files lag, and once its grace
+    # period (6 beats) is over it looks stale.
+    backend = open_storage(tmp_path / "s")
+    study = optuna.load_study(study_name="lrsweep", storage=backend.backend)
+    study.ask()
+    time.sleep(1.5)
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "s", copy)
+    subprocess.run(["chmod", "-R", "a-w", str(copy)], check=True)
+    before = _hashes(copy)
+    try:
+        code, out, err = run_cli(capsys, monkeypatch, "report", str(copy))
+        assert code == 0, err
+        assert "trial 3 looks stale" in out and "No plots: " in out and "read-only" in out
+        assert "RUNNING" in out
+        code, out, err = run_cli(capsys, monkeypatch, "export", str(copy))
+        assert code == 0, err
+        code, out, err = run_cli(
+            capsys, monkeypatch, "report", str(copy), "--plots", str(tmp_path / "plots")
+        )
+        assert code == 0 and (tmp_path / "plots" / "sweep_lr.png").exists(), err
+        open_storage(copy, create=False, read_only=True)  # what dashboard serves
+        assert _hashes(copy) == before
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(copy)], check=True)
+    # The commands that write bring it up to date: reap fails the stale trial, queues it
+    # again, and rewrites the files.
+    code, out, err = run_cli(capsys, monkeypatch, "reap", str(copy))
+    assert code == 0 and "Reaped trials 3; queued again." in out, err
+    trials = read_parquet(copy / TRIALS_FILE)[0]
+    assert trials.set_index("number").loc[3, "state"] == "FAIL"

@@ -288,7 +288,21 @@ def test_dry_run_creates_no_study(
 
     code, out, err = dry_run(tmp_path)
     assert code == 0, err
-    assert out.startswith("Estimate: 4 trials x 12 steps")
+    assert out.startswith("Estimate: 4 trials x 12 steps, after the range test")
+    # It plans, and writes nothing: no study, and no range test run for the bounds.
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    code, out, err = run_cli(
+        capsys,
+        monkeypatch,
+        "find",
+        str(ROOT / "studies" / "tiny.toml"),
+        "--out",
+        str(tmp_path),
+        "-q",
+    )
+    assert code == 0, err
+    code, out, err = dry_run(tmp_path)
+    assert code == 0 and "s/step" in out and "peak_lr in [" in out, out
     assert not (tmp_path / "study.journal").exists()
     code, out, err = dry_run(tmp_path / "fixed", "--set", "search.peak_lr=[1e-4, 1e-2]")
     # Fixed bounds: no range test ran, so no step was timed, and the estimate says so.
@@ -314,7 +328,7 @@ def test_changed_config_is_refused(
     assert code == 2 and "different lora" in err and err.count("\n") == 1
 
 
-def test_report_rebuilds_lagging_results_and_draws(
+def test_report_reads_past_lagging_results_and_reap_rebuilds_them(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     execute(prepare_sweep(tiny_config(), tmp_path, trials=3, progress=False), progress=False)
@@ -324,6 +338,9 @@ def test_report_rebuilds_lagging_results_and_draws(
     assert "3 complete" in out or "pruned" in out
     for name in ("sweep_lr.png", "sweep_top5.png", "sweep_progress.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "trials.parquet").exists()  # a report only reads
+    code, out, err = run_cli(capsys, monkeypatch, "reap", str(tmp_path))
+    assert code == 0 and "No stale trials." in out, err
     trials, _ = read_parquet(tmp_path / "trials.parquet")
     assert len(trials) == 3
     code, out, _ = run_cli(capsys, monkeypatch, "export", str(tmp_path), "--format", "python")

@@ -17,7 +17,9 @@ once is what keeps a trial cheap. The modules, in the order a sweep uses them:
 - ``launch``: N worker processes on this machine
 - ``collect``: the result files kept in step with the study (what report and export read)
 
-Nothing here is imported by ``import lrsweep.sweep``: reading results needs no torch.
+What a trial and a study store is ``lrsweep.record``, the one reader and writer of Optuna's
+user attributes. Nothing here is imported by ``import lrsweep.sweep``: reading results needs
+no torch.
 """
 
 from __future__ import annotations

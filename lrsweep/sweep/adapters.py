@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from lrsweep.config import StudyConfig
+from lrsweep.record import TrialRecord
 from lrsweep.results import (
     ADAPTER_INFO,
     ADAPTERS_DIR,
@@ -84,12 +85,12 @@ class AdapterKeeper:
 
     def _info(self, run: TrialRun, loss: float) -> dict[str, Any]:
         assert self.trial is not None
-        attrs = self.trial.user_attrs
+        queued = TrialRecord.of(self.trial)
         return {
             "trial": self.trial.number,
             "eval_loss": loss,
-            "seed": int(attrs.get("seed", self.config.seed)),
-            "confirms": attrs.get("confirms"),
+            "seed": queued.seed_or(self.config.seed),
+            "confirms": queued.confirms,
             "schedule": run.schedule.family,
             "training_arguments": run.schedule.trainer_kwargs(),
             "loraplus_lr_ratio": run.loraplus_lr_ratio,

@@ -4,9 +4,10 @@ The objective is flat near its best while two seeds of one configuration differ 
 much, so the best single trial is partly luck. Once the study holds its budget of finished
 trials, the ``sweep.confirm_top`` best complete configurations are queued again with
 ``sweep.confirm_seeds`` new seeds each (adapter init and data order). A confirmation run is an
-ordinary queued trial with user attributes ``confirms`` (the number of the trial it repeats),
-``seed`` and ``origin``: it resumes like any other trial after a crash (a stale or interrupted
-one is queued again with them, see ``storage.fail_trial``), and it is never pruned.
+ordinary queued trial whose record (``lrsweep.record``) says which trial it repeats
+(``confirms``) and with which ``seed``: it resumes like any other trial after a crash (a stale
+or interrupted one is queued again with them, see ``storage.fail_trial``), and it is never
+pruned.
 """
 
 from __future__ import annotations
@@ -14,20 +15,17 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from lrsweep import record
 from lrsweep.config import StudyConfig
+from lrsweep.record import CONFIRMATION_ORIGIN, TrialRecord, is_confirmation
 
 
-ORIGIN = "confirmation"
 _OPEN = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def confirmation_seeds(config: StudyConfig) -> list[int]:
     """The new seeds: the study's seed + 1, + 2, ... (never the seed of the sweep's trials)."""
     return [config.seed + i for i in range(1, config.sweep.confirm_seeds + 1)]
-
-
-def is_confirmation(trial: FrozenTrial) -> bool:
-    return "confirms" in trial.user_attrs
 
 
 def top_configurations(study: optuna.Study, k: int) -> list[FrozenTrial]:
@@ -54,13 +52,14 @@ def enqueue_missing(study: optuna.Study, config: StudyConfig) -> int:
     have: dict[tuple[int, int], TrialState] = {}
     for t in study.get_trials(deepcopy=False, states=_OPEN):
         if is_confirmation(t):
-            have[(t.user_attrs["confirms"], t.user_attrs["seed"])] = t.state
+            r = TrialRecord.of(t)
+            have[(int(r.confirms), int(r.seed))] = t.state  # type: ignore[arg-type]
     waiting = 0
     for trial, seed in planned(study, config):
         state = have.get((trial.number, seed))
         if state is None:
-            attrs = {"confirms": trial.number, "seed": seed, "origin": ORIGIN}
-            study.enqueue_trial(trial.params, user_attrs=attrs)
+            queued = TrialRecord(CONFIRMATION_ORIGIN, confirms=trial.number, seed=seed)
+            record.queue(study, trial.params, queued)
             state = TrialState.WAITING
         waiting += state == TrialState.WAITING
     return waiting
@@ -72,9 +71,7 @@ def runs_left(study: optuna.Study | None, config: StudyConfig, trials_left: int)
     runs = config.sweep.confirm_top * config.sweep.confirm_seeds
     if study is None or trials_left > 0:
         return runs
-    done = {
-        (t.user_attrs["confirms"], t.user_attrs["seed"])
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        if is_confirmation(t)
-    }
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    records = [TrialRecord.of(t) for t in finished if is_confirmation(t)]
+    done = {(r.confirms, r.seed) for r in records}
     return sum((t.number, s) not in done for t, s in planned(study, config))

@@ -21,6 +21,7 @@ from lrsweep.sweep.plan import PreparedSweep
 
 def _command(prepared: PreparedSweep, threads: int, device: str | None, quiet: bool) -> list[str]:
     plan = prepared.plan
+    assert plan is not None
     cmd = [
         sys.executable,
         "-m",
@@ -49,6 +50,7 @@ def _command(prepared: PreparedSweep, threads: int, device: str | None, quiet: b
 def spawn_workers(prepared: PreparedSweep, n: int, devices: list[str], *, quiet: bool) -> int:
     """Run ``n`` workers, wait for them and merge their results; the highest exit code."""
     plan = prepared.plan
+    assert plan is not None, "a dry run starts no workers"
     env = dict(os.environ)
     if plan.storage.url:
         env["LRSWEEP_STORAGE"] = plan.storage.url

@@ -23,6 +23,7 @@ from lrsweep.context import Context, prepare
 from lrsweep.devices import check_memory
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, load_find, run_find, save_find
+from lrsweep.record import StudyRecord, TrialRecord
 from lrsweep.sweep.adapters import AdapterKeeper
 from lrsweep.sweep.confirm import runs_left
 from lrsweep.sweep.space import first_trial, peak_lr_bounds, total_steps
@@ -68,31 +69,46 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreparedSweep:
+    """A sweep ready to run (``plan``), or on a dry run without a study yet the plan it
+    would make (``plan`` None; its budget, trial length and bounds here)."""
+
     ctx: Context
-    plan: SweepPlan
+    plan: SweepPlan | None
+    trials: int
+    steps: int
+    bounds: tuple[float, float]
     seconds_per_step: float
     ran_find: bool = False  # the range test ran now, for the bounds: its plot is still to draw
+    needs_find: bool = False  # a dry run: the range test that a real run would start with
     memory: str | None = None  # on CUDA: the first steps' peak memory against the device's
     fits: Attempt | None = None  # the micro-batch and accumulation that fit on the device
 
     @property
     def left(self) -> int:
-        done = finished_count(self.plan.study) if self.plan.study else 0
-        return max(0, self.plan.trials - done)
+        done = finished_count(self.plan.study) if self.plan else 0
+        return max(0, self.trials - done)
 
     @property
     def confirmations_left(self) -> int:
-        return runs_left(self.plan.study, self.ctx.config, self.left)
+        return runs_left(self.plan.study if self.plan else None, self.ctx.config, self.left)
 
     def estimate(self) -> str:
-        plan, confirm = self.plan, self.confirmations_left
+        confirm, cfg = self.confirmations_left, self.ctx.config
         runs = self.left + confirm
-        secs = estimate_seconds(runs, plan.steps, self.seconds_per_step, self.ctx.config)
         extra = f" + {confirm} confirmation runs" if confirm else ""
-        bounds = f"peak_lr in [{plan.bounds[0]:.2e}, {plan.bounds[1]:.2e}]"
-        head = f"Estimate: {self.left} trials{extra} x {plan.steps} steps"
+        head = f"Estimate: {self.left} trials{extra} x {self.steps} steps"
+        if self.needs_find:
+            rt = cfg.rangetest
+            find_steps = rt.runs * rt.run_steps if rt.mode == "probe" else rt.steps
+            return (
+                f"{head}, after the range test that sets the bounds ({rt.mode}: "
+                f"{find_steps} optimizer steps, the time of {find_steps / self.steps:.1f} "
+                "trials; a dry run does not run it: lrsweep find --out OUT first to plan from it)"
+            )
+        bounds = f"peak_lr in [{self.bounds[0]:.2e}, {self.bounds[1]:.2e}]"
+        secs = estimate_seconds(runs, self.steps, self.seconds_per_step, cfg)
         if not math.isfinite(secs):  # fixed bounds and no trial yet: no step was timed
             return f"{head} (time per step not measured yet); {bounds}"
         return (
@@ -108,8 +124,8 @@ def _wait_for_journal(path: Path | None, wait: float) -> None:
         time.sleep(1.0)
 
 
-def _open(
-    config: StudyConfig | None, out: Path, url: str | None, name: str, wait: float
+def open_study(
+    config: StudyConfig | None, out: Path, url: str | None, name: str, wait: float = 0.0
 ) -> tuple[StudyStorage | None, optuna.Study | None, StudyConfig]:
     """The storage (None while a new study's journal is not written), the study (None
     when it is still to be created) and the config."""
@@ -135,12 +151,52 @@ def _open_with_overrides(
     """No study file, only ``--set``: the overrides apply to the stored config when the
     study exists (and must keep it joinable), else to the defaults for a new study."""
     try:
-        storage, study, stored = _open(None, out, url, name, 0.0)
+        storage, study, stored = open_study(None, out, url, name, 0.0)
     except StudyError:
-        return _open(config_mod.load(None, overrides), out, url, name, 0.0)
+        return open_study(config_mod.load(None, overrides), out, url, name, 0.0)
     raw = config_mod.apply_overrides(stored.to_dict(), overrides)
     assert study is not None
     return storage, study, check_joinable(study, config_mod.from_dict(raw))
+
+
+def stored_config(out: Path, url: str | None, name: str) -> StudyConfig | None:
+    """The config stored in the study ``name``, or None when there is no such study yet."""
+    journal = journal_path(out, url)
+    if journal is not None and not journal.exists():
+        return None
+    backend = open_storage(out, url, create=False)
+    try:
+        study = optuna.load_study(study_name=name, storage=backend.backend)
+    except KeyError:
+        return None
+    stored = StudyRecord.of(study).config
+    return config_mod.from_dict(stored) if stored is not None else None
+
+
+def settle(
+    backend: StudyStorage | None,
+    study: optuna.Study | None,
+    cfg: StudyConfig,
+    out: Path,
+    *,
+    url: str | None,
+    name: str,
+    bounds: tuple[float, float],
+    first: dict[str, Any] | None,
+    steps: int,
+    trials: int | None,
+    deadline: float | None = None,
+) -> tuple[SweepPlan, StudyConfig]:
+    """The plan of a study: created now when it is new (its config, bounds, budget and
+    first trials stored in it), with the budget of ``trials`` when given. The one planning
+    step ``lrsweep sweep``, ``lrsweep worker`` and ``hf.sweep`` share."""
+    if study is None:
+        backend = backend or open_storage(out, url, cfg.sweep.heartbeat_seconds)
+        study, cfg = create_study(backend, name, cfg, bounds, first, trials or cfg.sweep.trials)
+    assert backend is not None
+    stored = StudyRecord.of(study).peak_lr_bounds or bounds
+    goal = budget(study, trials, cfg)
+    return SweepPlan(out, study, backend, stored, steps, goal, deadline), cfg
 
 
 def prepare_sweep(
@@ -152,6 +208,7 @@ def prepare_sweep(
     study_name: str = DEFAULT_STUDY,
     trials: int | None = None,
     timeout: float | None = None,
+    deadline: float | None = None,
     device: str | None = None,
     sweep_section: dict[str, Any] | None = None,
     progress: bool = True,
@@ -160,14 +217,16 @@ def prepare_sweep(
 ) -> PreparedSweep:
     """Join the study or plan a new one, ready to run. With ``config`` None (a worker) the
     study's stored config is used, with ``overrides`` applied, waiting up to ``wait``
-    seconds for the study to appear.
+    seconds for the study to appear. No trial starts after ``deadline`` (epoch seconds),
+    or ``timeout`` seconds from now.
 
     ``sweep_section`` replaces the ``[sweep]`` settings of the study's stored config (how a
-    ``--workers`` parent passes its own run's settings to its workers)."""
+    ``--workers`` parent passes its own run's settings to its workers). A dry run creates
+    no study and runs no range test: it plans from a saved one, or says what one costs."""
     if config is None and overrides:
         backend, study, cfg = _open_with_overrides(overrides, out, storage, study_name)
     else:
-        backend, study, cfg = _open(config, out, storage, study_name, wait)
+        backend, study, cfg = open_study(config, out, storage, study_name, wait)
     if sweep_section is not None:
         cfg = cfg.replace(sweep=config_mod.from_dict({"sweep": sweep_section}).sweep)
     if device is not None:
@@ -177,30 +236,45 @@ def prepare_sweep(
     memory, fits = check_memory(ctx)
     found = load_find(out, cfg)
     ran_find = False
+    needs_find = study is None and found is None and not cfg.search.peak_lr
+    if needs_find and not dry_run:
+        logger.info("no range test in %s yet: running it for the bounds", out)
+        found, ran_find = run_find(ctx, progress=progress, start=fits), True
+        save_find(found, out)
     if study is not None:
-        bounds: tuple[float, float] = tuple(study.user_attrs["peak_lr_bounds"])  # type: ignore[assignment]
+        bounds = StudyRecord.of(study).peak_lr_bounds or (math.nan, math.nan)
+    elif needs_find and dry_run:
+        bounds = (math.nan, math.nan)  # the range test that would set them has not run
     else:
-        if found is None and not cfg.search.peak_lr:
-            logger.info("no range test in %s yet: running it for the bounds", out)
-            found, ran_find = run_find(ctx, progress=progress, start=fits), True
-            save_find(found, out)
         bounds = peak_lr_bounds(cfg, found and found.suggestion, _highest(found))
     steps = total_steps(
         cfg.sweep, len(ctx.blocks.train), cfg.train.batch_size * cfg.train.grad_accum
     )
-    if study is None and not dry_run:
+    if deadline is None and timeout:
+        deadline = time.time() + timeout
+    plan: SweepPlan | None = None
+    if study is not None or not dry_run:
         first = None
         if found is not None and found.recommended_lr is not None:
             first = first_trial(found.recommended_lr, cfg, bounds)
-        backend = backend or open_storage(out, storage, cfg.sweep.heartbeat_seconds)
-        study, cfg = create_study(
-            backend, study_name, cfg, bounds, first, trials or cfg.sweep.trials
+        plan, cfg = settle(
+            backend,
+            study,
+            cfg,
+            out,
+            url=storage,
+            name=study_name,
+            bounds=bounds,
+            first=first,
+            steps=steps,
+            trials=trials,
+            deadline=deadline,
         )
-    goal = budget(study, trials, cfg) if study is not None else trials or cfg.sweep.trials
-    deadline = time.time() + timeout if timeout else None
-    plan = SweepPlan(out, study, backend, bounds, steps, goal, deadline)  # type: ignore[arg-type]
+    goal = plan.trials if plan else trials or cfg.sweep.trials
     seconds_per_step = found.curve.seconds_per_step if found else _seconds_per_step(study)
-    return PreparedSweep(ctx, plan, seconds_per_step, ran_find, memory, fits)
+    return PreparedSweep(
+        ctx, plan, goal, steps, bounds, seconds_per_step, ran_find, needs_find, memory, fits
+    )
 
 
 def _highest(found: FindResult | None) -> float:
@@ -208,13 +282,10 @@ def _highest(found: FindResult | None) -> float:
 
 
 def _seconds_per_step(study: optuna.Study | None) -> float:
-    done = (
-        [t for t in study.get_trials(deepcopy=False, states=FINISHED) if t.user_attrs.get("curve")]
-        if study
-        else []
-    )
-    steps = sum(len(t.user_attrs["curve"]["lr"]) for t in done)
-    return sum(t.user_attrs["seconds"] for t in done) / steps if steps else math.nan
+    finished = study.get_trials(deepcopy=False, states=FINISHED) if study else []
+    done = [r for r in map(TrialRecord.of, finished) if r.curve is not None]
+    steps = sum(len(r.curve.lr) for r in done if r.curve is not None)
+    return sum(r.seconds or 0.0 for r in done) / steps if steps else math.nan
 
 
 def execute(prepared: PreparedSweep, progress: bool = True, part: bool = False) -> optuna.Study:
@@ -222,7 +293,9 @@ def execute(prepared: PreparedSweep, progress: bool = True, part: bool = False) 
     after every trial and at exit, also when interrupted. ``part``: this process is one of
     several workers and writes its own part files only."""
     ctx, plan = prepared.ctx, prepared.plan
-    plan.part = part
+    if plan is None:
+        raise StudyError("a dry run has no study to run")
+    plan = dataclasses.replace(plan, part=part)
     cfg, shape = ctx.config, prepared.fits
     watchers: list[TrialWatcher] = make_trackers(
         cfg.sweep.report_to, plan.out, plan.study.study_name, cfg.sweep.project
@@ -252,13 +325,23 @@ def run_sweep(
     storage: str | None = None,
     progress: bool = True,
 ) -> optuna.Study:
-    """Run (or resume) the sweep in ``out`` from Python; returns the Optuna study."""
-    cfg = (
-        study
-        if isinstance(study, StudyConfig) or study is None
-        else config_mod.load(study, overrides)
-    )
+    """Run (or resume) the sweep in ``out`` from Python; returns the Optuna study.
+    ``overrides`` apply to whatever ``study`` is: a path, a config, or None (the study's
+    stored config, or the defaults for a new one)."""
+    if isinstance(study, StudyConfig):
+        raw = config_mod.apply_overrides(study.to_dict(), overrides)
+        cfg: StudyConfig | None = config_mod.from_dict(raw)
+    elif study is None:
+        cfg = None
+    else:
+        cfg = config_mod.load(study, overrides)
     prepared = prepare_sweep(
-        cfg, Path(out), storage=storage, trials=trials, timeout=timeout, progress=progress
+        cfg,
+        Path(out),
+        overrides=tuple(overrides) if cfg is None else (),
+        storage=storage,
+        trials=trials,
+        timeout=timeout,
+        progress=progress,
     )
     return execute(prepared, progress=progress)

@@ -14,11 +14,6 @@ from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, FLOORED
 from lrsweep.suggest import Suggestion
 
 
-# The origin (a user attribute) of the first tries queued in a new study.
-FIRST_ORIGIN = "range test recommendation"
-BASELINE_ORIGIN = "common default"
-
-
 def peak_lr_bounds(
     config: StudyConfig, suggestion: Suggestion | None, highest_tested: float = math.inf
 ) -> tuple[float, float]:

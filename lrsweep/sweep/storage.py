@@ -32,8 +32,10 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.trial import FrozenTrial, TrialState
 
+from lrsweep import record
 from lrsweep.config import SweepConfig
 from lrsweep.errors import StudyError, first_line
+from lrsweep.record import TrialRecord
 from lrsweep.results import JOURNAL_FILE, LIVE_DIR, atomic_write
 
 
@@ -96,11 +98,13 @@ def open_storage(
     heartbeat: float = SweepConfig.heartbeat_seconds,
     *,
     create: bool = True,
+    read_only: bool = False,
 ) -> StudyStorage:
     """The study's storage: a journal file in ``out`` by default; a database URL
     (postgresql://, mysql://) with Optuna's heartbeat and connection checks; or a path to a
     journal file elsewhere. With ``create`` False a missing journal is an error, not a new
-    empty file (commands that only read create nothing)."""
+    empty file; ``read_only`` (commands that only read) also leaves a torn journal as it is
+    (Optuna's reader skips a torn last line; the next writer repairs it)."""
     if url is not None and "://" in url:
         return StudyStorage(_open_database(url, heartbeat), heartbeat, url)
     path = journal_path(out, url)
@@ -110,8 +114,11 @@ def open_storage(
             f"{path}: no study here yet; give a study file to start one, or --storage for "
             "a study that lives elsewhere"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    repair_journal(path)
+    if read_only:
+        check_journal(path)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        repair_journal(path)
     return StudyStorage(JournalStorage(JournalFileBackend(str(path))), heartbeat, url, path)
 
 
@@ -217,28 +224,36 @@ def retry(call: Callable[[], T], *, what: str, max_wait: float = 900.0) -> T:
 # ---------------------------------------------------------------- journal integrity
 
 
+def check_journal(path: Path) -> bytes:
+    """Refuse a journal damaged anywhere but in its last record; its torn last record (a
+    kill or a full disk during an append), or b"". Reads only: Optuna's reader skips a torn
+    last record, so that commands that only read can leave it to the next writer."""
+    if not path.exists():
+        return b""
+    lines = path.read_bytes().split(b"\n")
+    tail = lines.pop()  # after the last newline: b"" unless the last record is torn
+    for number, line in enumerate(lines, start=1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise StudyError(
+                f"{path}: line {number} is damaged (not a journal record); restore the "
+                "file from a backup or delete that line, then run again"
+            ) from None
+    return tail
+
+
 def repair_journal(path: Path) -> None:
-    """Drop a torn last record (a kill or a full disk during an append) and refuse a journal
-    damaged elsewhere, before Optuna reads it or anything is appended to it."""
+    """Drop a torn last record and refuse a journal damaged elsewhere, before Optuna reads it
+    or anything is appended to it."""
     if not path.exists() or path.stat().st_size == 0:
         return
     lock = JournalFileSymlinkLock(str(path))
     lock.acquire()
     try:
-        data = path.read_bytes()
-        lines = data.split(b"\n")
-        tail = lines.pop()  # after the last newline: b"" unless the last record is torn
-        for number, line in enumerate(lines, start=1):
-            try:
-                json.loads(line)
-            except ValueError:
-                raise StudyError(
-                    f"{path}: line {number} is damaged (not a journal record); restore the "
-                    "file from a backup or delete that line, then run again"
-                ) from None
-        if tail:
+        if tail := check_journal(path):
             with open(path, "r+b") as f:
-                f.truncate(len(data) - len(tail))
+                f.truncate(path.stat().st_size - len(tail))
             logger.warning(
                 "%s: dropped a torn last record (%d bytes, an interrupted write); the "
                 "records before it are kept",
@@ -324,24 +339,51 @@ def read_liveness(live: Path, trial_number: int) -> Liveness | None:
 # ---------------------------------------------------------------- stale trials
 
 
+def stale_trials(study: optuna.Study, storage: StudyStorage) -> list[tuple[FrozenTrial, str]]:
+    """The RUNNING trials whose worker looks dead, each with why; reads only (a report
+    says so, ``reap_stale_trials`` acts on it)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if storage.live is None:
+        stale = _stale_trial_ids(storage.backend, study)
+        return [
+            (t, "worker died (no heartbeat)")
+            for t in running
+            if storage.trial_id(study, t.number) in stale
+        ]
+    now, grace = time.time(), grace_seconds(storage.heartbeat)
+    found = []
+    for trial in running:
+        record = read_liveness(storage.live, trial.number)
+        if record is not None and record.alive(grace, now):
+            continue
+        if record is None and _started(trial) > now - grace:
+            continue  # just asked; its first beat is on the way
+        who = f"{record.host}:{record.pid}" if record else "unknown worker"
+        found.append((trial, f"worker {who} died (no heartbeat)"))
+    return found
+
+
 def reap_stale_trials(study: optuna.Study, storage: StudyStorage) -> list[int]:
     """Mark RUNNING trials whose worker died as FAIL and enqueue their parameters again.
 
     Returns the numbers of the trials it failed. Workers on one machine reap under a file
     lock, so that a dead trial is failed and retried once; on a database the row update
-    decides which worker wins.
+    decides which worker wins. Only the commands that write call it (sweep, worker, reap).
     """
     if storage.live is None:
-        stale = _stale_trial_ids(storage.backend, study)
         return [
             t.number
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if storage.trial_id(study, t.number) in stale
-            and fail_trial(study, storage, t, "worker died (no heartbeat)")
+            for t, why in stale_trials(study, storage)
+            if fail_trial(study, storage, t, why)
         ]
     storage.live.mkdir(parents=True, exist_ok=True)
     with _locked(storage.live / ".reap.lock"):
-        return _reap_journal(study, storage, storage.live)
+        reaped = []
+        for trial, why in stale_trials(study, storage):
+            if fail_trial(study, storage, trial, why):
+                reaped.append(trial.number)
+                (storage.live / f"{trial.number}.json").unlink(missing_ok=True)
+        return reaped
 
 
 def _stale_trial_ids(backend: BaseStorage, study: optuna.Study) -> set[int]:
@@ -359,28 +401,8 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _reap_journal(study: optuna.Study, storage: StudyStorage, live: Path) -> list[int]:
-    now = time.time()
-    grace = grace_seconds(storage.heartbeat)
-    reaped = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        record = read_liveness(live, trial.number)
-        if record is not None and record.alive(grace, now):
-            continue
-        if record is None and _started(trial) > now - grace:
-            continue  # just asked; its first beat is on the way
-        who = f"{record.host}:{record.pid}" if record else "unknown worker"
-        if fail_trial(study, storage, trial, f"worker {who} died (no heartbeat)"):
-            reaped.append(trial.number)
-            (live / f"{trial.number}.json").unlink(missing_ok=True)
-    return reaped
-
-
 def _started(trial: FrozenTrial) -> float:
     return trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-
-
-RETRY_KEEPS = ("origin", "confirms", "seed")
 
 
 def fail_trial(
@@ -391,13 +413,11 @@ def fail_trial(
     backend = storage.backend
     trial_id = storage.trial_id(study, trial.number)
     try:
-        backend.set_trial_user_attr(trial_id, "reason", reason)
+        record.store_reason(backend, trial_id, reason)
         if not backend.set_trial_state_values(trial_id, TrialState.FAIL):
             return False
     except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
         return False
     logger.warning("trial %d failed: %s; its parameters are queued again", trial.number, reason)
-    # A retry keeps what made the trial what it is: a confirmation run keeps its seed.
-    kept = {k: trial.user_attrs[k] for k in RETRY_KEEPS if k in trial.user_attrs}
-    study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number})
+    record.queue(study, trial.params, TrialRecord.of(trial).retry(trial.number))
     return True

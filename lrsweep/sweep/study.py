@@ -18,9 +18,17 @@ from optuna.trial import TrialState
 
 import lrsweep
 from lrsweep import config as config_mod
+from lrsweep import record
 from lrsweep.config import STUDY_KEYS, StudyConfig, SweepConfig
 from lrsweep.errors import StudyError
-from lrsweep.sweep.space import BASELINE_ORIGIN, FIRST_ORIGIN, first_trial
+from lrsweep.record import (
+    BASELINE_ORIGIN,
+    FIRST_ORIGIN,
+    StudyRecord,
+    TrialRecord,
+    is_confirmation,
+)
+from lrsweep.sweep.space import first_trial
 from lrsweep.sweep.storage import StudyStorage, retry
 
 
@@ -57,7 +65,7 @@ def make_pruner(sweep: SweepConfig, steps: int) -> optuna.pruners.BasePruner:
 def finished_count(study: optuna.Study) -> int:
     """Finished trials that count against the budget (confirmation runs come on top)."""
     trials = study.get_trials(deepcopy=False, states=FINISHED)
-    return sum(1 for t in trials if "confirms" not in t.user_attrs)
+    return sum(1 for t in trials if not is_confirmation(t))
 
 
 def _load(storage: StudyStorage, name: str) -> optuna.Study | None:
@@ -70,7 +78,7 @@ def _load(storage: StudyStorage, name: str) -> optuna.Study | None:
 def _complete(study: optuna.Study, storage: StudyStorage, wait: float) -> optuna.Study:
     """``study`` once its creator has written everything (the version is written last)."""
     deadline = time.time() + wait
-    while "lrsweep_version" not in study.user_attrs:
+    while not StudyRecord.of(study).complete:
         if time.time() >= deadline:
             raise StudyError(
                 f"study {study.study_name!r} is incomplete (its creation was interrupted); "
@@ -84,13 +92,15 @@ def _complete(study: optuna.Study, storage: StudyStorage, wait: float) -> optuna
 def check_joinable(study: optuna.Study, config: StudyConfig | None) -> StudyConfig:
     """The config to run ``study`` with: the stored one, with this run's own sweep,
     rangetest and device settings when ``config`` is given and agrees with it."""
-    version = study.user_attrs["lrsweep_version"]
+    stored_record = StudyRecord.of(study)
+    version = stored_record.lrsweep_version
     if version != lrsweep.__version__:
         raise StudyError(
             f"study {study.study_name!r} was made by lrsweep {version}, this is "
             f"{lrsweep.__version__}; use the same version on every worker"
         )
-    stored = config_mod.from_dict(study.user_attrs["config"])
+    assert stored_record.config is not None
+    stored = config_mod.from_dict(stored_record.config)
     if config is None:
         return stored
     diff = config_mod.differences(config, stored, STUDY_KEYS)
@@ -150,28 +160,26 @@ def create_study(
         study = optuna.load_study(study_name=name, storage=storage.backend)
         study = _complete(study, storage, _CREATION_SECONDS)
         return study, check_joinable(study, config)
-    study.set_user_attr("config", config.to_dict())
-    study.set_user_attr("peak_lr_bounds", list(bounds))
-    study.set_user_attr("trials", trials)
+    record.write_study(study, config=config.to_dict(), peak_lr_bounds=bounds, trials=trials)
     if first is not None:
-        study.enqueue_trial(first, user_attrs={"origin": FIRST_ORIGIN})
+        record.queue(study, first, TrialRecord(FIRST_ORIGIN))
     baseline = config.sweep.baseline_lr
     if baseline and bounds[0] <= baseline <= bounds[1]:
         params = first_trial(baseline, config, bounds)
         if params != first:
             origin = f"{BASELINE_ORIGIN} {baseline:g}"
-            study.enqueue_trial(params, user_attrs={"origin": origin})
+            record.queue(study, params, TrialRecord(origin))
     # Written last: a study is complete once it has a version (see _complete).
-    study.set_user_attr("lrsweep_version", lrsweep.__version__)
+    record.write_study(study, lrsweep_version=lrsweep.__version__)
     return study, config
 
 
 def budget(study: optuna.Study, trials: int | None, config: StudyConfig) -> int:
     """Finished trials the study aims for: ``trials`` when given (and then stored in the
     study), else the study's own budget."""
-    stored = study.user_attrs.get("trials")
+    stored = StudyRecord.of(study).trials
     if trials is None:
         return stored or config.sweep.trials
     if trials != stored:
-        retry(lambda: study.set_user_attr("trials", trials), what="store the budget")
+        retry(lambda: record.write_study(study, trials=trials), what="store the budget")
     return trials

@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -22,6 +22,7 @@ from lrsweep.data import batches
 from lrsweep.devices import measure_memory, reset_peak_memory
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.oom import Attempt, free_memory, run_with_retry
+from lrsweep.record import TrialRecord
 from lrsweep.schedules import Schedule
 from lrsweep.suggest import ema
 from lrsweep.sweep.storage import retry
@@ -52,32 +53,20 @@ class TrialRun:
     reason: str | None = None
     shape: Attempt | None = None  # the micro-batch and accumulation that ran (OOM retries)
 
-    def attrs(self, seed: int, worker: str) -> dict[str, Any]:
-        evals = [(r.step, r.eval_loss) for r in self.records if r.eval_loss is not None]
-        finite = [(s, v) for s, v in evals if math.isfinite(v)]
-        best_step, best = min(finite, key=lambda e: e[1]) if finite else (None, None)
-        return {
-            "warmup_steps": self.schedule.warmup_steps,
-            "min_lr": self.schedule.min_lr,
-            "min_lr_ratio": self.schedule.floor_ratio,
-            "schedule": self.schedule.family,
-            "loraplus_lr_ratio": self.loraplus_lr_ratio,
-            "total_steps": self.schedule.total_steps,
-            "best_eval_loss": best,
-            "best_step": best_step,
-            "tokens": self.records[-1].tokens if self.records else 0,
-            "seconds": self.seconds,
-            "peak_memory_mb": self.peak_memory_mb,
-            "reason": self.reason,
-            "seed": seed,
-            "worker": worker,
-            **(self.shape.attrs() if self.shape else {}),
-            "curve": {
-                "lr": [r.lr for r in self.records],
-                "loss": [r.loss for r in self.records],
-                "eval_loss": [r.eval_loss for r in self.records],
-            },
-        }
+    def record(self, queued: TrialRecord, seed: int, worker: str) -> TrialRecord:
+        """What the trial recorded, added to what it was queued with."""
+        return TrialRecord.ended(
+            queued,
+            self.schedule,
+            self.records,
+            loraplus_lr_ratio=self.loraplus_lr_ratio,
+            seconds=self.seconds,
+            peak_memory_mb=self.peak_memory_mb,
+            reason=self.reason,
+            seed=seed,
+            worker=worker,
+            **(self.shape.facts() if self.shape else {}),
+        )
 
 
 # A runner trains one trial with one schedule and returns what it recorded: lrsweep's own
@@ -94,12 +83,6 @@ class TrialWatcher(Protocol):
 
     def end(self, model: PeftModel, run: TrialRun, finished: bool) -> None:
         """Called before the adapter is detached; ``finished``: every step ran."""
-
-
-def trial_seed(trial: Trial, default: int) -> int:
-    """The seed of the trial's adapter init and data order: a confirmation run's own, else
-    the study's."""
-    return int(trial.user_attrs.get("seed", default))
 
 
 def report_eval(
@@ -242,6 +225,6 @@ def _watch(
 
 def _identity(trial: Trial, cfg: StudyConfig) -> tuple[int, bool, float]:
     """The trial's seed, whether it may be pruned (not a confirmation run), its LoRA+ ratio."""
-    attrs = retry(lambda: trial.user_attrs, what="start a trial")
+    record = retry(lambda: TrialRecord.of(trial), what="start a trial")
     ratio = trial.params.get("loraplus_lr_ratio", cfg.train.loraplus_lr_ratio)
-    return int(attrs.get("seed", cfg.seed)), "confirms" not in attrs, ratio
+    return record.seed_or(cfg.seed), not record.is_confirmation, ratio

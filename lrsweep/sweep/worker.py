@@ -11,6 +11,7 @@ when it ends.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -26,15 +27,17 @@ import torch
 from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
 
+from lrsweep import record
 from lrsweep.config import StudyConfig
 from lrsweep.errors import LrsweepError, StudyError, first_line
 from lrsweep.oom import free_memory
+from lrsweep.record import TrialRecord
 from lrsweep.sweep.collect import write_results
 from lrsweep.sweep.confirm import enqueue_missing
 from lrsweep.sweep.space import distributions, loraplus_ratio_of, schedule_of, worker_seed
 from lrsweep.sweep.storage import Heartbeat, StudyStorage, fail_trial, reap_stale_trials, retry
 from lrsweep.sweep.study import FINISHED, finished_count, make_pruner, make_sampler
-from lrsweep.sweep.trial import Runner, TrialRun, trial_seed
+from lrsweep.sweep.trial import Runner, TrialRun
 
 
 logger = logging.getLogger(__name__)
@@ -136,7 +139,7 @@ def _next_trial(
     if tally.failed_in_a_row >= MAX_FAILS_IN_A_ROW:
         raise StudyError(
             f"{tally.failed_in_a_row} trials in a row failed (last: "
-            f"{frozen.user_attrs.get('reason')}); fix the cause and run again"
+            f"{TrialRecord.of(frozen).reason}); fix the cause and run again"
         )
 
 
@@ -181,7 +184,8 @@ def _one_trial(
             trial = asked = retry(lambda: _ask(study, space), what="start a trial")
             schedule = schedule_of(trial.params, cfg, plan.steps)
             run = TrialRun(schedule, loraplus_ratio_of(trial.params, cfg))
-            seed = retry(lambda: trial_seed(asked, cfg.seed), what="start a trial")
+            queued = retry(lambda: TrialRecord.of(asked), what="start a trial")
+            seed = queued.seed_or(cfg.seed)
             heartbeat = Heartbeat(storage, storage.trial_id(study, trial.number), trial.number)
             heartbeat.__enter__()
         try:
@@ -273,21 +277,22 @@ def _run_and_tell(
 
 def _record(trial: Trial, run: TrialRun, seed: int, worker: str, reason: str | None) -> None:
     run.reason = reason
-    for key, value in run.attrs(seed, worker).items():
-        retry(lambda: trial.set_user_attr(key, value), what="record the trial")  # noqa: B023
+
+    def store() -> None:
+        record.write(trial, run.record(TrialRecord.of(trial), seed, worker))
+
+    retry(store, what="record the trial")
 
 
 def summary_line(trial: FrozenTrial) -> str:
-    p = trial.params
+    p, r = trial.params, TrialRecord.of(trial)
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
-    reason = trial.user_attrs.get("reason")
-    confirms = trial.user_attrs.get("confirms")
-    extra = f" (#{confirms}, seed {trial.user_attrs.get('seed')})" if confirms is not None else ""
+    extra = f" (#{r.confirms}, seed {r.seed})" if r.is_confirmation else ""
     family = f" {p['schedule']}" if "schedule" in p else ""
+    min_lr = r.min_lr if r.min_lr is not None else math.nan
     return (
         f"trial {trial.number:>3}{extra} {trial.state.name:<8} eval {value:<7}{family} "
-        f"peak_lr {p.get('peak_lr', float('nan')):.2e} "
-        f"warmup {trial.user_attrs.get('warmup_steps', '-')} steps "
-        f"min_lr {trial.user_attrs.get('min_lr', float('nan')):.1e} "
-        f"{trial.user_attrs.get('seconds', 0):.0f}s" + (f"  ({reason})" if reason else "")
+        f"peak_lr {p.get('peak_lr', math.nan):.2e} "
+        f"warmup {r.warmup_steps if r.warmup_steps is not None else '-'} steps "
+        f"min_lr {min_lr:.1e} {r.seconds or 0:.0f}s" + (f"  ({r.reason})" if r.reason else "")
     )
