@@ -362,9 +362,9 @@ def section_llama8b(bench: Bench) -> dict[str, Any]:
 
     from lrsweep.config import LoraSettings, ModelConfig, TrainConfig
     from lrsweep.data import batches
-    from lrsweep.devices import measure_memory, memory_line, reset_peak_memory
+    from lrsweep.memory import free_memory, measure_memory, memory_line, reset_peak_memory
     from lrsweep.models import attach_lora, detach_lora, load_base_model
-    from lrsweep.oom import Attempt, free_memory, run_with_retry
+    from lrsweep.oom import Attempt, run_with_retry
     from lrsweep.training import Loop, Precision, make_optimizer, train
 
     smoke = bench.smoke
@@ -504,7 +504,7 @@ def section_overhead(bench: Bench) -> dict[str, Any]:
     from bench.overhead import compare
     from lrsweep import config as config_mod
     from lrsweep.context import prepare
-    from lrsweep.oom import free_memory
+    from lrsweep.memory import free_memory
 
     path, what = _bundled_path(bench)
     sets = _bundled_overrides(bench, path) + ["lora.dropout=0.0"]

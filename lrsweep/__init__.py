@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lrsweep.version import __version__ as __version__
 
-__version__ = "0.1.0"
 
 __all__ = ["FindResult", "StudyConfig", "Suggestion", "find_lr", "load_config", "run_sweep"]
 

@@ -7,16 +7,17 @@ A user error prints one line and exits with code 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from lrsweep.config import DEFAULT_STUDY
+from lrsweep.durations import parse_duration
 from lrsweep.errors import LrsweepError
 from lrsweep.interop import FORMATS as EXPORT_FORMATS
 
@@ -112,8 +113,8 @@ def find(
     """
     from lrsweep import config as config_mod
     from lrsweep.context import prepare
-    from lrsweep.devices import check_memory
     from lrsweep.find import run_find, save_and_draw
+    from lrsweep.memory import check_memory
     from lrsweep.report import format_suggestion, format_trainer_snippet
 
     overrides = _with_run(from_config, overrides)
@@ -140,22 +141,6 @@ def find(
     click.echo(f"\nWrote {out}/rangetest.parquet, rangetest.png, suggestion.json")
     if result.recommended_lr is not None:
         click.echo("\nIn your own Trainer:\n" + format_trainer_snippet(result.recommended_lr, cfg))
-
-
-def _duration(text: str | None, option: str = "--timeout") -> float | None:
-    """'8h', '90m', '45s' or plain seconds -> seconds (positive and finite)."""
-    if text is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        seconds = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
-    except (ValueError, IndexError):
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise LrsweepError(
-            f"{option} {text}: expected a positive duration like 8h, 90m or 3600"
-        ) from None
-    return seconds
 
 
 STORAGE = click.option(
@@ -241,7 +226,7 @@ def sweep(
     from lrsweep.sweep.plan import execute, prepare_sweep
 
     _optuna_logging()
-    seconds = _duration(timeout)
+    seconds = parse_duration(timeout)
     device_list = parse_devices(devices, workers) if devices else []
     workers = len(device_list) or workers or 1
     # Without a study file, --set applies to the config stored in the study.
@@ -266,13 +251,13 @@ def sweep(
     click.echo(prepared.estimate())
     if dry_run:
         return
-    _stop_on_sigterm()
-    if workers > 1:
-        code = spawn_workers(prepared, workers, device_list, quiet=quiet)
-        if code:
-            sys.exit(code)
-    else:
-        execute(prepared, progress=not quiet)
+    with _sigterm_stops():
+        if workers > 1:
+            code = spawn_workers(prepared, workers, device_list, quiet=quiet)
+            if code:
+                sys.exit(code)
+        else:
+            execute(prepared, progress=not quiet)
     _print_results(out, storage, study_name)
 
 
@@ -331,7 +316,7 @@ def worker(
     from lrsweep.sweep.plan import execute, prepare_sweep
 
     _optuna_logging()
-    seconds, wait_seconds = _duration(timeout), _duration(wait, "--wait")
+    seconds, wait_seconds = parse_duration(timeout), parse_duration(wait, "--wait")
     if device is not None:
         from lrsweep.devices import parse_devices
 
@@ -359,18 +344,24 @@ def worker(
             "their confirmation runs."
         )
         return
-    _stop_on_sigterm()
-    execute(prepared, progress=not quiet, part=True)
+    with _sigterm_stops():
+        execute(prepared, progress=not quiet, part=True)
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the sweep like Ctrl-C (the running trial is recorded), with exit 143."""
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM ends the sweep like Ctrl-C (the running trial is recorded), with exit 143;
+    the handler that was there comes back afterwards (for a Python caller of ``main``)."""
     import signal
 
     def handler(signum: int, frame: object) -> None:
         raise Terminated()
 
-    signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Terminated(KeyboardInterrupt):

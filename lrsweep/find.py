@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-import lrsweep
 from lrsweep import config as config_mod
 from lrsweep.config import RANGETEST_KEYS, RangeTestConfig, StudyConfig
 from lrsweep.context import Context, prepare
@@ -23,6 +22,7 @@ from lrsweep.rangetest import RangeTestCurve, run_probes, run_range_test
 from lrsweep.results import read_find, write_find
 from lrsweep.suggest import Suggestion, suggest, suggest_probe
 from lrsweep.training import Batch, Loop
+from lrsweep.version import __version__
 
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class FindResult:
 
     def metadata(self) -> dict[str, Any]:
         return {
-            "version": lrsweep.__version__,
+            "version": __version__,
             "config": self.config.to_dict(),
             "suggestion": self.suggestion.to_dict(),
             "stop_reason": self.curve.stop_reason,
@@ -98,7 +98,7 @@ def measure(
 def run_find(ctx: Context, progress: bool = True, start: Attempt | None = None) -> FindResult:
     """The range test on a fresh adapter over ``ctx``'s base model; the base is left clean.
     Out of memory, it starts again with half the micro-batch (``lrsweep.oom``), from
-    ``start`` when the shape that fits is known (``lrsweep.devices.check_memory``)."""
+    ``start`` when the shape that fits is known (``lrsweep.memory.check_memory``)."""
     from lrsweep.oom import run_with_retry
 
     def attempt_run(attempt: Attempt) -> tuple[RangeTestCurve, Suggestion]:

@@ -47,7 +47,7 @@ from lrsweep.config import (
 )
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, measure, save_and_draw
-from lrsweep.oom import free_memory
+from lrsweep.memory import free_memory
 from lrsweep.record import StudyRecord, TrialRecord
 from lrsweep.schedules import Schedule
 from lrsweep.sweep.trial import Runner, TrialRun, report_eval

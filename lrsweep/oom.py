@@ -31,7 +31,6 @@ Micro-batch sizes are divisors of the original batch size (8 -> 4 -> 2 -> 1; 6 -
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ import torch
 
 from lrsweep.config import TrainConfig
 from lrsweep.errors import first_line
+from lrsweep.memory import free_memory
 from lrsweep.training import Batch
 
 
@@ -162,14 +162,6 @@ class Attempt:
         return f"micro-batch {self.train.batch_size} x {self.train.grad_accum} accumulation"
 
 
-def free_memory(device: torch.device | str) -> None:
-    """Collect what the failed attempt left (reference cycles of its frames included) and hand
-    the CUDA allocator's cached blocks back."""
-    gc.collect()
-    if torch.device(device).type == "cuda" and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     cuda = None
     if device.type == "cuda" and torch.cuda.is_initialized():
@@ -203,7 +195,7 @@ def run_with_retry(
     at once.
 
     ``start``: begin with an attempt that an earlier run of the same shape ended with (the
-    previous trial's, or :func:`lrsweep.devices.measure_first_steps`'s), rather than fail
+    previous trial's, or :func:`lrsweep.memory.measure_first_steps`'s), rather than fail
     again at sizes already known not to fit.
     """
     device = torch.device(device)

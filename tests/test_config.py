@@ -14,7 +14,7 @@ def test_study_files_load_and_overrides_apply() -> None:
     cfg = config_mod.load(
         ROOT / "studies" / "default.toml",
         [
-            "rangetest.steps=60",
+            "rangetest.runs=7",
             "data.path=my.jsonl",
             "lora.rslora=true",
             'lora.target_modules=["q_proj", "k_proj"]',
@@ -22,7 +22,7 @@ def test_study_files_load_and_overrides_apply() -> None:
         ],
     )
     assert cfg.model.path == "bundled"
-    assert cfg.rangetest.steps == 60
+    assert cfg.rangetest.runs == 7
     assert cfg.data.path == "my.jsonl"  # a bare string needs no quotes
     assert cfg.lora.rslora is True
     assert cfg.lora.target_modules == ["q_proj", "k_proj"]
@@ -47,7 +47,8 @@ def test_int_accepted_for_float_but_not_the_reverse() -> None:
         ("rangetest.start_lr=0.5", "rangetest.start_lr: must be below end_lr"),
         ("rangetest.start_lr=-1e-5", "rangetest.start_lr: must be positive"),
         ("rangetest.end_lr=-1", "rangetest.end_lr: must be positive"),
-        ("rangetest.steps=9", "rangetest.steps: must be at least 10"),
+        ("rangetest.run_steps=0", "rangetest.run_steps: must be at least 1"),
+        ("rangetest.steps=60", "rangetest.steps: has no effect in probe mode"),
         ("train.seq_len=7", "train.seq_len: must be at least 8"),
         ("train.batch_size=0", "train.batch_size: must be at least 1"),
         ("train.dtype=float64", "train.dtype: must be"),

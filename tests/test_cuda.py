@@ -10,9 +10,10 @@ import torch
 
 from lrsweep.config import LoraSettings, ModelConfig, TrainConfig
 from lrsweep.data import batches
-from lrsweep.devices import measure_memory, memory_line, parse_devices, reset_peak_memory
+from lrsweep.devices import parse_devices
+from lrsweep.memory import free_memory, measure_memory, memory_line, reset_peak_memory
 from lrsweep.models import BaseModel, attach_lora, detach_lora, load_base_model
-from lrsweep.oom import Attempt, free_memory, run_with_retry
+from lrsweep.oom import Attempt, run_with_retry
 from lrsweep.training import Loop, Precision, TrainResult, make_optimizer, train
 
 
@@ -99,7 +100,7 @@ def test_parse_devices_sees_the_gpus() -> None:
 
 
 def test_measure_first_steps_on_cuda() -> None:
-    from lrsweep.devices import measure_first_steps
+    from lrsweep.memory import measure_first_steps
 
     train_cfg = TrainConfig(device="cuda", seq_len=128, batch_size=4)
     base = load_base_model(ModelConfig(path="tiny"), train_cfg)

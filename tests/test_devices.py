@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrsweep.devices import GIB, MemoryUse, measure_memory, memory_line, parse_devices
+from lrsweep.devices import parse_devices
 from lrsweep.errors import ConfigError, LrsweepError
+from lrsweep.memory import GIB, MemoryUse, measure_memory, memory_line
 
 
 def test_lists_and_repeats() -> None:
@@ -91,7 +92,7 @@ def test_measure_memory_here() -> None:
 def test_measure_first_steps_on_cpu_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     from lrsweep import training
     from lrsweep.config import LoraSettings, ModelConfig, TrainConfig
-    from lrsweep.devices import measure_first_steps
+    from lrsweep.memory import measure_first_steps
     from lrsweep.models import load_base_model
 
     def no_training(*args: object, **kwargs: object) -> None:

@@ -517,3 +517,14 @@ def test_a_quiet_sweep_prints_no_optuna_info_and_says_its_table_is_the_top(
     assert done.returncode == 0, done.stderr
     assert "A new study created" not in done.stderr and "[I " not in done.stderr
     assert "; the best 5 of 6:" in done.stdout
+
+
+def test_the_cli_gives_sigterm_back_to_a_python_caller(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = run_cli(
+        capsys, monkeypatch, "sweep", TINY, "--out", str(tmp_path), "--trials", "1", "-q", *FAST
+    )
+    assert code == 0, err
+    assert signal.getsignal(signal.SIGTERM) is before

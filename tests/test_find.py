@@ -47,8 +47,8 @@ def test_find_lr_writes_the_three_files(tmp_path: Path) -> None:
 
 
 def test_find_lr_is_reproducible() -> None:
-    a = lrsweep.find_lr(tiny_config("rangetest.steps=15"), progress=False)
-    b = lrsweep.find_lr(tiny_config(), overrides=["rangetest.steps=15"], progress=False)
+    a = lrsweep.find_lr(tiny_config("rangetest.runs=4"), progress=False)
+    b = lrsweep.find_lr(tiny_config(), overrides=["rangetest.runs=4"], progress=False)
     assert a.curve.losses == b.curve.losses
 
 
@@ -61,7 +61,7 @@ def test_cli_find_prints_the_suggestion_and_a_snippet(
         "find",
         str(ROOT / "studies" / "tiny.toml"),
         "--set",
-        "rangetest.steps=20",
+        "rangetest.runs=4",
         "--out",
         str(tmp_path / "f"),
         "-q",

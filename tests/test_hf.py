@@ -14,10 +14,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from lrsweep import hf
 from lrsweep.context import Context, prepare
 from lrsweep.data import batches
-from lrsweep.errors import StudyError
+from lrsweep.errors import ConfigError, StudyError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.schedules import CosineSchedule
-from lrsweep.errors import ConfigError
 from lrsweep.sweep.collect import load_results
 from lrsweep.training import Loop, make_optimizer, train
 from tests.conftest import tiny_config

@@ -137,10 +137,9 @@ def test_report_export_and_dashboard_read_a_read_only_folder_and_change_nothing(
     every file and folder stays as it was, also where the files lag behind the journal and
     a trial looks stale (report and export used to reap it and rewrite the files)."""
     import shutil
+    import time
 
     from lrsweep.sweep.storage import open_storage
-
-    import time
 
     _sweep(capsys, monkeypatch, tmp_path / "s", "--set", "sweep.heartbeat_seconds=0.2")
     # One more trial left RUNNING by a dead worker: the files lag, and once its grace

@@ -162,8 +162,9 @@ def test_find_lr_leaves_the_sfttrainer_as_it_was(
         assert trainer.optimizer is None
         weights = trainable_state(model)
         rng = _rng()
+        length = {"steps": 10} if mode == "ramp" else {"runs": 3}
         result = hf.find_lr(
-            trainer, mode=mode, start_lr=1e-4, end_lr=1.0, steps=10, runs=3, progress=False
+            trainer, mode=mode, start_lr=1e-4, end_lr=1.0, progress=False, **length
         )
         assert len(result.curve.lrs) == (10 if mode == "ramp" else 3)
         assert result.config.train.grad_accum == 2
@@ -186,7 +187,7 @@ def test_find_lr_leaves_the_sfttrainer_as_it_was(
             k: {n: t.clone() for n, t in v.items()}
             for k, v in trainer.optimizer.state_dict()["state"].items()
         }
-        hf.find_lr(trainer, mode=mode, start_lr=1e-4, end_lr=1.0, steps=10, runs=3, progress=False)
+        hf.find_lr(trainer, mode=mode, start_lr=1e-4, end_lr=1.0, progress=False, **length)
         for name, value in trainable_state(model).items():
             assert torch.equal(value, weights[name]), name
         for key, value in trainer.optimizer.state_dict()["state"].items():

@@ -17,7 +17,6 @@ from typing import Any
 import optuna
 import pandas as pd
 
-import lrsweep
 from lrsweep.config import DEFAULT_STUDY
 from lrsweep.errors import StudyError
 from lrsweep.record import StudyRecord, TrialRecord
@@ -37,6 +36,7 @@ from lrsweep.sweep.storage import (
     reap_stale_trials,
     stale_trials,
 )
+from lrsweep.version import __version__
 
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 def _metadata(study: optuna.Study, storage: StudyStorage) -> dict[str, Any]:
     stored = StudyRecord.of(study)
     return {
-        "version": lrsweep.__version__,
+        "version": __version__,
         "study": study.study_name,
         "storage": storage.display,
         "config": stored.config,

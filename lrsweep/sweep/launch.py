@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 
-from lrsweep.oom import free_memory
+from lrsweep.memory import free_memory
 from lrsweep.sweep.collect import write_results
 from lrsweep.sweep.plan import PreparedSweep
 

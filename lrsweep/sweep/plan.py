@@ -20,9 +20,10 @@ import optuna
 from lrsweep import config as config_mod
 from lrsweep.config import DEFAULT_STUDY, StudyConfig, SweepConfig
 from lrsweep.context import Context, prepare
-from lrsweep.devices import check_memory
+from lrsweep.durations import format_duration
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, load_find, run_find, save_find
+from lrsweep.memory import check_memory
 from lrsweep.record import StudyRecord, TrialRecord
 from lrsweep.sweep.adapters import AdapterKeeper
 from lrsweep.sweep.confirm import runs_left
@@ -59,14 +60,6 @@ def estimate_seconds(
     eval_batches = config.data.eval_blocks / config.train.eval_batch_size
     per_eval = seconds_per_step * eval_batches / (3 * config.train.grad_accum)
     return trials * (steps * seconds_per_step + evals * per_eval)
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "unknown"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 @dataclass(frozen=True)
@@ -112,7 +105,7 @@ class PreparedSweep:
         if not math.isfinite(secs):  # fixed bounds and no trial yet: no step was timed
             return f"{head} (time per step not measured yet); {bounds}"
         return (
-            f"{head} x {self.seconds_per_step:.2f} s/step (+ evals) = {_duration(secs)} "
+            f"{head} x {self.seconds_per_step:.2f} s/step (+ evals) = {format_duration(secs)} "
             f"at most; {bounds}"
         )
 

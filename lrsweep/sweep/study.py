@@ -16,7 +16,6 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-import lrsweep
 from lrsweep import config as config_mod
 from lrsweep import record
 from lrsweep.config import STUDY_KEYS, StudyConfig, SweepConfig
@@ -30,6 +29,7 @@ from lrsweep.record import (
 )
 from lrsweep.sweep.space import first_trial
 from lrsweep.sweep.storage import StudyStorage, retry
+from lrsweep.version import __version__
 
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,10 @@ def check_joinable(study: optuna.Study, config: StudyConfig | None) -> StudyConf
     rangetest and device settings when ``config`` is given and agrees with it."""
     stored_record = StudyRecord.of(study)
     version = stored_record.lrsweep_version
-    if version != lrsweep.__version__:
+    if version != __version__:
         raise StudyError(
             f"study {study.study_name!r} was made by lrsweep {version}, this is "
-            f"{lrsweep.__version__}; use the same version on every worker"
+            f"{__version__}; use the same version on every worker"
         )
     assert stored_record.config is not None
     stored = config_mod.from_dict(stored_record.config)
@@ -170,7 +170,7 @@ def create_study(
             origin = f"{BASELINE_ORIGIN} {baseline:g}"
             record.queue(study, params, TrialRecord(origin))
     # Written last: a study is complete once it has a version (see _complete).
-    record.write_study(study, lrsweep_version=lrsweep.__version__)
+    record.write_study(study, lrsweep_version=__version__)
     return study, config
 
 

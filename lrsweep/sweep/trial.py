@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from lrsweep.data import batches
-from lrsweep.devices import measure_memory, reset_peak_memory
+from lrsweep.memory import free_memory, peak_memory_mb, reset_peak_memory
 from lrsweep.models import attach_lora, detach_lora
-from lrsweep.oom import Attempt, free_memory, run_with_retry
+from lrsweep.oom import Attempt, run_with_retry
 from lrsweep.record import TrialRecord
 from lrsweep.schedules import Schedule
 from lrsweep.suggest import ema
@@ -108,12 +108,6 @@ def diverged(losses: list[float], factor: float) -> str | None:
             f"{factor}x the first)"
         )
     return None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated since ``reset_peak_memory``, or the process RSS on CPU."""
-    use = measure_memory(device)
-    return (use.peak_allocated if use.peak_allocated is not None else use.rss) / 2**20
 
 
 def run_trial(

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lrsweep import record
 from lrsweep.config import StudyConfig
 from lrsweep.errors import LrsweepError, StudyError, first_line
-from lrsweep.oom import free_memory
+from lrsweep.memory import free_memory
 from lrsweep.record import TrialRecord
 from lrsweep.sweep.collect import write_results
 from lrsweep.sweep.confirm import enqueue_missing
