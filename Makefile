@@ -31,6 +31,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 fmt: setup
 	$(BIN)/ruff check --fix .

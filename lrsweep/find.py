@@ -26,6 +26,7 @@ from lrsweep.version import __version__
 
 
 if TYPE_CHECKING:
+    from lrsweep.data import Examples
     from lrsweep.oom import Attempt
 
 
@@ -81,7 +82,7 @@ def measure(
     config: RangeTestConfig,
     loop: Loop,
     *,
-    probe: torch.Tensor | Sequence[Batch] | None,
+    probe: torch.Tensor | Examples | Sequence[Batch] | None,
     progress: bool = True,
 ) -> tuple[RangeTestCurve, Suggestion]:
     """The range test of ``config.mode`` on ``model`` and its suggestion; the model and

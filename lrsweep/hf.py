@@ -151,6 +151,7 @@ def find_lr(
     cfg = _rangetest_config(trainer, mode, settings)
     cfg = dataclasses.replace(cfg, probe_blocks=probe_batches)
     args, model = trainer.args, trainer.model
+    assert model is not None, "find_lr needs the Trainer's model"
     # A data loader's iterator draws its seed from the global generators: keep the RNG state
     # the Trainer would have started from.
     rng = _rng_state()
@@ -212,7 +213,9 @@ class _Watch(TrainerCallback):
         self.lr = math.nan
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        self.lr = self.trainer.lr_scheduler.get_last_lr()[0]
+        scheduler = self.trainer.lr_scheduler
+        assert scheduler is not None  # the Trainer makes it before the first step
+        self.lr = float(scheduler.get_last_lr()[0])
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
         if logs and "loss" in logs:
@@ -269,7 +272,7 @@ def _trainer_runner(
         try:
             trainer.train()
         finally:
-            trainer.model = None  # type: ignore[assignment]
+            trainer.model = None
             del trainer
             free_memory(device)
             if not keep_checkpoints:
@@ -315,7 +318,7 @@ def _sweep_config(
     unknown = set(settings) - _SEARCH_KEYS - _SWEEP_KEYS
     if unknown:
         raise TypeError(f"hf.sweep() got unexpected settings {sorted(unknown)}")
-    search = {
+    search: dict[str, Any] = {
         k: list(v) if isinstance(v, tuple) else v for k, v in settings.items() if k in _SEARCH_KEYS
     }
     sweep = {k: v for k, v in settings.items() if k in _SWEEP_KEYS}

@@ -16,6 +16,7 @@ import torch
 if TYPE_CHECKING:
     from lrsweep.config import LoraSettings, TrainConfig
     from lrsweep.context import Context
+    from lrsweep.data import Examples
     from lrsweep.models import BaseModel
     from lrsweep.oom import Attempt
 
@@ -70,6 +71,7 @@ def memory_line(use: MemoryUse) -> str:
     """One line for ``find`` and ``sweep`` to print before the long part starts."""
     if use.total is None or use.peak_reserved is None:
         return f"peak memory: n/a on {use.device} (process RSS {use.rss / GIB:.1f} GiB)"
+    assert use.peak_allocated is not None and use.free is not None  # set with total
     usable = use.total * use.fraction
     share = use.peak_reserved / usable
     cap = f", capped at {use.fraction:.0%}" if use.fraction < 1 else ""
@@ -77,7 +79,7 @@ def memory_line(use: MemoryUse) -> str:
         f"peak memory {use.peak_reserved / GIB:.1f} GiB "
         f"({use.peak_allocated / GIB:.1f} GiB in tensors) of {usable / GIB:.1f} GiB on "
         f"{use.device}{f' ({use.name}{cap})' if use.name else cap}: {share:.0%}"
-        f"; {use.free / GIB:.1f} GiB free on the device now"  # type: ignore[operator]
+        f"; {use.free / GIB:.1f} GiB free on the device now"
     )
     if share > 0.9:
         line += "; close to the limit: an out-of-memory error halves the micro-batch"
@@ -88,7 +90,7 @@ def measure_first_steps(
     base: BaseModel,
     lora: LoraSettings,
     train_cfg: TrainConfig,
-    blocks: torch.Tensor,
+    blocks: torch.Tensor | Examples,
     *,
     seed: int = 0,
     steps: int = 2,

@@ -13,7 +13,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,6 +24,10 @@ from lrsweep.models import load_trainable_state, trainable_state
 from lrsweep.schedules import ramp
 from lrsweep.suggest import divergence_index, ema, probe_diverged
 from lrsweep.training import Batch, Loop, Precision, StepRecord, TrainResult, evaluate, train
+
+
+if TYPE_CHECKING:
+    from lrsweep.data import Examples
 
 
 @dataclass
@@ -85,7 +89,7 @@ def _snapshot(
         torch_rng=torch.get_rng_state(),
         cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         python_rng=random.getstate(),
-        numpy_rng=np.random.get_state(),  # type: ignore[arg-type]
+        numpy_rng=np.random.get_state(),
     )
 
 
@@ -105,7 +109,7 @@ def _restore(
     if saved.cuda_rng:
         torch.cuda.set_rng_state_all(saved.cuda_rng)
     random.setstate(saved.python_rng)  # type: ignore[arg-type]
-    np.random.set_state(saved.numpy_rng)  # type: ignore[arg-type]
+    np.random.set_state(saved.numpy_rng)
 
 
 def run_range_test(
@@ -115,7 +119,7 @@ def run_range_test(
     config: RangeTestConfig,
     loop: Loop,
     *,
-    probe: torch.Tensor | Sequence[Batch] | None = None,
+    probe: torch.Tensor | Examples | Sequence[Batch] | None = None,
     progress: bool = True,
 ) -> RangeTestCurve:
     """Ramp the LR from ``start_lr`` to ``end_lr`` and record the loss of every step.
@@ -219,7 +223,7 @@ def run_probes(
     config: RangeTestConfig,
     loop: Loop,
     *,
-    probe: torch.Tensor | Sequence[Batch],
+    probe: torch.Tensor | Examples | Sequence[Batch],
     eval_every: int = 0,
     progress: bool = True,
 ) -> RangeTestCurve:

@@ -3,7 +3,7 @@ the user attributes of a trial or a study; everything else sees a :class:`TrialR
 :class:`StudyRecord`.
 
 The attribute names are those lrsweep 0.1.0 wrote, so that studies made by it still load
-(``tests/data/sweep-0.1.0`` is one). Optuna calls are not retried here: callers that talk to
+(``tests/fixtures/sweep-0.1.0`` is one). Optuna calls are not retried here: callers that talk to
 a database wrap them in ``storage.retry`` (a whole write is idempotent).
 """
 

@@ -100,7 +100,7 @@ def writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` then rename ``tmp`` over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -322,7 +322,8 @@ def merged_parts(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]
     """The workers' part files and ``out``'s own files merged: every trial any of them
     holds, each in its newest state (None when there is nothing to merge). Reads only."""
     sources = [out] + sorted(p.parent for p in (out / PARTS_DIR).glob(f"*/{TRIALS_FILE}"))
-    frames, curves, meta, damaged = [], [], {}, []
+    frames, curves, damaged = [], [], []
+    meta: dict[str, Any] = {}
     for folder in sources:
         if folder == out and not (out / TRIALS_FILE).exists():
             continue

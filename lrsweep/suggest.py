@@ -87,7 +87,7 @@ class Suggestion:
         )
 
 
-def ema(losses: Sequence[float], beta: float) -> np.ndarray:
+def ema(losses: Sequence[float] | np.ndarray, beta: float) -> np.ndarray:
     """Bias-corrected causal EMA as in fastai and Lightning; beta=0 returns the raw losses.
 
     Non-finite losses are skipped (NaN at their index) and the bias correction counts only the

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,7 +147,7 @@ class WandbTracker:
 def make_trackers(names: list[str], out: Path, study: str, project: str = "") -> list[Any]:
     """One watcher per name of ``sweep.report_to``."""
     check_trackers(names)
-    made = {"tensorboard": lambda: TensorBoardTracker(out)}
+    made: dict[str, Callable[[], Any]] = {"tensorboard": lambda: TensorBoardTracker(out)}
     made |= {
         "mlflow": lambda: MlflowTracker(study, project),
         "wandb": lambda: WandbTracker(study, project),

@@ -14,11 +14,16 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from lrsweep.config import TrainConfig
+
+
+if TYPE_CHECKING:
+    from lrsweep.data import Examples
 
 
 logger = logging.getLogger(__name__)
@@ -66,7 +71,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
     """AdamW over the trainable parameters with TrainingArguments' defaults; with
     ``train.loraplus_lr_ratio`` != 1, peft's LoRA+ optimizer (the B matrices in groups of
     their own, at that many times the LR of the A matrices)."""
-    adam = {
+    adam: dict[str, Any] = {
         "betas": (train.adam_beta1, train.adam_beta2),
         "eps": train.adam_epsilon,
         "weight_decay": train.weight_decay,
@@ -145,7 +150,7 @@ def _loss(
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    blocks: torch.Tensor | Sequence[Batch],
+    blocks: torch.Tensor | Examples | Sequence[Batch],
     batch_size: int,
     precision: Precision,
 ) -> float:
@@ -220,7 +225,7 @@ def train(
     lrs: Sequence[float],
     loop: Loop,
     *,
-    eval_blocks: torch.Tensor | Sequence[Batch] | None = None,
+    eval_blocks: torch.Tensor | Examples | Sequence[Batch] | None = None,
     eval_every: int = 0,
     on_step: Callable[[StepRecord], str | None] | None = None,
     desc: str = "train",

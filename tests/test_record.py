@@ -12,12 +12,12 @@ from lrsweep.record import Curve, TrialRecord
 from lrsweep.sweep.collect import load_results
 
 
-DATA = Path(__file__).parent / "data" / "sweep-0.1.0"
+DATA = Path(__file__).parent / "fixtures" / "sweep-0.1.0"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_study_written_by_0_1_0_loads_into_the_same_tables(tmp_path: Path) -> None:
-    """tests/data/sweep-0.1.0: a tiny sweep (schedule families, LoRA+, the 2e-4 baseline, a
+    """tests/fixtures/sweep-0.1.0: a tiny sweep (schedule families, LoRA+, the 2e-4 baseline, a
     confirmation run) written by lrsweep 0.1.0, with the trials.parquet it wrote."""
     shutil.copy(DATA / "study.journal", tmp_path / "study.journal")
     trials, curves, meta = load_results(tmp_path)

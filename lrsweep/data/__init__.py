@@ -182,7 +182,8 @@ def _text_blocks(
     eval_tokens = config.eval_blocks * train.seq_len
     if len(kept) >= 2:
         # Whole documents go to eval until it holds enough tokens, the rest to train.
-        eval_docs, n = [], 0
+        eval_docs: list[list[int]] = []
+        n = 0
         while kept and n < eval_tokens and len(eval_docs) < len(kept) - 1:
             doc = kept.pop()
             eval_docs.append(doc)

@@ -208,8 +208,8 @@ def _from_records(
             f"columns; {where} {sorted(columns)}; set data.text_field or data.format"
         )
     if fmt == "text":
-        docs = [r.get(config.text_field) for _, r in records if isinstance(r, dict)]
-        docs = [d for d in docs if isinstance(d, str)]
+        values = [r.get(config.text_field) for _, r in records if isinstance(r, dict)]
+        docs = [d for d in values if isinstance(d, str)]
         return Data("text", path.name, documents=_nonempty(docs, path))
     cells = suffix == ".csv"  # CSV cells hold message lists as JSON text
     rows = [parse_row(record, where, fmt, path.name, cells) for where, record in records]

@@ -111,7 +111,7 @@ class Renderer:
     def _tokenize(self, texts: list[str], special: bool) -> list[list[int]]:
         if self.hf is None:
             return self.tokenizer.encode_batch(texts)
-        out = []
+        out: list[list[int]] = []
         for i in range(0, len(texts), 512):  # chunks bound the memory of one call
             chunk = self.hf(texts[i : i + 512], add_special_tokens=special, verbose=False)
             out.extend(list(ids) for ids in chunk["input_ids"])
@@ -147,7 +147,7 @@ class Renderer:
 
     def _render(self, row: Row, messages: list[dict[str, Any]], source: str, gen: bool) -> str:
         try:
-            return self.hf.apply_chat_template(  # type: ignore[union-attr]
+            return self.hf.apply_chat_template(
                 messages,
                 tokenize=False,
                 add_generation_prompt=gen,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -43,7 +44,15 @@ class Examples:
     def packed(self) -> bool:
         return self.position_ids is not None
 
-    def __getitem__(self, index: int | slice | Iterable[int] | torch.Tensor):
+    @overload
+    def __getitem__(self, index: slice) -> Examples: ...
+    @overload
+    def __getitem__(
+        self, index: int | Iterable[int] | torch.Tensor
+    ) -> dict[str, torch.Tensor]: ...
+    def __getitem__(
+        self, index: int | slice | Iterable[int] | torch.Tensor
+    ) -> Examples | dict[str, torch.Tensor]:
         if isinstance(index, slice):
             return Examples(
                 self.input_ids[index],
@@ -55,7 +64,7 @@ class Examples:
             return self.collate([index])
         if isinstance(index, torch.Tensor):
             index = index.tolist()
-        return self.collate(list(index))  # type: ignore[arg-type]
+        return self.collate(list(index))
 
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]

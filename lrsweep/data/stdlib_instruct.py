@@ -77,8 +77,8 @@ def module_rows(path: Path, module: str) -> list[dict[str, str]]:
             continue
         first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
         indent = node.col_offset
-        head = _dedent(lines[first : doc.end_lineno], indent)  # type: ignore[misc]
-        rest = _dedent(lines[doc.end_lineno : node.end_lineno], indent)  # type: ignore[misc]
+        head = _dedent(lines[first : doc.end_lineno], indent)
+        rest = _dedent(lines[doc.end_lineno : node.end_lineno], indent)
         while rest and not rest[-1].strip():
             rest.pop()
         code, answer = "\n".join(head), "\n".join(rest)

@@ -3,6 +3,8 @@ non-reentrant activation checkpointing and the attention implementation asked fo
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -11,7 +13,7 @@ from lrsweep.errors import ModelError, first_line
 
 
 def prepare(net: PreTrainedModel, dtype: torch.dtype, device: torch.device, ckpt: bool) -> None:
-    net.to(device=device, dtype=dtype)
+    cast(nn.Module, net).to(device=device, dtype=dtype)  # transformers' to() stub takes no self
     freeze(net, ckpt)
 
 

@@ -49,7 +49,7 @@ def attach_lora(base: BaseModel, lora: LoraSettings, seed: int) -> PeftModel:
         peft_model = get_peft_model(net, config)
     if checkpointing and not getattr(net, "_require_grads_hooks", None):
         net.enable_input_require_grads()
-    return peft_model  # type: ignore[return-value]
+    return peft_model
 
 
 def _check_targets(net: nn.Module, targets: list[str]) -> None:
@@ -70,7 +70,7 @@ def detach_lora(model: PeftModel) -> PreTrainedModel:
     if hasattr(base, "peft_config"):  # peft 0.21 drops it itself; older versions did not
         del base.peft_config
     base.requires_grad_(False)
-    return base  # type: ignore[return-value]
+    return base
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -150,8 +150,9 @@ def _convert_gguf(file: Path) -> tuple[PreTrainedModel, Tokenizer]:
         raise ModelError(f"model.path: cannot load {file} as a GGUF causal LM ({first_line(err)})")
     # GGUF loads come back marked as quantized (they are not any more); Trainer and peft then
     # refuse or special-case them, and save_pretrained refuses outright.
-    if getattr(net, "hf_quantizer", None) is not None:
-        net.hf_quantizer.remove_quantization_config(net)
+    quantizer = getattr(net, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(net)
     if hasattr(net.config, "_is_quantized"):
         del net.config._is_quantized
     return net, HFTokenizer(tokenizer)

@@ -239,7 +239,7 @@ def prepare_sweep(
     elif needs_find and dry_run:
         bounds = (math.nan, math.nan)  # the range test that would set them has not run
     else:
-        bounds = peak_lr_bounds(cfg, found and found.suggestion, _highest(found))
+        bounds = peak_lr_bounds(cfg, found.suggestion if found else None, _highest(found))
     steps = total_steps(
         cfg.sweep, len(ctx.blocks.train), cfg.train.batch_size * cfg.train.grad_accum
     )

@@ -43,15 +43,20 @@ def _searches_floor(config: StudyConfig) -> bool:
 def distributions(config: StudyConfig, bounds: tuple[float, float]) -> dict[str, BaseDistribution]:
     space: dict[str, BaseDistribution] = {
         "peak_lr": FloatDistribution(*bounds, log=True),
-        "warmup_fraction": FloatDistribution(*config.search.warmup_fraction),
+        "warmup_fraction": _uniform(config.search.warmup_fraction),
     }
     if _searches_floor(config):
-        space["min_lr_ratio"] = FloatDistribution(*config.search.min_lr_ratio)
+        space["min_lr_ratio"] = _uniform(config.search.min_lr_ratio)
     if len(config.search.schedule) > 1:
         space["schedule"] = CategoricalDistribution(config.search.schedule)
     if config.search.loraplus_lr_ratio:
-        space["loraplus_lr_ratio"] = FloatDistribution(*config.search.loraplus_lr_ratio, log=True)
+        space["loraplus_lr_ratio"] = _uniform(config.search.loraplus_lr_ratio, log=True)
     return space
+
+
+def _uniform(bounds: list[float], log: bool = False) -> FloatDistribution:
+    low, high = bounds  # [low, high], checked by the config
+    return FloatDistribution(low, high, log=log)
 
 
 def total_steps(sweep: SweepConfig, train_sequences: int, sequences_per_step: int) -> int:

@@ -162,6 +162,7 @@ def _train_once(
     run = TrialRun(schedule, ratio)
     start = time.perf_counter()
     finished, started = False, list[TrialWatcher]()
+    optimizer: torch.optim.Optimizer | None = None
     try:
         # Inside the try: a tracker that fails to start (a store it cannot reach) fails this
         # trial alone, and the adapter still comes off the shared base.

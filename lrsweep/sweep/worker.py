@@ -156,7 +156,7 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
+    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)
     old = {s: signal.signal(s, lambda signum, _: held.append(signum)) for s in signals}
     try:
         yield

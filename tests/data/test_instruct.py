@@ -536,7 +536,7 @@ def test_stdlib_instruct_on_the_byte_tokenizer_is_prompt_completion() -> None:
 def _study(tmp_path: Path, model: Path, data: Path, *extra: str) -> Path:
     study = tmp_path / "study.toml"
     study.write_text(
-        (Path(__file__).parents[1] / "studies" / "tiny.toml")
+        (Path(__file__).parents[2] / "studies" / "tiny.toml")
         .read_text()
         .replace('path = "tiny"', f'path = "{model}"')
         .replace('path = "stdlib"', f'path = "{data}"')
