@@ -21,8 +21,7 @@ def test_find_on_the_bundled_model(tmp_path: Path, mode: str) -> None:
         ROOT / "studies" / "default.toml",
         overrides=[
             f"rangetest.mode={mode}",
-            "rangetest.steps=12",
-            "rangetest.runs=4",
+            "rangetest.steps=12" if mode == "ramp" else "rangetest.runs=4",
             "rangetest.start_lr=1e-5",
             "rangetest.end_lr=1e-2",
             "data.max_tokens=30000",
