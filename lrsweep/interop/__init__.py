@@ -181,6 +181,17 @@ def map_keys(
             run.values[name] = converted
 
 
+# The AdamW settings and the seed, under the same names in all three tools.
+ADAMW_KEYS: dict[str, Any] = {
+    "max_grad_norm": "train.max_grad_norm",
+    "weight_decay": "train.weight_decay",
+    "adam_beta1": "train.adam_beta1",
+    "adam_beta2": "train.adam_beta2",
+    "adam_epsilon": "train.adam_epsilon",
+    "seed": "seed",
+}
+
+
 def _same(value: Any) -> Any:
     return value
 

@@ -14,7 +14,16 @@ from typing import Any
 
 from lrsweep.config import ALL_LINEAR
 from lrsweep.errors import ConfigError
-from lrsweep.interop import IGNORED, Planned, UserRun, length, map_keys, optimizer, set_dtype
+from lrsweep.interop import (
+    ADAMW_KEYS,
+    IGNORED,
+    Planned,
+    UserRun,
+    length,
+    map_keys,
+    optimizer,
+    set_dtype,
+)
 
 
 HANDLED = (
@@ -41,23 +50,18 @@ HANDLED = (
     "sdp_attention",
 )
 MAPPING: dict[str, Any] = {
+    **ADAMW_KEYS,
     "base_model": "model.path",
     "gradient_checkpointing": ("model.gradient_checkpointing", lambda v: bool(v)),
     "sequence_len": "train.seq_len",
     "sample_packing": "data.packing",
     "micro_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
-    "max_grad_norm": "train.max_grad_norm",
-    "weight_decay": "train.weight_decay",
-    "adam_beta1": "train.adam_beta1",
-    "adam_beta2": "train.adam_beta2",
-    "adam_epsilon": "train.adam_epsilon",
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
     "peft_use_rslora": "lora.rslora",
     "loraplus_lr_ratio": "train.loraplus_lr_ratio",
-    "seed": "seed",
     "tokenizer_type": ("", lambda v: None),
     "model_type": ("", lambda v: None),
     "base_model_config": ("", lambda v: None),

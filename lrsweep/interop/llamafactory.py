@@ -18,9 +18,18 @@ from typing import Any
 
 from lrsweep.config import ALL_LINEAR
 from lrsweep.errors import ConfigError
-from lrsweep.interop import IGNORED, Planned, UserRun, length, map_keys, optimizer, set_dtype
+from lrsweep.interop import (
+    ADAMW_KEYS,
+    IGNORED,
+    Planned,
+    UserRun,
+    length,
+    map_keys,
+    optimizer,
+    set_dtype,
+)
 from lrsweep.interop.edit import yaml_scalar
-from lrsweep.schedules import FAMILIES
+from lrsweep.interop.transformers import scheduler_keys
 
 
 HANDLED = (
@@ -47,23 +56,18 @@ HANDLED = (
     "max_samples",
 )
 MAPPING: dict[str, Any] = {
+    **ADAMW_KEYS,
     "model_name_or_path": "model.path",
     "cutoff_len": "train.seq_len",
     "packing": "data.packing",
     "per_device_train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
-    "max_grad_norm": "train.max_grad_norm",
-    "weight_decay": "train.weight_decay",
-    "adam_beta1": "train.adam_beta1",
-    "adam_beta2": "train.adam_beta2",
-    "adam_epsilon": "train.adam_epsilon",
     "lora_rank": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
     "use_rslora": "lora.rslora",
     "loraplus_lr_ratio": "train.loraplus_lr_ratio",
     "gradient_checkpointing": "model.gradient_checkpointing",
-    "seed": "seed",
     "cache_dir": ("", lambda v: None),
     "ddp_timeout": ("", lambda v: None),
 }
@@ -142,19 +146,7 @@ def _dataset(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
 
 
 def schedule_keys(planned: Planned) -> tuple[dict[str, Any], tuple[str, ...]]:
-    values: dict[str, Any] = {
-        "learning_rate": planned.peak_lr,
-        "lr_scheduler_type": FAMILIES[planned.family],
-    }
-    if planned.family == "wsd":
-        if not planned.max_steps:
-            raise ConfigError(
-                "warmup_stable_decay counts its decay in steps: give the planned run as "
-                "--max-steps, not --epochs"
-            )
-        values["lr_scheduler_kwargs"] = planned.schedule().scheduler_kwargs()
-    elif planned.family == "cosine":
-        values["lr_scheduler_kwargs"] = {"min_lr_rate": planned.min_lr_ratio}
+    values = scheduler_keys(planned)
     if planned.loraplus_lr_ratio is not None:
         values["loraplus_lr_ratio"] = planned.loraplus_lr_ratio
     if planned.max_steps:

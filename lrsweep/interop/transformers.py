@@ -13,7 +13,16 @@ from typing import Any
 
 from lrsweep.config import ALL_LINEAR
 from lrsweep.errors import ConfigError
-from lrsweep.interop import IGNORED, Planned, UserRun, length, map_keys, optimizer, set_dtype
+from lrsweep.interop import (
+    ADAMW_KEYS,
+    IGNORED,
+    Planned,
+    UserRun,
+    length,
+    map_keys,
+    optimizer,
+    set_dtype,
+)
 from lrsweep.schedules import FAMILIES
 
 
@@ -44,6 +53,7 @@ def _targets(value: Any) -> list[str] | None:
 
 
 MAPPING: dict[str, Any] = {
+    **ADAMW_KEYS,
     "model_name_or_path": "model.path",
     "attn_implementation": "model.attention",
     "gradient_checkpointing": "model.gradient_checkpointing",
@@ -55,17 +65,11 @@ MAPPING: dict[str, Any] = {
     "max_seq_length": "train.seq_len",  # TRL before 0.20
     "per_device_train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
-    "max_grad_norm": "train.max_grad_norm",
-    "weight_decay": "train.weight_decay",
-    "adam_beta1": "train.adam_beta1",
-    "adam_beta2": "train.adam_beta2",
-    "adam_epsilon": "train.adam_epsilon",
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
     "lora_target_modules": ("lora.target_modules", _targets),
     "use_rslora": "lora.rslora",
-    "seed": "seed",
     # Read for what they are, nothing to set: the dtype follows bf16 / fp16, the split is train.
     "dtype": ("", lambda v: None),
     "torch_dtype": ("", lambda v: None),
@@ -96,7 +100,9 @@ def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
         run.values["data.path"] = str(folder / path)
 
 
-def schedule_keys(planned: Planned) -> tuple[dict[str, Any], tuple[str, ...]]:
+def scheduler_keys(planned: Planned) -> dict[str, Any]:
+    """The peak and transformers' scheduler with its kwargs (where the family has any):
+    the keys TrainingArguments and LLaMA-Factory share."""
     values: dict[str, Any] = {
         "learning_rate": planned.peak_lr,
         "lr_scheduler_type": FAMILIES[planned.family],
@@ -108,10 +114,14 @@ def schedule_keys(planned: Planned) -> tuple[dict[str, Any], tuple[str, ...]]:
                 "--max-steps, not --epochs"
             )
         values["lr_scheduler_kwargs"] = planned.schedule().scheduler_kwargs()
-    else:
-        values["lr_scheduler_kwargs"] = (
-            {"min_lr_rate": planned.min_lr_ratio} if (planned.family == "cosine") else {}
-        )
+    elif planned.family == "cosine":
+        values["lr_scheduler_kwargs"] = {"min_lr_rate": planned.min_lr_ratio}
+    return values
+
+
+def schedule_keys(planned: Planned) -> tuple[dict[str, Any], tuple[str, ...]]:
+    values = scheduler_keys(planned)
+    values.setdefault("lr_scheduler_kwargs", {})
     values["warmup_steps"] = planned.warmup_fraction
     if planned.max_steps:
         values["max_steps"] = planned.max_steps
