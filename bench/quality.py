@@ -20,7 +20,7 @@ import math
 import sys
 
 from bench.corpora import CORPORA, HELD_OUT
-from bench.grid import ROOT, best, load_rows, score, study_config
+from bench.grid import ROOT, SHAPES, best, load_rows, score, study_config
 from lrsweep.config import RangeTestConfig
 from lrsweep.context import prepare
 from lrsweep.data import batches
@@ -38,8 +38,8 @@ PROBE_STEPS, PROBE_EVERY = 108, 3
 logger = logging.getLogger("bench.quality")
 
 
-def find_dir(corpus: str, mode: str):  # type: ignore[no-untyped-def]
-    return FINDS / f"{corpus}-{mode}"
+def find_dir(corpus: str, mode: str, shape: str = "base"):  # type: ignore[no-untyped-def]
+    return FINDS / (f"{corpus}-{mode}" if shape == "base" else f"{corpus}-{shape}-{mode}")
 
 
 def run_ramp(corpus: str) -> None:
@@ -47,10 +47,11 @@ def run_ramp(corpus: str) -> None:
     save_and_draw(run_find(ctx, progress=False), find_dir(corpus, "ramp"))
 
 
-def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS) -> None:
+def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS, shape: str = "base") -> None:
     """Probe mode with its runs' losses every 3 steps; ``seed`` varies the adapter init and
-    the batches (the train/eval split stays the grid's)."""
-    cfg = study_config(corpus, ["rangetest.mode=probe", f"rangetest.run_steps={steps // 9}"])
+    the batches (the train/eval split stays the grid's); ``shape`` is one of the grid's."""
+    probe = ["rangetest.mode=probe", f"rangetest.run_steps={steps // 9}"]
+    cfg = study_config(corpus, [*SHAPES[shape], *probe])
     ctx = prepare(cfg)
     model = attach_lora(ctx.base, cfg.lora, seed)
     try:
@@ -69,7 +70,7 @@ def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS) -> None:
     mode = "probe" if seed == 0 else f"probe-seed{seed}"
     assert curve.start_loss is not None
     suggestion = suggest_probe(curve.lrs, curve.losses, curve.start_loss)
-    save_and_draw(FindResult(curve, suggestion, cfg), find_dir(corpus, mode))
+    save_and_draw(FindResult(curve, suggestion, cfg), find_dir(corpus, mode, shape))
 
 
 def probe_at(found: FindResult, k: int) -> Suggestion:
@@ -95,8 +96,6 @@ def _bounds(found: FindResult) -> tuple[float, float] | None:
 def shape_table(rows: list[dict]) -> None:
     """The grid's best peak LR per corpus and fine-tune shape (bench.grid.SHAPES), where the
     grid of that shape is measured, and its ratio to the base shape's best."""
-    from bench.grid import SHAPES
-
     measured = [s for s in SHAPES if any(r.get("shape", "base") == s for r in rows)]
     if measured == ["base"]:
         return
@@ -180,6 +179,7 @@ def main() -> None:
     parser.add_argument("action", nargs="?", default="table", choices=["run", "table"])
     parser.add_argument("--corpora", default=",".join(CORPORA))
     parser.add_argument("--modes", default="ramp,probe")
+    parser.add_argument("--shape", default="base", choices=list(SHAPES))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.action == "table":
@@ -187,14 +187,17 @@ def main() -> None:
         return
     for corpus in args.corpora.split(","):
         for mode in args.modes.split(","):
-            if load_find(find_dir(corpus, mode)) is None:
+            mode = "probe" if mode == "probe-seed0" else mode
+            if load_find(find_dir(corpus, mode, args.shape)) is None:
                 logger.info("range test %s on %s", mode, corpus)
                 if mode == "ramp":
                     run_ramp(corpus)
                 elif mode == "probe":
-                    run_probe(corpus)
-                else:  # probe-seed1: a second seed, runs of 6 steps
-                    run_probe(corpus, int(mode.removeprefix("probe-seed")), 54)
+                    run_probe(
+                        corpus, steps=PROBE_STEPS if args.shape == "base" else 54, shape=args.shape
+                    )
+                else:  # probe-seedN: seed N, runs of 6 steps (seed 0 is saved as "probe")
+                    run_probe(corpus, int(mode.removeprefix("probe-seed")), 54, args.shape)
 
 
 if __name__ == "__main__":
