@@ -20,11 +20,20 @@ import math
 import sys
 
 from bench.corpora import CORPORA, HELD_OUT
-from bench.grid import ROOT, SHAPES, best, load_rows, score, study_config
+from bench.grid import (
+    ROOT,
+    SHAPES,
+    best,
+    complete,
+    load_rows,
+    score,
+    study_config,
+)
 from lrsweep.config import RangeTestConfig
 from lrsweep.context import prepare
 from lrsweep.data import batches
 from lrsweep.find import FindResult, load_find, run_find, save_and_draw
+from lrsweep.horizon import carry
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.rangetest import run_probes
 from lrsweep.suggest import Suggestion, suggest_probe
@@ -137,6 +146,7 @@ def grid_table(rows: list[dict]) -> None:
 def table() -> None:
     rows = load_rows()
     grid_table(rows)
+    quality_by_shape(rows)
     print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
     print("sweep's default bounds (recommendation / 10 .. divergence) checked for containing it")
     print(
@@ -172,6 +182,60 @@ def table() -> None:
             print(
                 f"{head}  {method:<26} {lr or math.nan:>9.2e} {ratio:>6} {interval:>8} {bounds:>6}"
             )
+
+
+# The probe that stands for each grid shape: the probe runs at the planned batch shape, and
+# its length is the probe's own whatever the planned run's (lrsweep.horizon).
+SHAPE_PROBE = {"base": "base", "batch16": "batch16", "steps1000": "base"}
+
+
+def grid_loss(rows: list[dict], corpus: str, shape: str, exponent: float) -> float:
+    """The grid's final loss at ``exponent`` (log10 of the peak LR), linear between its
+    measured points (mean over seeds); NaN outside them, inf next to a diverged point."""
+    by_lr: dict[float, list[float]] = {}
+    for r in rows:
+        if r["corpus"] == corpus and r.get("shape", "base") == shape:
+            by_lr.setdefault(r["exponent"], []).append(score(r))
+    xs = sorted(by_lr)
+    for lo, hi in zip(xs, xs[1:], strict=False):
+        if lo <= exponent <= hi:
+            a, b = (sum(by_lr[e]) / len(by_lr[e]) for e in (lo, hi))
+            w = (exponent - lo) / (hi - lo)
+            return a if w == 0 else b if w == 1 else a + w * (b - a)
+    return math.nan
+
+
+def quality_by_shape(rows: list[dict]) -> None:
+    """Per corpus and measured shape: the probe's error (log10 of suggested / the grid's best),
+    the loss regret at the suggestion (relative to the best), and whether the interval for the
+    shape's run (lrsweep.horizon.carry) contains the best; 3-step runs (the default before
+    issue 13) and the default 6-step runs, each seed."""
+    print("| corpus | shape | grid best | method | log10 error | loss regret | interval |")
+    print("|---|---|---|---|---|---|---|")
+    for corpus in CORPORA:
+        for shape, probe_shape in SHAPE_PROBE.items():
+            top = best(rows, corpus, shape)
+            if top is None or not complete(rows, corpus, shape):
+                continue
+            steps = study_config(corpus, SHAPES[shape]).sweep.steps
+            name = corpus + (" (held out)" if corpus == HELD_OUT else "")
+            for mode in ("probe", "probe-seed1"):
+                found = load_find(find_dir(corpus, mode, probe_shape))
+                if found is None:
+                    continue
+                for k in (3, RangeTestConfig().run_steps):
+                    s = carry(probe_at(found, k), steps)
+                    if s.recommended_lr is None:
+                        continue
+                    at = math.log10(s.recommended_lr)
+                    regret = grid_loss(rows, corpus, shape, at) / top["loss"] - 1
+                    seed = "seed 0" if mode == "probe" else "seed 1"
+                    print(
+                        f"| {name} | {shape} | {top['exponent']:+.2f} | k={k} {seed} | "
+                        f"{at - top['exponent']:+.2f} | {regret:.2%} | "
+                        f"{_contains(s.interval, top['peak_lr'])} |"
+                    )
+    print()
 
 
 def main() -> None:

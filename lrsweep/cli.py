@@ -134,9 +134,12 @@ def find(
     )
     run = result.for_run()
     length = f"{run['max_steps']} steps" if run["max_steps"] else f"{run['epochs']:g} epochs"
+    if run["epochs"] and run["steps"]:
+        length += f" ({run['steps']} steps)"
     click.echo(
         f"For a run of {length} of {run['sequences_per_step']} x {run['seq_len']} tokens a "
-        f"step, LoRA r = {run['lora_r']} (from {run['source']})."
+        f"step, LoRA r = {run['lora_r']} (from {run['source']}); the number is the best "
+        f"peak LR of a {run['calibrated_steps']}-step warmup + cosine fine-tune of that shape."
     )
     click.echo(f"\nWrote {out}/rangetest.parquet, rangetest.png, suggestion.json")
     if result.recommended_lr is not None:

@@ -7,6 +7,7 @@ same :func:`measure` on a user's Trainer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from lrsweep import config as config_mod
 from lrsweep.config import RANGETEST_KEYS, RangeTestConfig, StudyConfig
 from lrsweep.context import Context, prepare
+from lrsweep.horizon import CALIBRATION_STEPS, carry, planned_steps
 from lrsweep.rangetest import RangeTestCurve, run_probes, run_range_test
 from lrsweep.results import read_find, write_find
 from lrsweep.suggest import Suggestion, suggest, suggest_probe
@@ -41,6 +43,7 @@ class FindResult:
     suggestion: Suggestion
     config: StudyConfig
     out: Path | None = None
+    train_sequences: int = 0  # the training set's size, which turns epochs into steps
 
     @property
     def recommended_lr(self) -> float | None:
@@ -52,16 +55,27 @@ class FindResult:
         cfg = self.config
         planned, train = cfg.planned, cfg.train
         steps, epochs = planned.max_steps, planned.epochs
+        source = planned.source or "the study's planned run"
         if not (steps or epochs):
             steps, epochs = (0, cfg.sweep.epochs) if cfg.sweep.epochs else (cfg.sweep.steps, 0.0)
+            source = "the study's sweep settings"
+        per_step = train.batch_size * train.grad_accum
         return {
             "max_steps": steps,
             "epochs": epochs,
-            "sequences_per_step": train.batch_size * train.grad_accum,
+            "steps": planned_steps(steps, epochs, self.train_sequences, per_step),
+            "calibrated_steps": CALIBRATION_STEPS,
+            "sequences_per_step": per_step,
             "seq_len": train.seq_len,
             "lora_r": cfg.lora.r,
-            "source": planned.source or "the study's sweep settings",
+            "source": source,
         }
+
+    def carried(self) -> FindResult:
+        """This result with the suggestion carried to the run it is for
+        (:func:`lrsweep.horizon.carry`)."""
+        steps = self.for_run()["steps"]
+        return dataclasses.replace(self, suggestion=carry(self.suggestion, steps))
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -72,6 +86,7 @@ class FindResult:
             "seconds_per_step": self.curve.seconds_per_step,
             "start_loss": self.curve.start_loss,
             "optimizer_steps": self.curve.optimizer_steps,
+            "train_sequences": self.train_sequences,
         }
 
 
@@ -108,7 +123,7 @@ def run_find(ctx: Context, progress: bool = True, start: Attempt | None = None) 
     measured, _ = run_with_retry(
         attempt_run, ctx.config.train, device=ctx.base.device, start=start
     )
-    return FindResult(*measured, ctx.config)
+    return FindResult(*measured, ctx.config, train_sequences=len(ctx.blocks.train)).carried()
 
 
 def _measure_once(
@@ -193,4 +208,5 @@ def load_find(out: Path, config: StudyConfig | None = None) -> FindResult | None
         spent_steps=meta.get("optimizer_steps", 0),
         run_losses=frame["run_losses"].map(list).tolist() if "run_losses" in frame else None,
     )
-    return FindResult(curve, Suggestion.from_dict(meta["suggestion"]), stored, out)
+    suggestion = Suggestion.from_dict(meta["suggestion"])
+    return FindResult(curve, suggestion, stored, out, meta.get("train_sequences", 0))

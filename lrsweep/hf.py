@@ -24,7 +24,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from lrsweep.config import (
     DEFAULT_STUDY,
     DataConfig,
     ModelConfig,
+    PlannedConfig,
     RangeTestConfig,
     SearchConfig,
     StudyConfig,
@@ -94,6 +95,11 @@ def _config_of(trainer: Trainer, rangetest: RangeTestConfig) -> StudyConfig:
         data=DataConfig(path="trainer"),
         train=_train_config(trainer),
         rangetest=rangetest,
+        planned=PlannedConfig(
+            max_steps=max(trainer.args.max_steps, 0),
+            epochs=float(trainer.args.num_train_epochs),
+            source="the Trainer's arguments",
+        ),
     )
 
 
@@ -179,7 +185,9 @@ def find_lr(
         if not had_optimizer:
             trainer.optimizer = None
         _set_rng_state(rng)
-    result = FindResult(curve, suggestion, _config_of(trainer, cfg))
+    dataset = trainer.train_dataset
+    sequences = len(dataset) if isinstance(dataset, Sized) else 0
+    result = FindResult(curve, suggestion, _config_of(trainer, cfg), None, sequences).carried()
     if out is not None:
         save_and_draw(result, Path(out))
     return result

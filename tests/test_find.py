@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import lrsweep
 from lrsweep.config import RangeTestConfig
 from lrsweep.find import load_find
+from lrsweep.horizon import carry
 from lrsweep.results import read_parquet
 from lrsweep.suggest import suggest_probe
 from tests.conftest import ROOT, run_cli, tiny_config
@@ -94,6 +96,29 @@ def test_cli_find_probe_mode_writes_one_point_per_run(
     assert found.suggestion == suggested
     code, _, err = run_cli(capsys, monkeypatch, *args, "--set", "rangetest.runs=2")
     assert code == 2 and err == "error: rangetest.runs: must be at least 3, got 2\n"
+
+
+def test_find_says_which_run_the_number_is_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planned run ten times the calibration length keeps the number and reaches lower."""
+    out_dir = tmp_path / "f"
+    args = ["find", str(ROOT / "studies" / "tiny.toml"), "--out", str(out_dir), "-q"]
+    code, out, err = run_cli(capsys, monkeypatch, *args, "--set", "planned.epochs=2")
+    assert code == 0, err
+    found = load_find(out_dir)
+    assert found is not None and found.curve.start_loss is not None
+    run = found.for_run()
+    assert run["steps"] == math.ceil(2 * found.train_sequences / 4) and run["epochs"] == 2
+    assert f"For a run of 2 epochs ({run['steps']} steps)" in out and "study's planned run" in out
+    assert "100-step warmup + cosine fine-tune" in out
+    probe = suggest_probe(found.curve.lrs, found.curve.losses, found.curve.start_loss)
+    assert found.suggestion == carry(probe, run["steps"])
+    saved = json.loads((out_dir / "suggestion.json").read_text())
+    assert (
+        saved["for_run"]["steps"] == run["steps"] and saved["for_run"]["calibrated_steps"] == 100
+    )
+    assert saved["interval"] == list(found.suggestion.interval or ())
 
 
 def test_bad_data_path_is_one_line(

@@ -102,6 +102,10 @@ def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path, mode
         assert len(result.curve.lrs) == (12 if mode == "ramp" else 3)
         assert (tmp_path / "f" / "suggestion.json").exists()
         assert result.config.train.grad_accum == 2
+        # The number is for the Trainer's own run: 3 epochs (its default) of 4 x 2 rows.
+        run = result.for_run()
+        assert run["source"] == "the Trainer's arguments" and run["epochs"] == 3.0
+        assert run["steps"] == math.ceil(3 * len(ctx.blocks.train) / 8)
         for name, value in trainable_state(model).items():
             assert torch.equal(value, weights[name])
         for key, value in trainer.optimizer.state_dict()["state"].items():

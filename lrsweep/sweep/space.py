@@ -10,6 +10,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from lrsweep.config import StudyConfig, SweepConfig
 from lrsweep.errors import StudyError
+from lrsweep.horizon import planned_steps
 from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, FLOORED, Schedule
 from lrsweep.suggest import Suggestion
 
@@ -61,9 +62,8 @@ def _uniform(bounds: list[float], log: bool = False) -> FloatDistribution:
 
 def total_steps(sweep: SweepConfig, train_sequences: int, sequences_per_step: int) -> int:
     """A trial's optimizer steps: ``sweep.steps``, or ``sweep.epochs`` over the training set."""
-    if sweep.epochs > 0:
-        return max(1, math.ceil(sweep.epochs * train_sequences / sequences_per_step))
-    return sweep.steps
+    steps = 0 if sweep.epochs > 0 else sweep.steps
+    return planned_steps(steps, sweep.epochs, train_sequences, sequences_per_step)
 
 
 def schedule_of(params: dict[str, Any], config: StudyConfig, steps: int) -> Schedule:

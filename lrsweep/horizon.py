@@ -1,0 +1,61 @@
+"""Which fine-tune the range test's number is for, and how far it carries to the planned one.
+
+The probe's number is checked against complete fine-tunes of ``CALIBRATION_STEPS`` optimizer
+steps (linear warmup, cosine decay; bench/quality.py) at the batch shape the probe itself
+runs with, so the batch is read by the probe. The run length is not: on the benchmark's grid
+(bench/grid.py, BENCHMARKS.md) ten times the steps on the same data moved the best peak LR
+0.75 decade down on one corpus and not down at all on another, so no one factor carries the
+number to a longer run. What a longer run changes is how sure the number is: the interval
+reaches as far down as the largest shift measured. Pure functions, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from lrsweep.suggest import Suggestion
+
+
+CALIBRATION_STEPS = 100
+# Decades the best peak LR moved down per decade of steps beyond CALIBRATION_STEPS, at most,
+# on the grid: stdlib 3.16e-4 at 1000 steps against 1.78e-3 at 100 (-0.75); manpages 0.
+LONGER_RUN_SHIFT = 0.75
+
+
+def planned_steps(
+    max_steps: int, epochs: float, train_sequences: int, sequences_per_step: int
+) -> int:
+    """A run's optimizer steps: ``max_steps`` (it wins, as in transformers), else ``epochs``
+    over ``train_sequences``; 0 when neither can be known."""
+    if max_steps > 0:
+        return max_steps
+    if epochs > 0 and train_sequences > 0:
+        return max(1, math.ceil(epochs * train_sequences / sequences_per_step))
+    return 0
+
+
+def lowest_factor(steps: int) -> float:
+    """How far below the number the best peak LR of a ``steps``-step run may lie (1 for runs
+    no longer than the calibration ones)."""
+    if steps <= CALIBRATION_STEPS:
+        return 1.0
+    return float((CALIBRATION_STEPS / steps) ** LONGER_RUN_SHIFT)
+
+
+def carry(suggestion: Suggestion, steps: int) -> Suggestion:
+    """The suggestion for a planned run of ``steps`` optimizer steps: the same number, the
+    interval's low end down by :func:`lowest_factor`, and a warning that says so."""
+    factor = lowest_factor(steps)
+    if suggestion.interval is None or factor == 1.0:
+        return suggestion
+    low, high = suggestion.interval
+    warning = (
+        f"calibrated on {CALIBRATION_STEPS}-step fine-tunes: for {steps} steps the best peak "
+        f"LR may be up to {1 / factor:.2g}x lower (the interval reaches down that far)"
+    )
+    return dataclasses.replace(
+        suggestion,
+        interval=(low * factor, high),
+        warnings=(*suggestion.warnings, warning),
+    )
