@@ -208,15 +208,19 @@ def grid_loss(rows: list[dict], corpus: str, shape: str, exponent: float) -> flo
 def quality_by_shape(rows: list[dict]) -> None:
     """Per corpus and measured shape: the probe's error (log10 of suggested / the grid's best),
     the loss regret at the suggestion (relative to the best), and whether the interval for the
-    shape's run (lrsweep.horizon.carry) contains the best; 3-step runs (the default before
+    shape's run (lrsweep.horizon.carry) and the sweep's default bounds contain the best;
+    3-step runs (the default before
     issue 13) and the default 6-step runs, each seed."""
-    print("| corpus | shape | grid best | method | log10 error | loss regret | interval |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| corpus | shape | grid best | method | log10 error | loss regret | interval | bounds |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for corpus in CORPORA:
         for shape, probe_shape in SHAPE_PROBE.items():
             top = best(rows, corpus, shape)
-            if top is None or not complete(rows, corpus, shape):
+            if top is None:
                 continue
+            so_far = "" if complete(rows, corpus, shape) else " so far"
             steps = study_config(corpus, SHAPES[shape]).sweep.steps
             name = corpus + (" (held out)" if corpus == HELD_OUT else "")
             for mode in ("probe", "probe-seed1"):
@@ -225,15 +229,17 @@ def quality_by_shape(rows: list[dict]) -> None:
                     continue
                 for k in (3, RangeTestConfig().run_steps):
                     s = carry(probe_at(found, k), steps)
+                    carried = FindResult(found.curve, s, found.config)
                     if s.recommended_lr is None:
                         continue
                     at = math.log10(s.recommended_lr)
                     regret = grid_loss(rows, corpus, shape, at) / top["loss"] - 1
                     seed = "seed 0" if mode == "probe" else "seed 1"
                     print(
-                        f"| {name} | {shape} | {top['exponent']:+.2f} | k={k} {seed} | "
-                        f"{at - top['exponent']:+.2f} | {regret:.2%} | "
-                        f"{_contains(s.interval, top['peak_lr'])} |"
+                        f"| {name} | {shape} | {top['exponent']:+.2f}{so_far} | k={k} {seed} | "
+                        f"{at - top['exponent']:+.2f} | {'-' if math.isnan(regret) else f'{regret:.2%}'} | "
+                        f"{_contains(s.interval, top['peak_lr'])} | "
+                        f"{_contains(_bounds(carried), top['peak_lr'])} |"
                     )
     print()
 
