@@ -235,9 +235,10 @@ def quality_by_shape(rows: list[dict]) -> None:
                     at = math.log10(s.recommended_lr)
                     regret = grid_loss(rows, corpus, shape, at) / top["loss"] - 1
                     seed = "seed 0" if mode == "probe" else "seed 1"
+                    lost = "-" if math.isnan(regret) else f"{regret:.2%}"  # outside the grid
                     print(
                         f"| {name} | {shape} | {top['exponent']:+.2f}{so_far} | k={k} {seed} | "
-                        f"{at - top['exponent']:+.2f} | {'-' if math.isnan(regret) else f'{regret:.2%}'} | "
+                        f"{at - top['exponent']:+.2f} | {lost} | "
                         f"{_contains(s.interval, top['peak_lr'])} | "
                         f"{_contains(_bounds(carried), top['peak_lr'])} |"
                     )
