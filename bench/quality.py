@@ -43,6 +43,8 @@ from lrsweep.training import Loop, make_optimizer
 
 FINDS = ROOT / "bench" / "results" / "find"
 PROBE_STEPS, PROBE_EVERY = 108, 3
+# probe-cool: the cooldown after each run's 6 steps; 3 keeps lrsweep find within 4 minutes.
+COOLDOWN = 3
 
 logger = logging.getLogger("bench.quality")
 
@@ -56,10 +58,14 @@ def run_ramp(corpus: str) -> None:
     save_and_draw(run_find(ctx, progress=False), find_dir(corpus, "ramp"))
 
 
-def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS, shape: str = "base") -> None:
+def run_probe(
+    corpus: str, seed: int = 0, steps: int = PROBE_STEPS, shape: str = "base", cooldown: int = 0
+) -> None:
     """Probe mode with its runs' losses every 3 steps; ``seed`` varies the adapter init and
-    the batches (the train/eval split stays the grid's); ``shape`` is one of the grid's."""
+    the batches (the train/eval split stays the grid's); ``shape`` is one of the grid's;
+    ``cooldown`` steps of decay end each run (saved as mode ``probe-cool``)."""
     probe = ["rangetest.mode=probe", f"rangetest.run_steps={steps // 9}"]
+    probe.append(f"rangetest.cooldown_steps={cooldown}")
     cfg = study_config(corpus, [*SHAPES[shape], *probe])
     ctx = prepare(cfg)
     model = attach_lora(ctx.base, cfg.lora, seed)
@@ -77,6 +83,7 @@ def run_probe(corpus: str, seed: int = 0, steps: int = PROBE_STEPS, shape: str =
     finally:
         detach_lora(model)
     mode = "probe" if seed == 0 else f"probe-seed{seed}"
+    mode = "probe-cool" if cooldown else mode
     assert curve.start_loss is not None
     suggestion = suggest_probe(curve.lrs, curve.losses, curve.start_loss)
     save_and_draw(FindResult(curve, suggestion, cfg), find_dir(corpus, mode, shape))
@@ -223,18 +230,23 @@ def quality_by_shape(rows: list[dict]) -> None:
             so_far = "" if complete(rows, corpus, shape) else " so far"
             steps = study_config(corpus, SHAPES[shape]).sweep.steps
             name = corpus + (" (held out)" if corpus == HELD_OUT else "")
-            for mode in ("probe", "probe-seed1"):
+            for mode in ("probe", "probe-seed1", "probe-cool"):
                 found = load_find(find_dir(corpus, mode, probe_shape))
                 if found is None:
                     continue
-                for k in (3, RangeTestConfig().run_steps):
-                    s = carry(probe_at(found, k), steps)
+                cool = mode == "probe-cool"
+                for k in (
+                    (found.config.rangetest.run_steps,)
+                    if cool
+                    else (3, RangeTestConfig().run_steps)
+                ):
+                    s = carry(found.suggestion if cool else probe_at(found, k), steps)
                     carried = FindResult(found.curve, s, found.config)
                     if s.recommended_lr is None:
                         continue
                     at = math.log10(s.recommended_lr)
                     regret = grid_loss(rows, corpus, shape, at) / top["loss"] - 1
-                    seed = "seed 0" if mode == "probe" else "seed 1"
+                    seed = {"probe": "seed 0", "probe-seed1": "seed 1"}.get(mode, "+ cooldown")
                     lost = "-" if math.isnan(regret) else f"{regret:.2%}"  # outside the grid
                     print(
                         f"| {name} | {shape} | {top['exponent']:+.2f}{so_far} | k={k} {seed} | "
@@ -267,6 +279,8 @@ def main() -> None:
                     run_probe(
                         corpus, steps=PROBE_STEPS if args.shape == "base" else 54, shape=args.shape
                     )
+                elif mode == "probe-cool":  # 6 steps at the LR, then 3 falling to a tenth
+                    run_probe(corpus, steps=54, shape=args.shape, cooldown=COOLDOWN)
                 else:  # probe-seedN: seed N, runs of 6 steps (seed 0 is saved as "probe")
                     run_probe(corpus, int(mode.removeprefix("probe-seed")), 54, args.shape)
 

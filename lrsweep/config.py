@@ -196,6 +196,9 @@ class RangeTestConfig:
         the quality benchmark, 6-step runs landed within a factor of 2 of the best peak LR of
         complete fine-tunes on all four corpora; 3-step runs were up to 2.7x high on
         instruction data, where a too-high LR needs more than 3 steps to show).
+    cooldown_steps: probe mode: steps after each run's fixed-LR ones in which its LR falls
+        linearly to a tenth (the first trial's floor), so that a run is scored decayed, as the
+        fine-tune it predicts is; 0 (the default) scores it at the fixed LR.
     smoothing: EMA beta of the recorded loss (ramp).
     diverge_factor: stop once the smoothed loss exceeds this many times its best (ramp).
     signal: the loss a ramp records: ``eval`` (after every step, on ``probe_blocks`` fixed
@@ -211,6 +214,7 @@ class RangeTestConfig:
     spacing: str = "exp"
     runs: int = 9
     run_steps: int = 6
+    cooldown_steps: int = 0
     smoothing: float = 0.9
     diverge_factor: float = 4.0
     signal: str = "eval"
@@ -226,7 +230,9 @@ class RangeTestConfig:
             _fail(
                 "rangetest.start_lr", f"must be below end_lr ({self.end_lr}), got {self.start_lr}"
             )
-        _at_least("rangetest", self, steps=10, runs=3, run_steps=1, probe_blocks=1)
+        _at_least(
+            "rangetest", self, steps=10, runs=3, run_steps=1, cooldown_steps=0, probe_blocks=1
+        )
         if self.spacing not in ("exp", "linear"):
             _fail("rangetest.spacing", f"must be 'exp' or 'linear', got {self.spacing!r}")
         if not 0 <= self.smoothing < 1:
@@ -241,7 +247,7 @@ class RangeTestConfig:
 # nothing, so a study file or a Python call that does so is refused.
 MODE_ONLY = {
     "ramp": ("steps", "spacing", "smoothing", "diverge_factor", "signal", "probe_blocks"),
-    "probe": ("runs", "run_steps"),
+    "probe": ("runs", "run_steps", "cooldown_steps"),
 }
 
 

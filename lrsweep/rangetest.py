@@ -21,7 +21,7 @@ import torch
 
 from lrsweep.config import RangeTestConfig
 from lrsweep.models import load_trainable_state, trainable_state
-from lrsweep.schedules import ramp
+from lrsweep.schedules import FIRST_MIN_LR_RATIO, ramp
 from lrsweep.suggest import divergence_index, ema, probe_diverged
 from lrsweep.training import Batch, Loop, Precision, StepRecord, TrainResult, evaluate, train
 
@@ -216,6 +216,13 @@ class _ProbeRun:
         )
 
 
+def probe_lrs(lr: float, steps: int, cooldown: int) -> list[float]:
+    """One probe run's LR per step: ``steps`` at ``lr``, then ``cooldown`` falling linearly
+    to the first trial's floor (``FIRST_MIN_LR_RATIO`` x lr), which the last step reaches."""
+    fall = [1 - (1 - FIRST_MIN_LR_RATIO) * (i + 1) / cooldown for i in range(cooldown)]
+    return [lr] * steps + [lr * f for f in fall]
+
+
 def run_probes(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -228,12 +235,13 @@ def run_probes(
     progress: bool = True,
 ) -> RangeTestCurve:
     """``config.runs`` runs of ``run_steps`` steps at fixed LRs from ``start_lr`` to
-    ``end_lr``, each from the same weights, optimizer state, RNG state and batches, so that
-    they differ only by their LR; each is scored by the loss on all of ``probe`` at its end
-    (and every ``eval_every`` steps, for ``run_losses``). Runs stop at the first LR that has
-    diverged (:func:`lrsweep.suggest.probe_diverged`) once a lower LR improved on the start."""
+    ``end_lr`` (then ``cooldown_steps`` of decay, :func:`probe_lrs`), each from the same
+    weights, optimizer state, RNG state and batches, so that they differ only by their LR;
+    each is scored by the loss on all of ``probe`` at its end (and every ``eval_every``
+    steps, for ``run_losses``). Runs stop at the first LR that has diverged
+    (:func:`lrsweep.suggest.probe_diverged`) once a lower LR improved on the start."""
     lrs = ramp(config.start_lr, config.end_lr, config.runs, config.spacing)
-    per_run = config.run_steps
+    per_run = config.run_steps + config.cooldown_steps
     fixed = [next(batches) for _ in range(per_run * loop.grad_accum)]
     saved = _snapshot(model, optimizer, loop.precision)
     runs: list[_ProbeRun] = []
@@ -246,7 +254,7 @@ def run_probes(
                 model,
                 optimizer,
                 iter(fixed),
-                [lr] * per_run,
+                probe_lrs(lr, config.run_steps, config.cooldown_steps),
                 loop,
                 eval_blocks=probe,
                 eval_every=eval_every or per_run,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -10,7 +11,7 @@ from lrsweep.config import RangeTestConfig
 from lrsweep.context import prepare
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora, trainable_state
-from lrsweep.rangetest import run_probes, run_range_test
+from lrsweep.rangetest import probe_lrs, run_probes, run_range_test
 from lrsweep.schedules import ramp
 from lrsweep.suggest import probe_diverged
 from lrsweep.training import Loop, Precision, make_optimizer, train
@@ -183,3 +184,24 @@ def test_probe_stops_at_the_first_run_that_gives_back_the_drop(trained) -> None:
     last, best = curve.losses[-1], min(curve.losses[:-1])
     assert probe_diverged(last, curve.start_loss, best)
     assert all(loss < curve.start_loss for loss in curve.losses[:-1])
+
+
+def test_probe_lrs_hold_then_fall_to_the_first_trials_floor() -> None:
+    assert probe_lrs(1e-3, 3, 0) == [1e-3] * 3
+    lrs = probe_lrs(1e-3, 2, 3)
+    assert lrs[:2] == [1e-3, 1e-3] and lrs[-1] == pytest.approx(1e-4)
+    assert lrs[2] == pytest.approx(7e-4) and lrs[3] == pytest.approx(4e-4)
+
+
+def test_probe_cooldown_runs_on_from_the_fixed_lr_steps(trained) -> None:  # type: ignore[no-untyped-def]
+    ctx, model, opt = trained
+    before = _state(model, opt)
+    cfg = RangeTestConfig(start_lr=1e-3, end_lr=1e-1, runs=3, run_steps=4)
+    fixed = _probes(ctx, model, opt, cfg)
+    cooled = _probes(ctx, model, opt, dataclasses.replace(cfg, cooldown_steps=2))
+    _assert_same(before, _state(model, opt))
+    # The same 4 fixed-LR steps on the same batches, then 2 more, scored at the end.
+    assert [r[:2] for r in cooled.run_losses] == fixed.run_losses
+    assert all(len(r) == 3 for r in cooled.run_losses)
+    assert cooled.losses == [r[-1] for r in cooled.run_losses] != fixed.losses
+    assert cooled.spent_steps == 3 * 6
