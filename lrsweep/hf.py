@@ -152,7 +152,10 @@ def find_lr(
     those batches after every step, or by the training loss when there is no eval set; the
     default then). ``settings`` are any other ``[rangetest]`` keys (``start_lr``,
     ``end_lr``, ``steps``, ``spacing``, ``runs``, ``run_steps``, ...), with the same
-    defaults as a study file.
+    defaults as a study file. The suggestion is for the Trainer's own run (its
+    ``max_steps``, else ``num_train_epochs`` over its training set; ``result.for_run()``):
+    a longer one than the range test's calibration widens the interval down
+    (:mod:`lrsweep.horizon`).
     """
     cfg = _rangetest_config(trainer, mode, settings)
     cfg = dataclasses.replace(cfg, probe_blocks=probe_batches)
