@@ -216,8 +216,8 @@ def quality_by_shape(rows: list[dict]) -> None:
     """Per corpus and measured shape: the probe's error (log10 of suggested / the grid's best),
     the loss regret at the suggestion (relative to the best), and whether the interval for the
     shape's run (lrsweep.horizon.carry) and the sweep's default bounds contain the best;
-    3-step runs (the default before
-    issue 13) and the default 6-step runs, each seed."""
+    3-step runs (the default before issue 13), the default 6-step runs (each seed) and the
+    6-step runs with a cooldown."""
     print(
         "| corpus | shape | grid best | method | log10 error | loss regret | interval | bounds |"
     )
