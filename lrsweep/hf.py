@@ -60,7 +60,7 @@ logger = logging.getLogger(__name__)
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import Trial
-    from transformers import Trainer
+    from transformers import Trainer, TrainingArguments
 
     from lrsweep.sweep.worker import SweepPlan
 
@@ -95,12 +95,15 @@ def _config_of(trainer: Trainer, rangetest: RangeTestConfig) -> StudyConfig:
         data=DataConfig(path="trainer"),
         train=_train_config(trainer),
         rangetest=rangetest,
-        planned=PlannedConfig(
-            max_steps=max(trainer.args.max_steps, 0),
-            epochs=float(trainer.args.num_train_epochs),
-            source="the Trainer's arguments",
-        ),
+        planned=_planned_of(trainer.args),
     )
+
+
+def _planned_of(args: TrainingArguments) -> PlannedConfig:
+    """The Trainer's run: its max_steps when set (they win over epochs, as in transformers)."""
+    if args.max_steps > 0:
+        return PlannedConfig(max_steps=args.max_steps, source="the Trainer's arguments")
+    return PlannedConfig(epochs=float(args.num_train_epochs), source="the Trainer's arguments")
 
 
 def _cycle(loader: Any) -> Iterator[Batch]:

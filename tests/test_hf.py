@@ -119,10 +119,14 @@ def test_find_lr_without_optimizer_leaves_none(ctx: Context, tmp_path: Path) -> 
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
         trainer = Trainer(
-            model=model, args=_args(tmp_path), train_dataset=Blocks(ctx.blocks.train)
+            model=model,
+            args=_args(tmp_path, max_steps=500),
+            train_dataset=Blocks(ctx.blocks.train),
         )
         result = hf.find_lr(trainer, steps=10, progress=False)
         assert trainer.optimizer is None
+        # max_steps wins over the epochs, as in the Trainer.
+        assert result.for_run()["steps"] == 500 and result.for_run()["epochs"] == 0
         assert result.config.rangetest.signal == "train"  # no eval set: training loss
         with pytest.raises(StudyError, match="eval_dataset"):
             hf.find_lr(trainer, steps=10, mode="probe", progress=False)
