@@ -236,9 +236,9 @@ def _plan_around(
 
 def complete(rows: list[dict], corpus: str, shape: str = "base") -> bool:
     """Whether the grid of a corpus in a shape has no point left to run (its best is final)."""
-    if shape == "base":
-        return _base_complete([r for r in rows if r.get("shape", "base") == "base"], corpus)
     base = [r for r in rows if r.get("shape", "base") == "base"]
+    if shape == "base":
+        return _base_complete(base, corpus)
     mine = [r for r in rows if r.get("shape", "base") == shape]
     done = {Point.of(r).key for r in mine}
     return all(p.key in done for _, p in _plan_around(mine, base, [corpus], shape))

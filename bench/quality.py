@@ -43,6 +43,8 @@ from lrsweep.training import Loop, make_optimizer
 
 FINDS = ROOT / "bench" / "results" / "find"
 PROBE_STEPS, PROBE_EVERY = 108, 3
+# Runs of the default 6 steps only: seeds other than 0, other shapes, the cooldown probe.
+SHORT_PROBE_STEPS = 54
 # probe-cool: the cooldown after each run's 6 steps; 3 keeps lrsweep find within 4 minutes.
 COOLDOWN = 3
 
@@ -64,8 +66,11 @@ def run_probe(
     """Probe mode with its runs' losses every 3 steps; ``seed`` varies the adapter init and
     the batches (the train/eval split stays the grid's); ``shape`` is one of the grid's;
     ``cooldown`` steps of decay end each run (saved as mode ``probe-cool``)."""
-    probe = ["rangetest.mode=probe", f"rangetest.run_steps={steps // 9}"]
-    probe.append(f"rangetest.cooldown_steps={cooldown}")
+    probe = [
+        "rangetest.mode=probe",
+        f"rangetest.run_steps={steps // 9}",
+        f"rangetest.cooldown_steps={cooldown}",
+    ]
     cfg = study_config(corpus, [*SHAPES[shape], *probe])
     ctx = prepare(cfg)
     model = attach_lora(ctx.base, cfg.lora, seed)
@@ -212,6 +217,15 @@ def grid_loss(rows: list[dict], corpus: str, shape: str, exponent: float) -> flo
     return math.nan
 
 
+def _readings(mode: str, found: FindResult) -> list[tuple[str, Suggestion]]:
+    """What a saved probe suggests, named: a cooldown probe as it ran; a plain one at 3 steps
+    per run (the default before issue 13) and at the default run length."""
+    if mode == "probe-cool":
+        return [(f"k={found.config.rangetest.run_steps} + cooldown", found.suggestion)]
+    seed = "seed 0" if mode == "probe" else "seed 1"
+    return [(f"k={k} {seed}", probe_at(found, k)) for k in (3, RangeTestConfig().run_steps)]
+
+
 def quality_by_shape(rows: list[dict]) -> None:
     """Per corpus and measured shape: the probe's error (log10 of suggested / the grid's best),
     the loss regret at the suggestion (relative to the best), and whether the interval for the
@@ -234,22 +248,16 @@ def quality_by_shape(rows: list[dict]) -> None:
                 found = load_find(find_dir(corpus, mode, probe_shape))
                 if found is None:
                     continue
-                cool = mode == "probe-cool"
-                for k in (
-                    (found.config.rangetest.run_steps,)
-                    if cool
-                    else (3, RangeTestConfig().run_steps)
-                ):
-                    s = carry(found.suggestion if cool else probe_at(found, k), steps)
+                for method, probed in _readings(mode, found):
+                    s = carry(probed, steps)
                     carried = FindResult(found.curve, s, found.config)
                     if s.recommended_lr is None:
                         continue
                     at = math.log10(s.recommended_lr)
                     regret = grid_loss(rows, corpus, shape, at) / top["loss"] - 1
-                    seed = {"probe": "seed 0", "probe-seed1": "seed 1"}.get(mode, "+ cooldown")
                     lost = "-" if math.isnan(regret) else f"{regret:.2%}"  # outside the grid
                     print(
-                        f"| {name} | {shape} | {top['exponent']:+.2f}{so_far} | k={k} {seed} | "
+                        f"| {name} | {shape} | {top['exponent']:+.2f}{so_far} | {method} | "
                         f"{at - top['exponent']:+.2f} | {lost} | "
                         f"{_contains(s.interval, top['peak_lr'])} | "
                         f"{_contains(_bounds(carried), top['peak_lr'])} |"
@@ -276,13 +284,13 @@ def main() -> None:
                 if mode == "ramp":
                     run_ramp(corpus)
                 elif mode == "probe":
-                    run_probe(
-                        corpus, steps=PROBE_STEPS if args.shape == "base" else 54, shape=args.shape
-                    )
+                    steps = PROBE_STEPS if args.shape == "base" else SHORT_PROBE_STEPS
+                    run_probe(corpus, steps=steps, shape=args.shape)
                 elif mode == "probe-cool":  # 6 steps at the LR, then 3 falling to a tenth
-                    run_probe(corpus, steps=54, shape=args.shape, cooldown=COOLDOWN)
+                    run_probe(corpus, steps=SHORT_PROBE_STEPS, shape=args.shape, cooldown=COOLDOWN)
                 else:  # probe-seedN: seed N, runs of 6 steps (seed 0 is saved as "probe")
-                    run_probe(corpus, int(mode.removeprefix("probe-seed")), 54, args.shape)
+                    seed = int(mode.removeprefix("probe-seed"))
+                    run_probe(corpus, seed, SHORT_PROBE_STEPS, args.shape)
 
 
 if __name__ == "__main__":
