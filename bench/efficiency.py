@@ -2,11 +2,13 @@
 steps spent, for three ways of choosing the peak LR on the stdlib corpus (the grid's study:
 100-step warmup + cosine fine-tunes, 4 x 64 tokens per step, eval every 25 steps).
 
-    python -m bench.efficiency run [--trials 6] [--arms lrsweep,random]  # resumes its journals
+    python -m bench.efficiency run [--trials 6] [--arms probe,ramp,random]  # resumes its journals
     python -m bench.efficiency                    # the table and bench/results/efficiency.png
 
-- ``lrsweep``: lrsweep's sweep as a user runs it: the range test (its 60 steps count), bounds
-  from it, the recommendation as the first trial, TPE, median pruning on the eval loss.
+- ``probe``: lrsweep's sweep as a user runs it: the default range test (probe runs; their
+  steps count), bounds from it, the recommendation as the first trial, TPE, median pruning on
+  the eval loss.
+- ``ramp``: the same with the classic exponential ramp as the range test (60 steps).
 - ``random``: random search over wide default bounds (peak LR 1e-6 .. 1e-2, the same warmup and
   min_lr ranges), no pruning.
 - ``grid``: bench.grid's points on stdlib (peak LR on a half-decade grid, refined around its
@@ -34,9 +36,11 @@ from lrsweep.sweep.plan import run_sweep
 
 SWEEPS = ROOT / "bench" / "results" / "sweep"
 ARMS = {
-    "lrsweep": [],
+    "probe": [],
+    "ramp": ["rangetest.mode=ramp"],
     "random": ["search.peak_lr=[1e-6, 1e-2]", "sweep.sampler=random", "sweep.pruner=none"],
 }
+RANGE_TESTS = ("probe", "ramp")  # the arms that start from lrsweep's range test
 WITHIN = (0.01, 0.0025)  # the target, and a tighter one (a decade around the best is
 # within 0.3 % on stdlib, so 1 % separates little)
 
@@ -46,8 +50,9 @@ logger = logging.getLogger("bench.efficiency")
 def run(trials: int, arms: list[str]) -> None:
     for arm in arms:
         extra, out = ARMS[arm], SWEEPS / arm
-        if arm == "lrsweep" and not (out / "rangetest.parquet").exists():
-            # The stdlib ramp of the quality benchmark is this arm's range test.
+        if arm == "ramp" and not (out / "rangetest.parquet").exists():
+            # The quality benchmark's stdlib ramp is this arm's range test; the probe arm
+            # runs its own, as a user's sweep does.
             shutil.copytree(find_dir("stdlib", "ramp"), out, dirs_exist_ok=True)
         logger.info("sweep %s", arm)
         run_sweep(study_config("stdlib", extra), out, trials=trials, progress=False)
@@ -61,7 +66,11 @@ def _trace(costs: list[int], losses: list[float]) -> pd.DataFrame:
 
 def traces() -> dict[str, pd.DataFrame]:
     out: dict[str, pd.DataFrame] = {}
-    rows = [r for r in load_rows() if r["corpus"] == "stdlib" and r["seed"] == 0]
+    rows = [
+        r
+        for r in load_rows()
+        if r["corpus"] == "stdlib" and r["seed"] == 0 and r.get("shape", "base") == "base"
+    ]
     base = [r for r in rows if r["exponent"] in BASE_EXPONENTS]
     refine = [r for r in rows if r["exponent"] not in BASE_EXPONENTS]
     grid = base + refine
@@ -75,7 +84,7 @@ def traces() -> dict[str, pd.DataFrame]:
         steps = curves.groupby("number")["step"].count()
         costs = [int(steps.get(n, 0)) for n in trials["number"]]
         losses = trials["eval_loss"].tolist()
-        found = load_find(path) if arm == "lrsweep" else None
+        found = load_find(path) if arm in RANGE_TESTS else None
         if found is not None:
             costs, losses = [found.curve.optimizer_steps, *costs], [math.nan, *losses]
         out[arm] = _trace(costs, losses)
