@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 
 from bench.corpora import CORPORA, HELD_OUT
@@ -45,8 +46,11 @@ FINDS = ROOT / "bench" / "results" / "find"
 PROBE_STEPS, PROBE_EVERY = 108, 3
 # Runs of the default 6 steps only: seeds other than 0, other shapes, the cooldown probe.
 SHORT_PROBE_STEPS = 54
-# probe-cool: the cooldown after each run's 6 steps; 3 keeps lrsweep find within 4 minutes.
-COOLDOWN = 3
+# Probes whose runs end with a cooldown, mode probe-kKcC: K steps at the LR, then C falling to
+# a tenth. k6c3 first (6 + 3 keeps lrsweep find within 4 minutes); then k3c3, the default's
+# cost, and k6c6, as long a decay as the fixed part.
+COOLED = re.compile(r"probe-k(\d+)c(\d+)")
+COOLED_MODES = ("probe-k6c3", "probe-k3c3", "probe-k6c6")
 
 logger = logging.getLogger("bench.quality")
 
@@ -65,7 +69,7 @@ def run_probe(
 ) -> None:
     """Probe mode with its runs' losses every 3 steps; ``seed`` varies the adapter init and
     the batches (the train/eval split stays the grid's); ``shape`` is one of the grid's;
-    ``cooldown`` steps of decay end each run (saved as mode ``probe-cool``)."""
+    ``cooldown`` steps of decay end each run (saved as mode ``probe-kKcC``)."""
     probe = [
         "rangetest.mode=probe",
         f"rangetest.run_steps={steps // 9}",
@@ -88,7 +92,7 @@ def run_probe(
     finally:
         detach_lora(model)
     mode = "probe" if seed == 0 else f"probe-seed{seed}"
-    mode = "probe-cool" if cooldown else mode
+    mode = f"probe-k{steps // 9}c{cooldown}" if cooldown else mode
     assert curve.start_loss is not None
     suggestion = suggest_probe(curve.lrs, curve.losses, curve.start_loss)
     save_and_draw(FindResult(curve, suggestion, cfg), find_dir(corpus, mode, shape))
@@ -220,8 +224,9 @@ def grid_loss(rows: list[dict], corpus: str, shape: str, exponent: float) -> flo
 def _readings(mode: str, found: FindResult) -> list[tuple[str, Suggestion]]:
     """What a saved probe suggests, named: a cooldown probe as it ran; a plain one at 3 steps
     per run (the default before issue 13) and at the default run length."""
-    if mode == "probe-cool":
-        return [(f"k={found.config.rangetest.run_steps} + cooldown", found.suggestion)]
+    if COOLED.fullmatch(mode):
+        rt = found.config.rangetest
+        return [(f"k={rt.run_steps} + {rt.cooldown_steps} cooldown", found.suggestion)]
     seed = "seed 0" if mode == "probe" else "seed 1"
     return [(f"k={k} {seed}", probe_at(found, k)) for k in (3, RangeTestConfig().run_steps)]
 
@@ -231,7 +236,7 @@ def quality_by_shape(rows: list[dict]) -> None:
     the loss regret at the suggestion (relative to the best), and whether the interval for the
     shape's run (lrsweep.horizon.carry) and the sweep's default bounds contain the best;
     3-step runs (the default before issue 13), the default 6-step runs (each seed) and the
-    6-step runs with a cooldown."""
+    runs that end with a cooldown (probe-kKcC)."""
     print(
         "| corpus | shape | grid best | method | log10 error | loss regret | interval | bounds |"
     )
@@ -244,7 +249,7 @@ def quality_by_shape(rows: list[dict]) -> None:
             so_far = "" if complete(rows, corpus, shape) else " so far"
             steps = study_config(corpus, SHAPES[shape]).sweep.steps
             name = corpus + (" (held out)" if corpus == HELD_OUT else "")
-            for mode in ("probe", "probe-seed1", "probe-cool"):
+            for mode in ("probe", "probe-seed1", *COOLED_MODES):
                 found = load_find(find_dir(corpus, mode, probe_shape))
                 if found is None:
                     continue
@@ -286,8 +291,9 @@ def main() -> None:
                 elif mode == "probe":
                     steps = PROBE_STEPS if args.shape == "base" else SHORT_PROBE_STEPS
                     run_probe(corpus, steps=steps, shape=args.shape)
-                elif mode == "probe-cool":  # 6 steps at the LR, then 3 falling to a tenth
-                    run_probe(corpus, steps=SHORT_PROBE_STEPS, shape=args.shape, cooldown=COOLDOWN)
+                elif cooled := COOLED.fullmatch(mode):
+                    k, cooldown = int(cooled[1]), int(cooled[2])
+                    run_probe(corpus, steps=9 * k, shape=args.shape, cooldown=cooldown)
                 else:  # probe-seedN: seed N, runs of 6 steps (seed 0 is saved as "probe")
                     seed = int(mode.removeprefix("probe-seed"))
                     run_probe(corpus, seed, SHORT_PROBE_STEPS, args.shape)
