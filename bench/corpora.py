@@ -6,10 +6,13 @@
   held out until the probe's run length (6 steps) was chosen after seeing it; it is a
   development corpus since.
 - ``infomanuals``: the GNU Info manuals in /usr/share/info (coreutils, find, grep, sed, gettext,
-  wget, ...: long-form technical prose with Info's node markup). **Held out** for the
-  probe-derivation work (issue 20): chosen and written down on 2026-12-02 before any run on
-  it; no choice of the method may look at its rows. Its base grid and its 1000-step and
-  16-row grids are the ground truth the chosen method is run against once.
+  wget, ...: long-form technical prose with Info's node markup). Held out from 2026-12-02
+  until the default probe was run on it once (2026-12-03); a development corpus since.
+- ``cheaders``: the C headers in /usr/include (glibc, Linux UAPI, the libraries' -dev
+  packages: C declarations, macros and their comments). **Held out** for the probe's next
+  method (issue 20): chosen and written down on 2026-12-03 before any run on it; no choice
+  of the method may look at its rows. Its base grid and its 1000-step and 16-row grids are
+  the ground truth the chosen method is run against once.
 - ``instruct``: lrsweep's stdlib-instruct task, the standard library's documented functions as
   "write this function" chats, trained on the answers only (an instruction fine-tune).
 
@@ -20,15 +23,17 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = ROOT / "runs" / "bench" / "corpora"
-CORPORA = ("stdlib", "licenses", "manpages", "instruct", "infomanuals")
-HELD_OUT = "infomanuals"
+CORPORA = ("stdlib", "licenses", "manpages", "instruct", "infomanuals", "cheaders")
+HELD_OUT = "cheaders"
 _MAN_BYTES = 2_000_000  # enough for 100k tokens after the seeded document shuffle
 _MAN_STRIDE = 7
+_HEADER_BYTES = 2_000_000
 
 
 def _licenses() -> list[str]:
@@ -73,6 +78,24 @@ def _infomanuals() -> list[str]:
     return docs
 
 
+def _cheaders() -> list[str]:
+    """Headers drawn in a seeded order from the whole tree (so that no one library fills it)
+    up to ``_HEADER_BYTES``; the forwarding stubs (under 500 characters) and the generated
+    giants (over 100k) are left out."""
+    docs, size = [], 0
+    headers = sorted(p for p in Path("/usr/include").rglob("*.h") if not p.is_symlink())
+    random.Random(0).shuffle(headers)
+    for path in headers:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if not 500 <= len(text) <= 100_000:
+            continue
+        docs.append(text)
+        size += len(text)
+        if size >= _HEADER_BYTES:
+            break
+    return docs
+
+
 def corpus_path(name: str) -> str:
     """The ``data.path`` of a corpus: "stdlib", "stdlib-instruct", or a JSONL file built on
     first use."""
@@ -80,7 +103,13 @@ def corpus_path(name: str) -> str:
         return {"stdlib": "stdlib", "instruct": "stdlib-instruct"}[name]
     path = CORPORA_DIR / f"{name}.jsonl"
     if not path.exists():
-        docs = {"licenses": _licenses, "manpages": _manpages, "infomanuals": _infomanuals}[name]()
+        readers = {
+            "licenses": _licenses,
+            "manpages": _manpages,
+            "infomanuals": _infomanuals,
+            "cheaders": _cheaders,
+        }
+        docs = readers[name]()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
