@@ -51,6 +51,11 @@ SHORT_PROBE_STEPS = 54
 # cost, and k6c6, as long a decay as the fixed part.
 COOLED = re.compile(r"probe-k(\d+)c(\d+)")
 COOLED_MODES = ("probe-k6c3", "probe-k3c3", "probe-k6c6")
+# Probes whose runs are the first trial's schedule in miniature, mode probe-cosN: N steps of
+# 5 % warmup and cosine decay to a tenth (rangetest.run_schedule = "cosine").
+COSINE = re.compile(r"probe-cos(\d+)")
+COSINE_MODES = ("probe-cos9", "probe-cos12")
+CANDIDATE_MODES = (*COOLED_MODES, *COSINE_MODES)
 
 logger = logging.getLogger("bench.quality")
 
@@ -65,15 +70,22 @@ def run_ramp(corpus: str) -> None:
 
 
 def run_probe(
-    corpus: str, seed: int = 0, steps: int = PROBE_STEPS, shape: str = "base", cooldown: int = 0
+    corpus: str,
+    seed: int = 0,
+    steps: int = PROBE_STEPS,
+    shape: str = "base",
+    cooldown: int = 0,
+    schedule: str = "constant",
 ) -> None:
     """Probe mode with its runs' losses every 3 steps; ``seed`` varies the adapter init and
     the batches (the train/eval split stays the grid's); ``shape`` is one of the grid's;
-    ``cooldown`` steps of decay end each run (saved as mode ``probe-kKcC``)."""
+    ``cooldown`` steps of decay end each run (saved as mode ``probe-kKcC``); ``schedule``
+    "cosine" makes each run a miniature fine-tune (mode ``probe-cosN``, scored at its end)."""
     probe = [
         "rangetest.mode=probe",
         f"rangetest.run_steps={steps // 9}",
         f"rangetest.cooldown_steps={cooldown}",
+        f"rangetest.run_schedule={schedule}",
     ]
     cfg = study_config(corpus, [*SHAPES[shape], *probe])
     ctx = prepare(cfg)
@@ -86,13 +98,14 @@ def run_probe(
             cfg.rangetest,
             Loop.of(cfg.train, ctx.precision),
             probe=ctx.blocks.eval,
-            eval_every=PROBE_EVERY,
+            eval_every=PROBE_EVERY if schedule == "constant" else 0,
             progress=False,
         )
     finally:
         detach_lora(model)
     mode = "probe" if seed == 0 else f"probe-seed{seed}"
     mode = f"probe-k{steps // 9}c{cooldown}" if cooldown else mode
+    mode = f"probe-cos{steps // 9}" if schedule == "cosine" else mode
     assert curve.start_loss is not None
     suggestion = suggest_probe(curve.lrs, curve.losses, curve.start_loss)
     save_and_draw(FindResult(curve, suggestion, cfg), find_dir(corpus, mode, shape))
@@ -202,7 +215,14 @@ def table() -> None:
 
 # The probe that stands for each grid shape: the probe runs at the planned batch shape, and
 # its length is the probe's own whatever the planned run's (lrsweep.horizon).
-SHAPE_PROBE = {"base": "base", "batch16": "batch16", "steps1000": "base"}
+SHAPE_PROBE = {
+    "base": "base",
+    "batch16": "batch16",
+    "steps300": "base",
+    "steps1000": "base",
+    "rank8": "rank8",
+    "rank64": "rank64",
+}
 
 
 def grid_loss(rows: list[dict], corpus: str, shape: str, exponent: float) -> float:
@@ -227,6 +247,8 @@ def _readings(mode: str, found: FindResult) -> list[tuple[str, Suggestion]]:
     if COOLED.fullmatch(mode):
         rt = found.config.rangetest
         return [(f"k={rt.run_steps} + {rt.cooldown_steps} cooldown", found.suggestion)]
+    if COSINE.fullmatch(mode):
+        return [(f"cosine, {found.config.rangetest.run_steps} steps", found.suggestion)]
     seed = "seed 0" if mode == "probe" else "seed 1"
     return [(f"k={k} {seed}", probe_at(found, k)) for k in (3, RangeTestConfig().run_steps)]
 
@@ -249,7 +271,7 @@ def quality_by_shape(rows: list[dict]) -> None:
             so_far = "" if complete(rows, corpus, shape) else " so far"
             steps = study_config(corpus, SHAPES[shape]).sweep.steps
             name = corpus + (" (held out)" if corpus == HELD_OUT else "")
-            for mode in ("probe", "probe-seed1", *COOLED_MODES):
+            for mode in ("probe", "probe-seed1", *CANDIDATE_MODES):
                 found = load_find(find_dir(corpus, mode, probe_shape))
                 if found is None:
                     continue
@@ -294,6 +316,10 @@ def main() -> None:
                 elif cooled := COOLED.fullmatch(mode):
                     k, cooldown = int(cooled[1]), int(cooled[2])
                     run_probe(corpus, steps=9 * k, shape=args.shape, cooldown=cooldown)
+                elif cosine := COSINE.fullmatch(mode):
+                    run_probe(
+                        corpus, steps=9 * int(cosine[1]), shape=args.shape, schedule="cosine"
+                    )
                 else:  # probe-seedN: seed N, runs of 6 steps (seed 0 is saved as "probe")
                     seed = int(mode.removeprefix("probe-seed"))
                     run_probe(corpus, seed, SHORT_PROBE_STEPS, args.shape)

@@ -199,6 +199,9 @@ class RangeTestConfig:
     cooldown_steps: probe mode: steps after each run's fixed-LR ones in which its LR falls
         linearly to a tenth (the first trial's floor), so that a run is scored decayed, as the
         fine-tune it predicts is; 0 (the default) scores it at the fixed LR.
+    run_schedule: probe mode: ``constant`` (each run at its fixed LR, then the cooldown) or
+        ``cosine`` (each run is the first trial's schedule in miniature: 5 % linear warmup,
+        then cosine decay to a tenth over its ``run_steps``; no cooldown).
     smoothing: EMA beta of the recorded loss (ramp).
     diverge_factor: stop once the smoothed loss exceeds this many times its best (ramp).
     signal: the loss a ramp records: ``eval`` (after every step, on ``probe_blocks`` fixed
@@ -215,6 +218,7 @@ class RangeTestConfig:
     runs: int = 9
     run_steps: int = 6
     cooldown_steps: int = 0
+    run_schedule: str = "constant"
     smoothing: float = 0.9
     diverge_factor: float = 4.0
     signal: str = "eval"
@@ -233,6 +237,13 @@ class RangeTestConfig:
         _at_least(
             "rangetest", self, steps=10, runs=3, run_steps=1, cooldown_steps=0, probe_blocks=1
         )
+        if self.run_schedule not in ("constant", "cosine"):
+            _fail(
+                "rangetest.run_schedule",
+                f"must be 'constant' or 'cosine', got {self.run_schedule!r}",
+            )
+        if self.run_schedule == "cosine" and self.cooldown_steps:
+            _fail("rangetest.cooldown_steps", "must be 0 with run_schedule = 'cosine' (it decays)")
         if self.spacing not in ("exp", "linear"):
             _fail("rangetest.spacing", f"must be 'exp' or 'linear', got {self.spacing!r}")
         if not 0 <= self.smoothing < 1:
@@ -247,7 +258,7 @@ class RangeTestConfig:
 # nothing, so a study file or a Python call that does so is refused.
 MODE_ONLY = {
     "ramp": ("steps", "spacing", "smoothing", "diverge_factor", "signal", "probe_blocks"),
-    "probe": ("runs", "run_steps", "cooldown_steps"),
+    "probe": ("runs", "run_steps", "cooldown_steps", "run_schedule"),
 }
 
 

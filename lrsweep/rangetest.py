@@ -21,7 +21,7 @@ import torch
 
 from lrsweep.config import RangeTestConfig
 from lrsweep.models import load_trainable_state, trainable_state
-from lrsweep.schedules import FIRST_MIN_LR_RATIO, ramp
+from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, Schedule, ramp
 from lrsweep.suggest import divergence_index, ema, probe_diverged
 from lrsweep.training import Batch, Loop, Precision, StepRecord, TrainResult, evaluate, train
 
@@ -216,9 +216,12 @@ class _ProbeRun:
         )
 
 
-def probe_lrs(lr: float, steps: int, cooldown: int) -> list[float]:
+def probe_lrs(lr: float, steps: int, cooldown: int, schedule: str = "constant") -> list[float]:
     """One probe run's LR per step: ``steps`` at ``lr``, then ``cooldown`` falling linearly
-    to the first trial's floor (``FIRST_MIN_LR_RATIO`` x lr), which the last step reaches."""
+    to the first trial's floor (``FIRST_MIN_LR_RATIO`` x lr), which the last step reaches;
+    with ``schedule = "cosine"``, the first trial's schedule over ``steps`` instead."""
+    if schedule == "cosine":
+        return Schedule(lr, steps, FIRST_WARMUP_FRACTION, FIRST_MIN_LR_RATIO).lrs()
     fall = [1 - (1 - FIRST_MIN_LR_RATIO) * (i + 1) / cooldown for i in range(cooldown)]
     return [lr] * steps + [lr * f for f in fall]
 
@@ -254,7 +257,7 @@ def run_probes(
                 model,
                 optimizer,
                 iter(fixed),
-                probe_lrs(lr, config.run_steps, config.cooldown_steps),
+                probe_lrs(lr, config.run_steps, config.cooldown_steps, config.run_schedule),
                 loop,
                 eval_blocks=probe,
                 eval_every=eval_every or per_run,

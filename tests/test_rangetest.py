@@ -10,6 +10,7 @@ import torch
 from lrsweep.config import RangeTestConfig
 from lrsweep.context import prepare
 from lrsweep.data import batches
+from lrsweep.errors import ConfigError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.rangetest import probe_lrs, run_probes, run_range_test
 from lrsweep.schedules import ramp
@@ -191,6 +192,21 @@ def test_probe_lrs_hold_then_fall_to_the_first_trials_floor() -> None:
     lrs = probe_lrs(1e-3, 2, 3)
     assert lrs[:2] == [1e-3, 1e-3] and lrs[-1] == pytest.approx(1e-4)
     assert lrs[2] == pytest.approx(7e-4) and lrs[3] == pytest.approx(4e-4)
+
+
+def test_cosine_probe_runs_are_the_first_trials_schedule_in_miniature() -> None:
+    lrs = probe_lrs(1e-3, 12, 0, "cosine")
+    # transformers' warmup: ceil(5 % of 12) = 1 step at LR 0, then the peak, then cosine.
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False))
+    assert 1e-4 < lrs[-1] < 1.2e-4  # towards the first trial's floor, a tenth
+
+
+def test_cosine_probe_refuses_a_cooldown() -> None:
+    with pytest.raises(ConfigError, match="rangetest.cooldown_steps"):
+        RangeTestConfig(run_schedule="cosine", cooldown_steps=2)
+    with pytest.raises(ConfigError, match="rangetest.run_schedule"):
+        RangeTestConfig(run_schedule="linear")
 
 
 def test_probe_cooldown_runs_on_from_the_fixed_lr_steps(trained) -> None:  # type: ignore[no-untyped-def]
