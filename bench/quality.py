@@ -131,6 +131,10 @@ def _bounds(found: FindResult) -> tuple[float, float] | None:
     return peak_lr_bounds(found.config, found.suggestion, max(found.curve.lrs))
 
 
+def _corpora(rows: list[dict]) -> list[str]:
+    return [c for c in CORPORA if any(r["corpus"] == c for r in rows)]
+
+
 def shape_table(rows: list[dict]) -> None:
     """The grid's best peak LR per corpus and fine-tune shape (bench.grid.SHAPES), where the
     grid of that shape is measured, and its ratio to the base shape's best."""
@@ -139,7 +143,7 @@ def shape_table(rows: list[dict]) -> None:
         return
     print("| corpus | " + " | ".join(measured) + " |")
     print("|---" * (len(measured) + 1) + "|")
-    for corpus in CORPORA:
+    for corpus in _corpora(rows):
         base = best(rows, corpus)
         cells = []
         for shape in measured:
@@ -158,10 +162,11 @@ def grid_table(rows: list[dict]) -> None:
     cells: dict[tuple[float, str], list[float]] = {}
     for r in rows:
         cells.setdefault((r["exponent"], r["corpus"]), []).append(score(r))
-    print("| peak LR | " + " | ".join(CORPORA) + " |")
-    print("|---" * (len(CORPORA) + 1) + "|")
+    corpora = _corpora(rows)
+    print("| peak LR | " + " | ".join(corpora) + " |")
+    print("|---" * (len(corpora) + 1) + "|")
     for exponent in sorted({e for e, _ in cells}):
-        values = [cells.get((exponent, c)) for c in CORPORA]
+        values = [cells.get((exponent, c)) for c in corpora]
         text = [
             ""
             if v is None
@@ -172,8 +177,10 @@ def grid_table(rows: list[dict]) -> None:
     print()
 
 
-def table() -> None:
-    rows = load_rows()
+def table(held_out: bool = False) -> None:
+    """Every table, the held-out corpus's rows left out unless ``held_out``: they are read
+    once, after the method is chosen."""
+    rows = [r for r in load_rows() if held_out or r["corpus"] != HELD_OUT]
     grid_table(rows)
     quality_by_shape(rows)
     print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
@@ -182,7 +189,7 @@ def table() -> None:
         f"{'corpus':<20} {'best':>8}  {'method':<26} {'suggested':>9} {'log10':>6} "
         f"{'interval':>8} {'bounds':>6}"
     )
-    for corpus in CORPORA:
+    for corpus in _corpora(rows):
         top = best(rows, corpus)
         if top is None:
             continue
@@ -263,7 +270,7 @@ def quality_by_shape(rows: list[dict]) -> None:
         "| corpus | shape | grid best | method | log10 error | loss regret | interval | bounds |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for corpus in CORPORA:
+    for corpus in _corpora(rows):
         for shape, probe_shape in SHAPE_PROBE.items():
             top = best(rows, corpus, shape)
             if top is None:
@@ -298,10 +305,13 @@ def main() -> None:
     parser.add_argument("--corpora", default=",".join(CORPORA))
     parser.add_argument("--modes", default="ramp,probe")
     parser.add_argument("--shape", default="base", choices=list(SHAPES))
+    parser.add_argument(
+        "--held-out", action="store_true", help=f"show {HELD_OUT}'s figures (read them once)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if args.action == "table":
-        table()
+        table(args.held_out)
         return
     for corpus in args.corpora.split(","):
         for mode in args.modes.split(","):
