@@ -212,7 +212,7 @@ def test_cosine_probe_refuses_a_cooldown() -> None:
 def test_probe_cooldown_runs_on_from_the_fixed_lr_steps(trained) -> None:  # type: ignore[no-untyped-def]
     ctx, model, opt = trained
     before = _state(model, opt)
-    cfg = RangeTestConfig(start_lr=1e-3, end_lr=1e-1, runs=3, run_steps=4)
+    cfg = RangeTestConfig(start_lr=1e-3, end_lr=1e-1, runs=3, run_steps=4, run_schedule="constant")
     fixed = _probes(ctx, model, opt, cfg)
     cooled = _probes(ctx, model, opt, dataclasses.replace(cfg, cooldown_steps=2))
     _assert_same(before, _state(model, opt))
