@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import sys
+from dataclasses import dataclass
 
 from bench.corpora import CORPORA, HELD_OUT
 from bench.grid import (
@@ -44,6 +45,8 @@ from lrsweep.training import Loop, make_optimizer
 
 FINDS = ROOT / "bench" / "results" / "find"
 PROBE_STEPS, PROBE_EVERY = 108, 3
+# The default before issue 20: constant-LR runs of 6 steps, the "old method" of the tables.
+OLD_K = 6
 # Runs of the default 6 steps only: seeds other than 0, other shapes, the cooldown probe.
 SHORT_PROBE_STEPS = 54
 # Probes whose runs end with a cooldown, mode probe-kKcC: K steps at the LR, then C falling to
@@ -182,7 +185,9 @@ def table(held_out: bool = False) -> None:
     once, after the method is chosen."""
     rows = [r for r in load_rows() if held_out or r["corpus"] != HELD_OUT]
     grid_table(rows)
-    quality_by_shape(rows)
+    found = readings(rows)
+    old_and_new(found)
+    quality_by_shape(found)
     print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
     print("sweep's default bounds (recommendation / 10 .. divergence) checked for containing it")
     print(
@@ -205,7 +210,7 @@ def table(held_out: bool = False) -> None:
                 continue
             for k in range(PROBE_EVERY, runs + 1, PROBE_EVERY):
                 s = probe_at(probe, k)
-                default = " (default)" if k == RangeTestConfig().run_steps else ""
+                default = " (old default)" if k == OLD_K else ""
                 seed = "" if mode == "probe" else " seed 1"
                 at_k = FindResult(probe.curve, s, probe.config)
                 lines.append((f"probe k={k}{seed}{default}", s.recommended_lr, at_k))
@@ -249,53 +254,121 @@ def grid_loss(rows: list[dict], corpus: str, shape: str, exponent: float) -> flo
 
 
 def _readings(mode: str, found: FindResult) -> list[tuple[str, Suggestion]]:
-    """What a saved probe suggests, named: a cooldown probe as it ran; a plain one at 3 steps
-    per run (the default before issue 13) and at the default run length."""
+    """What a saved probe suggests, named: a cooldown or cosine probe as it ran; a constant one
+    at 3 steps per run (the default before issue 13) and at OLD_K (the default before 20)."""
     if COOLED.fullmatch(mode):
         rt = found.config.rangetest
         return [(f"k={rt.run_steps} + {rt.cooldown_steps} cooldown", found.suggestion)]
     if COSINE.fullmatch(mode):
         return [(f"cosine, {found.config.rangetest.run_steps} steps", found.suggestion)]
     seed = "seed 0" if mode == "probe" else "seed 1"
-    return [(f"k={k} {seed}", probe_at(found, k)) for k in (3, RangeTestConfig().run_steps)]
+    return [(f"k={k} {seed}", probe_at(found, k)) for k in (3, OLD_K)]
 
 
-def quality_by_shape(rows: list[dict]) -> None:
-    """Per corpus and measured shape: the probe's error (log10 of suggested / the grid's best),
-    the loss regret at the suggestion (relative to the best), and whether the interval for the
-    shape's run (lrsweep.horizon.carry) and the sweep's default bounds contain the best;
-    3-step runs (the default before issue 13), the default 6-step runs (each seed) and the
-    runs that end with a cooldown (probe-kKcC)."""
-    print(
-        "| corpus | shape | grid best | method | log10 error | loss regret | interval | bounds |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+@dataclass
+class Reading:
+    """One probe's suggestion for one corpus and shape, scored against the grid."""
+
+    corpus: str
+    shape: str
+    top: dict  # the grid's best point
+    final: bool  # whether the grid of that shape has nothing left to run
+    method: str
+    error: float  # log10(recommended / best)
+    regret: float  # relative final loss at the recommendation; NaN outside the grid
+    interval: str
+    bounds: str
+
+
+def readings(rows: list[dict]) -> list[Reading]:
+    """Every saved probe's suggestion per corpus and measured shape, carried to the shape's
+    run (lrsweep.horizon.carry): its error, loss regret (the grid's loss interpolated at the
+    recommendation, relative to the best), and whether the interval and the sweep's default
+    bounds contain the best."""
+    out = []
     for corpus in _corpora(rows):
         for shape, probe_shape in SHAPE_PROBE.items():
             top = best(rows, corpus, shape)
             if top is None:
                 continue
-            so_far = "" if complete(rows, corpus, shape) else " so far"
             steps = study_config(corpus, SHAPES[shape]).sweep.steps
-            name = corpus + (" (held out)" if corpus == HELD_OUT else "")
             for mode in ("probe", "probe-seed1", *CANDIDATE_MODES):
                 found = load_find(find_dir(corpus, mode, probe_shape))
                 if found is None:
                     continue
                 for method, probed in _readings(mode, found):
                     s = carry(probed, steps)
-                    carried = FindResult(found.curve, s, found.config)
                     if s.recommended_lr is None:
                         continue
                     at = math.log10(s.recommended_lr)
-                    regret = grid_loss(rows, corpus, shape, at) / top["loss"] - 1
-                    lost = "-" if math.isnan(regret) else f"{regret:.2%}"  # outside the grid
-                    print(
-                        f"| {name} | {shape} | {top['exponent']:+.2f}{so_far} | {method} | "
-                        f"{at - top['exponent']:+.2f} | {lost} | "
-                        f"{_contains(s.interval, top['peak_lr'])} | "
-                        f"{_contains(_bounds(carried), top['peak_lr'])} |"
+                    bounds = _bounds(FindResult(found.curve, s, found.config))
+                    out.append(
+                        Reading(
+                            corpus,
+                            shape,
+                            top,
+                            complete(rows, corpus, shape),
+                            method,
+                            at - top["exponent"],
+                            grid_loss(rows, corpus, shape, at) / top["loss"] - 1,
+                            _contains(s.interval, top["peak_lr"]),
+                            _contains(bounds, top["peak_lr"]),
+                        )
                     )
+    return out
+
+
+def _name(r: Reading) -> str:
+    return r.corpus + (" (held out)" if r.corpus == HELD_OUT else "")
+
+
+def _regret(r: Reading) -> str:
+    return "-" if math.isnan(r.regret) else f"{r.regret:.2%}"  # outside the grid
+
+
+def _best(r: Reading) -> str:
+    return f"{r.top['exponent']:+.2f}" + ("" if r.final else " so far")
+
+
+def quality_by_shape(found: list[Reading]) -> None:
+    """Every reading: 3-step and OLD_K-step constant runs (each seed), the cooldown and the
+    cosine candidates."""
+    print(
+        "| corpus | shape | grid best | method | log10 error | loss regret | interval | bounds |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in found:
+        print(
+            f"| {_name(r)} | {r.shape} | {_best(r)} | {r.method} | {r.error:+.2f} | "
+            f"{_regret(r)} | {r.interval} | {r.bounds} |"
+        )
+    print()
+
+
+def old_and_new(found: list[Reading]) -> None:
+    """The old default (constant runs of OLD_K steps) and the new one (cosine runs of the
+    default length) side by side, seed 0, and how often each meets the targets."""
+    old, new = f"k={OLD_K} seed 0", f"cosine, {RangeTestConfig().run_steps} steps"
+    print(f"| corpus | shape | grid best | log10 error, {old} / {new} | loss regret, old / new |")
+    print("|---|---|---|---|---|")
+    cells = {(r.corpus, r.shape, r.method): r for r in found}
+    pairs = []
+    for corpus, shape in dict.fromkeys((r.corpus, r.shape) for r in found):
+        a, b = cells.get((corpus, shape, old)), cells.get((corpus, shape, new))
+        if a is None or b is None:
+            continue
+        pairs.append((a, b))
+        print(
+            f"| {_name(a)} | {shape} | {_best(a)} | {a.error:+.2f} / {b.error:+.2f} | "
+            f"{_regret(a)} / {_regret(b)} |"
+        )
+    print()
+    for i, method in enumerate((old, new)):
+        col = [p[i] for p in pairs]
+        if col:
+            mean = sum(abs(r.error) for r in col) / len(col)
+            hit = sum(abs(r.error) <= 0.3 and r.regret <= 0.005 for r in col)
+            print(f"{method}: mean |error| {mean:.3f}; both targets met in {hit} of {len(col)}")
     print()
 
 

@@ -490,7 +490,7 @@ def export(
     trials, _, meta = load_results(out, storage, study_name)
     rec = recommendation(trials)
     best = rec.best.row
-    cfg = config_mod.from_dict(meta["config"])
+    cfg = config_mod.from_stored(meta["config"])
     planned, source = planned_run(best, cfg, max_steps or 0, epochs or 0.0, into)
     text, notes = render(fmt or "json", best, cfg, planned, into)
     if output is None:

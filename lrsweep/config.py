@@ -512,6 +512,20 @@ def from_dict(raw: dict[str, Any]) -> StudyConfig:
     return StudyConfig(**values)
 
 
+# Keys added after results were first saved, with the value every run had before them: a
+# saved config that lacks one was made without it, not with today's default.
+_BEFORE_KEY: dict[str, dict[str, Any]] = {"rangetest": {"run_schedule": "constant"}}
+
+
+def from_stored(raw: dict[str, Any]) -> StudyConfig:
+    """:func:`from_dict` for a config read back from a saved range test or study."""
+    filled = dict(raw)
+    for section, keys in _BEFORE_KEY.items():
+        if isinstance(filled.get(section), dict):
+            filled[section] = {**keys, **filled[section]}
+    return from_dict(filled)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], value). The value is read as TOML
     (numbers, booleans, lists, quoted strings) and otherwise taken as a bare string."""

@@ -191,7 +191,7 @@ def load_find(out: Path, config: StudyConfig | None = None) -> FindResult | None
     if saved is None:
         return None
     frame, meta = saved
-    stored = config_mod.from_dict(meta["config"])
+    stored = config_mod.from_stored(meta["config"])
     if config is not None and config_mod.differences(stored, config, RANGETEST_KEYS):
         return None
     curve = RangeTestCurve(

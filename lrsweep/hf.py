@@ -368,7 +368,7 @@ def sweep(
     ``eval_every``, ``sampler``, ``pruner``, ...), with the same defaults as a study file.
     Same storage, study, worker loop, result files and report as ``lrsweep sweep``.
     """
-    from lrsweep.config import from_dict
+    from lrsweep.config import from_stored
     from lrsweep.sweep.worker import run_worker
 
     out = Path(out)
@@ -379,7 +379,7 @@ def sweep(
     def record_train(trainer: Trainer) -> None:
         # The study's [train] section describes the user's TrainingArguments, so that
         # lrsweep export reproduces their batch size, accumulation and optimizer settings.
-        stored = from_dict(StudyRecord.of(study).config or {})
+        stored = from_stored(StudyRecord.of(study).config or {})
         if trainer.args.seed != stored.seed and not warned:
             warned.append(True)
             logger.warning(

@@ -113,3 +113,17 @@ def test_cli_refuses_bad_input_with_one_line_and_exit_2(
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
     assert not out.exists()  # nothing half-written
+
+
+def test_a_saved_config_from_before_run_schedule_reads_as_the_constant_runs_it_made() -> None:
+    # Saved range tests and studies from before rangetest.run_schedule ran constant-LR
+    # probes, some with a cooldown: reading them back must neither fail nor relabel them.
+    raw = config_mod.StudyConfig().to_dict()
+    del raw["rangetest"]["run_schedule"]
+    raw["rangetest"].update(run_steps=6, cooldown_steps=3)
+    stored = config_mod.from_stored(raw)
+    assert stored.rangetest.run_schedule == "constant"
+    assert stored.rangetest.cooldown_steps == 3
+    assert config_mod.from_stored(config_mod.StudyConfig().to_dict()) == config_mod.StudyConfig()
+    with pytest.raises(ConfigError, match="cooldown_steps"):
+        config_mod.from_dict(raw)  # today's default (cosine) refuses the cooldown

@@ -164,7 +164,7 @@ def stored_config(out: Path, url: str | None, name: str) -> StudyConfig | None:
     except KeyError:
         return None
     stored = StudyRecord.of(study).config
-    return config_mod.from_dict(stored) if stored is not None else None
+    return config_mod.from_stored(stored) if stored is not None else None
 
 
 def settle(

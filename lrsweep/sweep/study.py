@@ -100,7 +100,7 @@ def check_joinable(study: optuna.Study, config: StudyConfig | None) -> StudyConf
             f"{__version__}; use the same version on every worker"
         )
     assert stored_record.config is not None
-    stored = config_mod.from_dict(stored_record.config)
+    stored = config_mod.from_stored(stored_record.config)
     if config is None:
         return stored
     diff = config_mod.differences(config, stored, STUDY_KEYS)
