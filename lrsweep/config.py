@@ -204,6 +204,9 @@ class RangeTestConfig:
         so that a run is the experiment it predicts, shorter; on the quality benchmark it
         halved the error and the loss regret of fixed-LR runs) or ``constant`` (each run at
         its fixed LR, then ``cooldown_steps``; the default before, with 6 steps).
+    seeds: probe mode: how many times the probe runs, each with the next seed (adapter init
+        and batches; on a Trainer, its next batches): the recommendation comes from the mean
+        loss per LR and the interval reaches every seed's own; the cost is that many probes.
     smoothing: EMA beta of the recorded loss (ramp).
     diverge_factor: stop once the smoothed loss exceeds this many times its best (ramp).
     signal: the loss a ramp records: ``eval`` (after every step, on ``probe_blocks`` fixed
@@ -221,6 +224,7 @@ class RangeTestConfig:
     run_steps: int = 12
     cooldown_steps: int = 0
     run_schedule: str = "cosine"
+    seeds: int = 1
     smoothing: float = 0.9
     diverge_factor: float = 4.0
     signal: str = "eval"
@@ -237,7 +241,14 @@ class RangeTestConfig:
                 "rangetest.start_lr", f"must be below end_lr ({self.end_lr}), got {self.start_lr}"
             )
         _at_least(
-            "rangetest", self, steps=10, runs=3, run_steps=1, cooldown_steps=0, probe_blocks=1
+            "rangetest",
+            self,
+            steps=10,
+            runs=3,
+            run_steps=1,
+            cooldown_steps=0,
+            seeds=1,
+            probe_blocks=1,
         )
         if self.run_schedule not in ("constant", "cosine"):
             _fail(
@@ -260,7 +271,7 @@ class RangeTestConfig:
 # nothing, so a study file or a Python call that does so is refused.
 MODE_ONLY = {
     "ramp": ("steps", "spacing", "smoothing", "diverge_factor", "signal", "probe_blocks"),
-    "probe": ("runs", "run_steps", "cooldown_steps", "run_schedule"),
+    "probe": ("runs", "run_steps", "cooldown_steps", "run_schedule", "seeds"),
 }
 
 

@@ -20,14 +20,16 @@ from lrsweep import config as config_mod
 from lrsweep.config import RANGETEST_KEYS, RangeTestConfig, StudyConfig
 from lrsweep.context import Context, prepare
 from lrsweep.horizon import CALIBRATION_STEPS, carry, planned_steps
-from lrsweep.rangetest import RangeTestCurve, run_probes, run_range_test
+from lrsweep.rangetest import RangeTestCurve, combine_seeds, run_probes, run_range_test
 from lrsweep.results import read_find, write_find
-from lrsweep.suggest import Suggestion, suggest, suggest_probe
+from lrsweep.suggest import Suggestion, suggest, suggest_probe, suggest_probe_seeds
 from lrsweep.training import Batch, Loop
 from lrsweep.version import __version__
 
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from lrsweep.data import Examples
     from lrsweep.oom import Attempt
 
@@ -101,14 +103,31 @@ def measure(
     progress: bool = True,
 ) -> tuple[RangeTestCurve, Suggestion]:
     """The range test of ``config.mode`` on ``model`` and its suggestion; the model and
-    optimizer are left exactly as they were."""
+    optimizer are left exactly as they were. A probe of ``config.seeds`` > 1 repeats on the
+    next batches of ``batches`` (the adapter's init stays: it is the caller's)."""
     if config.mode == "probe":
         assert probe is not None, "probe mode scores on held-out batches"
-        curve = run_probes(model, optimizer, batches, config, loop, probe=probe, progress=progress)
-        assert curve.start_loss is not None
-        return curve, suggest_probe(curve.lrs, curve.losses, curve.start_loss)
-    curve = run_range_test(model, optimizer, batches, config, loop, probe=probe, progress=progress)
-    return curve, suggest(curve.lrs, curve.losses, diverge_factor=config.diverge_factor)
+        curve = combine_seeds(
+            [
+                run_probes(model, optimizer, batches, config, loop, probe=probe, progress=progress)
+                for _ in range(config.seeds)
+            ]
+        )
+    else:
+        curve = run_range_test(
+            model, optimizer, batches, config, loop, probe=probe, progress=progress
+        )
+    return curve, suggestion_of(curve, config)
+
+
+def suggestion_of(curve: RangeTestCurve, config: RangeTestConfig) -> Suggestion:
+    """The suggestion of a measured range test: its mode's rule on its curve."""
+    if config.mode == "ramp":
+        return suggest(curve.lrs, curve.losses, diverge_factor=config.diverge_factor)
+    assert curve.start_loss is not None
+    if curve.seed_losses is not None:
+        return suggest_probe_seeds(curve.lrs, curve.seed_losses, curve.start_loss)
+    return suggest_probe(curve.lrs, curve.losses, curve.start_loss)
 
 
 def run_find(ctx: Context, progress: bool = True, start: Attempt | None = None) -> FindResult:
@@ -129,21 +148,29 @@ def run_find(ctx: Context, progress: bool = True, start: Attempt | None = None) 
 def _measure_once(
     ctx: Context, attempt: Attempt, progress: bool
 ) -> tuple[RangeTestCurve, Suggestion]:
+    """The range test once, a fresh adapter and batch order for each of the probe's seeds."""
     from lrsweep.data import batches
     from lrsweep.models import attach_lora, detach_lora
     from lrsweep.training import make_optimizer
 
     cfg = ctx.config
-    model = attach_lora(ctx.base, cfg.lora, cfg.seed)
-    try:
-        data = attempt.batches(batches(ctx.blocks.train, cfg.train.batch_size, cfg.seed))
-        optimizer = make_optimizer(model, cfg.train)
-        loop = Loop.of(attempt.train, ctx.precision)
-        return measure(
-            model, optimizer, data, cfg.rangetest, loop, probe=ctx.blocks.eval, progress=progress
-        )
-    finally:
-        detach_lora(model)
+    seeds = cfg.rangetest.seeds if cfg.rangetest.mode == "probe" else 1
+    one = dataclasses.replace(cfg.rangetest, seeds=1)
+    curves = []
+    for seed in range(cfg.seed, cfg.seed + seeds):
+        model = attach_lora(ctx.base, cfg.lora, seed)
+        try:
+            data = attempt.batches(batches(ctx.blocks.train, cfg.train.batch_size, seed))
+            optimizer = make_optimizer(model, cfg.train)
+            loop = Loop.of(attempt.train, ctx.precision)
+            curve, _ = measure(
+                model, optimizer, data, one, loop, probe=ctx.blocks.eval, progress=progress
+            )
+            curves.append(curve)
+        finally:
+            detach_lora(model)
+    curve = combine_seeds(curves)
+    return curve, suggestion_of(curve, cfg.rangetest)
 
 
 def save_find(result: FindResult, out: Path) -> None:
@@ -184,6 +211,10 @@ def find_lr(
     return result
 
 
+def _lists(frame: pd.DataFrame, column: str) -> list[list[float]] | None:
+    return frame[column].map(list).tolist() if column in frame else None
+
+
 def load_find(out: Path, config: StudyConfig | None = None) -> FindResult | None:
     """The range test saved in ``out``, or None when there is none (or, with ``config``,
     when it was made with a different model, data, LoRA, training or range test)."""
@@ -206,7 +237,8 @@ def load_find(out: Path, config: StudyConfig | None = None) -> FindResult | None
         mode=meta["config"]["rangetest"].get("mode", "ramp"),
         start_loss=meta.get("start_loss"),
         spent_steps=meta.get("optimizer_steps", 0),
-        run_losses=frame["run_losses"].map(list).tolist() if "run_losses" in frame else None,
+        run_losses=_lists(frame, "run_losses"),
+        seed_losses=_lists(frame, "seed_losses"),
     )
     suggestion = Suggestion.from_dict(meta["suggestion"])
     return FindResult(curve, suggestion, stored, out, meta.get("train_sequences", 0))

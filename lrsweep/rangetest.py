@@ -46,6 +46,7 @@ class RangeTestCurve:
     spent_steps: int = 0  # optimizer steps of the probe runs (ramp: one per point)
     start_loss: float | None = None  # the held-out loss before any training
     run_losses: list[list[float]] | None = None  # each run's held-out loss at every eval
+    seed_losses: list[list[float]] | None = None  # several seeds: each one's loss per run
 
     @property
     def optimizer_steps(self) -> int:
@@ -53,7 +54,11 @@ class RangeTestCurve:
         return self.spent_steps if self.mode == "probe" else len(self.lrs)
 
     def frame(self) -> pd.DataFrame:
-        extra = {} if self.run_losses is None else {"run_losses": self.run_losses}
+        extra: dict[str, list[list[float]]] = {}
+        if self.run_losses is not None:
+            extra["run_losses"] = self.run_losses
+        if self.seed_losses is not None:
+            extra["seed_losses"] = self.seed_losses
         return pd.DataFrame(
             {
                 **extra,
@@ -299,4 +304,32 @@ def _probe_curve(
         spent_steps=per_run * len(runs),
         start_loss=start_loss,
         run_losses=[r.evals for r in runs],
+    )
+
+
+def combine_seeds(curves: list[RangeTestCurve]) -> RangeTestCurve:
+    """One probe curve from the same probe run with several seeds: the LRs that every seed ran
+    (the first seed to diverge stops them all there), the mean loss per LR, each seed's in
+    ``seed_losses``, and the cost of them all; ``run_losses`` are the first seed's."""
+    if len(curves) == 1:
+        return curves[0]
+    n = min(len(c.lrs) for c in curves)
+    seed_losses = [[c.losses[i] for c in curves] for i in range(n)]
+    losses = [float(np.mean(row)) for row in seed_losses]
+    starts = [c.start_loss for c in curves if c.start_loss is not None]
+    first = curves[0]
+    return RangeTestCurve(
+        lrs=first.lrs[:n],
+        losses=losses,
+        smoothed=losses,
+        train_losses=[float(np.mean([c.train_losses[i] for c in curves])) for i in range(n)],
+        tokens=[sum(c.tokens[i] for c in curves) for i in range(n)],
+        seconds=[sum(c.seconds[i] for c in curves) for i in range(n)],
+        stop_reason=next((c.stop_reason for c in curves if len(c.lrs) == n), None),
+        seconds_per_step=float(np.mean([c.seconds_per_step for c in curves])),
+        mode="probe",
+        spent_steps=sum(c.spent_steps for c in curves),
+        start_loss=float(np.mean(starts)) if starts else None,
+        run_losses=first.run_losses[:n] if first.run_losses is not None else None,
+        seed_losses=seed_losses,
     )

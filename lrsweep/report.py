@@ -75,7 +75,14 @@ def plot_rangetest(
         ax.plot(curve["lr"], curve["loss"], color="0.7", lw=1, label="loss")
         ax.plot(curve["lr"], curve["smoothed_loss"], color="C0", lw=2, label="smoothed loss")
     else:
-        ax.plot(curve["lr"], curve["loss"], "o-", color="C0", lw=2, label="loss after the run")
+        if "seed_losses" in curve:  # each seed's runs, under their mean
+            by_seed = np.array(curve["seed_losses"].map(list).tolist(), dtype=float).T
+            for k, losses in enumerate(by_seed):
+                ax.plot(
+                    curve["lr"], losses, ".", color="0.6", label="each seed" if k == 0 else None
+                )
+        label = "mean loss after the runs" if "seed_losses" in curve else "loss after the run"
+        ax.plot(curve["lr"], curve["loss"], "o-", color="C0", lw=2, label=label)
         ax.axhline(start_loss, color="0.5", lw=1, ls="--", label="untrained")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")

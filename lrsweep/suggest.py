@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -409,3 +409,27 @@ def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: flo
         warnings.append("suggestion at the edge of the tested range")
     interval = _interval(rec, [low, high], divergence)
     return Suggestion(rec, interval, divergence, methods, None, tuple(warnings), "probe")
+
+
+def suggest_probe_seeds(
+    lrs: Sequence[float], seed_losses: Sequence[Sequence[float]], start_loss: float
+) -> Suggestion:
+    """The suggestion of a probe repeated over seeds: ``seed_losses[i]`` holds each seed's
+    held-out loss after its run at ``lrs[i]``. The recommendation is :func:`suggest_probe` on
+    the mean loss per LR (NaN where a seed did not finish); the interval also reaches each
+    seed's own recommendation, so that it is at least as wide as their spread; those are
+    under ``methods`` as "seed k"."""
+    by_seed = np.asarray(seed_losses, dtype=float).T
+    combined = suggest_probe(lrs, by_seed.mean(axis=0), start_loss)
+    if combined.recommended_lr is None or combined.interval is None:
+        return combined
+    own = [suggest_probe(lrs, losses, start_loss) for losses in by_seed]
+    methods = {
+        **combined.methods,
+        **{f"seed {k}": MethodResult(s.recommended_lr, s.reason) for k, s in enumerate(own)},
+    }
+    found = [s.recommended_lr for s in own if s.recommended_lr is not None]
+    interval = _interval(
+        combined.recommended_lr, [*combined.interval, *found], combined.divergence_lr
+    )
+    return replace(combined, interval=interval, methods=methods)

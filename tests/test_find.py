@@ -98,6 +98,24 @@ def test_cli_find_probe_mode_writes_one_point_per_run(
     assert code == 2 and err == "error: rangetest.runs: must be at least 3, got 2\n"
 
 
+def test_probe_over_seeds_repeats_it_with_the_next_seeds_and_means_them(tmp_path: Path) -> None:
+    one = lrsweep.find_lr(tiny_config("rangetest.runs=4"), progress=False)
+    both = lrsweep.find_lr(
+        tiny_config("rangetest.runs=4", "rangetest.seeds=2"), out=tmp_path, progress=False
+    )
+    seed_losses = both.curve.seed_losses
+    assert seed_losses is not None and both.curve.lrs == one.curve.lrs[: len(seed_losses)]
+    # The first seed is the study's own probe; the second a fresh adapter and batch order.
+    assert [a for a, _ in seed_losses] == one.curve.losses[: len(seed_losses)]
+    assert all(a != b for a, b in seed_losses)
+    assert both.curve.losses == pytest.approx([(a + b) / 2 for a, b in seed_losses])
+    assert both.curve.optimizer_steps == 2 * len(seed_losses) * RangeTestConfig().run_steps
+    assert set(both.suggestion.methods) >= {"seed 0", "seed 1"}
+    found = load_find(tmp_path)
+    assert found is not None and found.curve.seed_losses == seed_losses
+    assert found.suggestion == both.suggestion
+
+
 def test_find_says_which_run_the_number_is_for(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -85,7 +85,8 @@ def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path, mode
             for k, v in trainer.optimizer.state_dict()["state"].items()
         }
         # Each mode's own length; the other mode's is refused, naming the key and the mode.
-        length = {"steps": 12} if mode == "ramp" else {"runs": 3}
+        # The probe twice: its second seed runs on the Trainer's next batches.
+        length = {"steps": 12} if mode == "ramp" else {"runs": 3, "seeds": 2}
         other = {"runs": 3} if mode == "ramp" else {"steps": 12}
         with pytest.raises(ConfigError, match=f"has no effect in {mode} mode"):
             hf.find_lr(trainer, mode=mode, progress=False, **other)  # type: ignore[arg-type]
@@ -100,6 +101,10 @@ def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path, mode
         )
         assert result.curve.mode == mode
         assert len(result.curve.lrs) == (12 if mode == "ramp" else 3)
+        if mode == "probe":
+            seed_losses = result.curve.seed_losses
+            assert seed_losses is not None and all(a != b for a, b in seed_losses)
+            assert set(result.suggestion.methods) >= {"seed 0", "seed 1"}
         assert (tmp_path / "f" / "suggestion.json").exists()
         assert result.config.train.grad_accum == 2
         # The number is for the Trainer's own run: 3 epochs (its default) of 4 x 2 rows.

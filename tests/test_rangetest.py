@@ -207,6 +207,8 @@ def test_cosine_probe_refuses_a_cooldown() -> None:
         RangeTestConfig(run_schedule="cosine", cooldown_steps=2)
     with pytest.raises(ConfigError, match="rangetest.run_schedule"):
         RangeTestConfig(run_schedule="linear")
+    with pytest.raises(ConfigError, match="rangetest.seeds: must be at least 1"):
+        RangeTestConfig(seeds=0)
 
 
 def test_probe_cooldown_runs_on_from_the_fixed_lr_steps(trained) -> None:  # type: ignore[no-untyped-def]

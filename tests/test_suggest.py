@@ -21,6 +21,7 @@ from lrsweep.suggest import (
     steep,
     suggest,
     suggest_probe,
+    suggest_probe_seeds,
     valley,
 )
 
@@ -299,3 +300,25 @@ def test_probe_flat_edges_and_too_few() -> None:
     assert any("edge" in w for w in high.warnings)
     nan = suggest_probe(lrs, [2.9, math.nan, math.nan, math.nan], 3.0)
     assert nan.recommended_lr is None and nan.reason == TOO_FEW
+
+
+def test_probe_over_seeds_recommends_from_the_mean_and_its_interval_covers_each_seed() -> None:
+    lrs = [10 ** (-5 + 0.5 * i) for i in range(9)]
+    # Seed 0 is best at 1e-4, seed 1 at 3.2e-3; both are good in between, where the mean is.
+    seed0 = [2.99, 2.95, 2.70, 2.75, 2.75, 2.98, 2.99, 3.5, 9.0]
+    seed1 = [2.99, 2.99, 2.98, 2.75, 2.75, 2.70, 2.95, 3.5, 9.0]
+    seeds = suggest_probe_seeds(lrs, list(zip(seed0, seed1, strict=True)), 3.0)
+    mean = suggest_probe(lrs, [(a + b) / 2 for a, b in zip(seed0, seed1, strict=True)], 3.0)
+    assert seeds.recommended_lr == mean.recommended_lr
+    lo, hi = seeds.methods["seed 0"].lr, seeds.methods["seed 1"].lr
+    assert lo == suggest_probe(lrs, seed0, 3.0).recommended_lr and lo is not None
+    assert hi == suggest_probe(lrs, seed1, 3.0).recommended_lr and hi is not None
+    # The mean curve's interval is narrower than the seeds' spread; the seeds' holds both.
+    assert mean.interval is not None and mean.interval[0] > lo and mean.interval[1] < hi
+    assert seeds.interval is not None
+    assert seeds.interval[0] <= lo and hi <= seeds.interval[1]
+    assert seeds.divergence_lr == mean.divergence_lr == lrs[7]
+    # Seeds that agree leave the mean's suggestion as it is.
+    same = suggest_probe_seeds(lrs, [(v, v) for v in seed0], 3.0)
+    alone = suggest_probe(lrs, seed0, 3.0)
+    assert (same.recommended_lr, same.interval) == (alone.recommended_lr, alone.interval)
