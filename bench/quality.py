@@ -9,7 +9,10 @@ Each corpus gets two range tests on the grid's study (same model, LoRA, 4 x 64 t
 - ``probe``: 9 fixed-LR runs from 1e-5 to 1e-1 of 12 steps each, scored on all 32 held-out
   blocks every 3 steps, so that one run shows what 3, 6, 9 or 12 steps per run would suggest
   (with a constant LR, the first k steps of a 12-step run are exactly a k-step run).
-A finished range test is saved and skipped on the next run.
+Candidates (``--modes``): ``probe-kKcC``, constant runs of K steps and C of cooldown;
+``probe-cosN``, runs of the default's cosine schedule over N steps (``-seedS``: seed S, read
+with the seed-0 probe as ``rangetest.seeds = 2`` would). A finished range test is saved and
+skipped on the next run.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from lrsweep.data import batches
 from lrsweep.find import FindResult, load_find, run_find, save_and_draw
 from lrsweep.horizon import carry
 from lrsweep.models import attach_lora, detach_lora
-from lrsweep.rangetest import run_probes
-from lrsweep.suggest import Suggestion, suggest_probe
+from lrsweep.rangetest import combine_seeds, run_probes
+from lrsweep.suggest import Suggestion, suggest_probe, suggest_probe_seeds
 from lrsweep.sweep.space import peak_lr_bounds
 from lrsweep.training import Loop, make_optimizer
 
@@ -56,8 +59,8 @@ COOLED = re.compile(r"probe-k(\d+)c(\d+)")
 COOLED_MODES = ("probe-k6c3", "probe-k3c3", "probe-k6c6")
 # Probes whose runs are the first trial's schedule in miniature, mode probe-cosN: N steps of
 # 5 % warmup and cosine decay to a tenth (rangetest.run_schedule = "cosine").
-COSINE = re.compile(r"probe-cos(\d+)")
-COSINE_MODES = ("probe-cos9", "probe-cos12")
+COSINE = re.compile(r"probe-cos(\d+)(?:-seed(\d+))?")
+COSINE_MODES = ("probe-cos9", "probe-cos12", "probe-cos12-seed1")
 CANDIDATE_MODES = (*COOLED_MODES, *COSINE_MODES)
 
 logger = logging.getLogger("bench.quality")
@@ -108,7 +111,8 @@ def run_probe(
         detach_lora(model)
     mode = "probe" if seed == 0 else f"probe-seed{seed}"
     mode = f"probe-k{steps // 9}c{cooldown}" if cooldown else mode
-    mode = f"probe-cos{steps // 9}" if schedule == "cosine" else mode
+    if schedule == "cosine":
+        mode = f"probe-cos{steps // 9}" + (f"-seed{seed}" if seed else "")
     assert curve.start_loss is not None
     suggestion = suggest_probe(curve.lrs, curve.losses, curve.start_loss)
     save_and_draw(FindResult(curve, suggestion, cfg), find_dir(corpus, mode, shape))
@@ -259,8 +263,20 @@ def _readings(mode: str, found: FindResult) -> list[tuple[str, Suggestion]]:
     if COOLED.fullmatch(mode):
         rt = found.config.rangetest
         return [(f"k={rt.run_steps} + {rt.cooldown_steps} cooldown", found.suggestion)]
-    if COSINE.fullmatch(mode):
-        return [(f"cosine, {found.config.rangetest.run_steps} steps", found.suggestion)]
+    if cosine := COSINE.fullmatch(mode):
+        name = f"cosine, {found.config.rangetest.run_steps} steps"
+        if cosine[2] is None:
+            return [(name, found.suggestion)]
+        # With the seed-0 probe, what rangetest.seeds = 2 would have suggested.
+        assert found.out is not None
+        first = load_find(found.out.parent / found.out.name.removesuffix(f"-seed{cosine[2]}"))
+        readings = [(f"{name}, seed {cosine[2]}", found.suggestion)]
+        if first is not None:
+            curve = combine_seeds([first.curve, found.curve])
+            assert curve.seed_losses is not None and curve.start_loss is not None
+            both = suggest_probe_seeds(curve.lrs, curve.seed_losses, curve.start_loss)
+            readings.append((f"{name}, 2 seeds", both))
+        return readings
     seed = "seed 0" if mode == "probe" else "seed 1"
     return [(f"k={k} {seed}", probe_at(found, k)) for k in (3, OLD_K)]
 
@@ -400,9 +416,8 @@ def main() -> None:
                     k, cooldown = int(cooled[1]), int(cooled[2])
                     run_probe(corpus, steps=9 * k, shape=args.shape, cooldown=cooldown)
                 elif cosine := COSINE.fullmatch(mode):
-                    run_probe(
-                        corpus, steps=9 * int(cosine[1]), shape=args.shape, schedule="cosine"
-                    )
+                    seed, steps = int(cosine[2] or 0), 9 * int(cosine[1])
+                    run_probe(corpus, seed, steps, args.shape, schedule="cosine")
                 else:  # probe-seedN: seed N, runs of 6 steps (seed 0 is saved as "probe")
                     seed = int(mode.removeprefix("probe-seed"))
                     run_probe(corpus, seed, SHORT_PROBE_STEPS, args.shape)
