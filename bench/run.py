@@ -14,6 +14,7 @@ BENCHMARKS = [
     "bench.workers",
     "bench.scaling",
     "bench.peakmem",
+    "bench.findtime",
     # Tables from the committed results of the long runs (bench.grid, bench.quality run,
     # bench.efficiency run: hours on a CPU, resumable).
     "bench.quality",
