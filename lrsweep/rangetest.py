@@ -1,6 +1,6 @@
 """The LR range test, in two modes: a ramp (one short run whose LR grows each optimizer step,
-recording the loss) or probes (short runs at fixed LRs from the same start, each scored by the
-held-out loss at its end).
+recording the loss) or probes (short runs at peak LRs from the same start, each scored by the
+held-out loss at its end; :func:`combine_seeds` joins a probe repeated over seeds).
 
 Either leaves no trace: the trainable weights, the optimizer state and the RNG states are
 snapshotted before and restored afterwards, also when the run fails midway.
@@ -242,8 +242,9 @@ def run_probes(
     eval_every: int = 0,
     progress: bool = True,
 ) -> RangeTestCurve:
-    """``config.runs`` runs of ``run_steps`` steps at fixed LRs from ``start_lr`` to
-    ``end_lr`` (then ``cooldown_steps`` of decay, :func:`probe_lrs`), each from the same
+    """``config.runs`` runs of ``run_steps`` steps at peak LRs from ``start_lr`` to
+    ``end_lr`` (each the first trial's schedule in miniature, or a fixed LR then
+    ``cooldown_steps`` of decay: :func:`probe_lrs`), each from the same
     weights, optimizer state, RNG state and batches, so that they differ only by their LR;
     each is scored by the loss on all of ``probe`` at its end (and every ``eval_every``
     steps, for ``run_losses``). Runs stop at the first LR that has diverged

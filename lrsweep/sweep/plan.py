@@ -94,7 +94,7 @@ class PreparedSweep:
         head = f"Estimate: {self.left} trials{extra} x {self.steps} steps"
         if self.needs_find:
             rt = cfg.rangetest
-            probe_steps = rt.runs * (rt.run_steps + rt.cooldown_steps)
+            probe_steps = rt.seeds * rt.runs * (rt.run_steps + rt.cooldown_steps)
             find_steps = probe_steps if rt.mode == "probe" else rt.steps
             return (
                 f"{head}, after the range test that sets the bounds ({rt.mode}: "

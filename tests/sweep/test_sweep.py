@@ -11,6 +11,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from lrsweep.config import RangeTestConfig
 from lrsweep.errors import StudyError
 from lrsweep.find import load_find
 from lrsweep.results import read_parquet
@@ -289,6 +290,10 @@ def test_dry_run_creates_no_study(
     code, out, err = dry_run(tmp_path)
     assert code == 0, err
     assert out.startswith("Estimate: 4 trials x 12 steps, after the range test")
+    probe = RangeTestConfig().runs * RangeTestConfig().run_steps
+    assert f"(probe: {probe} optimizer steps" in out
+    code, out, _ = dry_run(tmp_path, "--set", "rangetest.seeds=2")
+    assert code == 0 and f"(probe: {2 * probe} optimizer steps" in out  # each seed's probe
     # It plans, and writes nothing: no study, and no range test run for the bounds.
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
     code, out, err = run_cli(
