@@ -94,7 +94,7 @@ def cli(verbose: bool) -> None:
 @click.option(
     "--mode",
     type=click.Choice(["ramp", "probe"]),
-    help="ramp: one run whose LR grows every step; probe: short runs at fixed LRs from the "
+    help="ramp: one run whose LR grows every step; probe: short runs at peak LRs from the "
     "same start (default: the study's rangetest.mode, probe).",
 )
 @QUIET
@@ -128,7 +128,9 @@ def find(
         click.echo(memory)
     result = run_find(ctx, progress=not quiet, start=fits)
     save_and_draw(result, out)
-    unit = "fixed-LR runs" if result.curve.mode == "probe" else "steps"
+    unit = "probe runs" if result.curve.mode == "probe" else "steps"
+    if result.curve.seed_losses is not None:
+        unit += f" x {len(result.curve.seed_losses[0])} seeds"
     click.echo(
         format_suggestion(result.suggestion, len(result.curve.lrs), result.curve.stop_reason, unit)
     )

@@ -185,7 +185,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RangeTestConfig:
     """Args:
-    mode: ``probe`` (``runs`` short runs at fixed LRs, each from the same start on the same
+    mode: ``probe`` (``runs`` short runs at peak LRs, each from the same start on the same
         batches, scored by the held-out loss at their end; the default: on the quality
         benchmark it predicts the best peak LR of complete fine-tunes within a factor of 2,
         where the ramp's suggestions miss by up to 34x) or ``ramp`` (one run whose LR grows

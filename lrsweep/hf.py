@@ -150,7 +150,7 @@ def find_lr(
 ) -> FindResult:
     """The LR range test on ``trainer``'s model and data; the Trainer is left as it was.
 
-    ``mode`` is ``probe`` (fixed-LR runs, each scored on the first ``probe_batches``
+    ``mode`` is ``probe`` (short runs at peak LRs, each scored on the first ``probe_batches``
     batches of the Trainer's eval set; the default when it has one) or ``ramp`` (scored on
     those batches after every step, or by the training loss when there is no eval set; the
     default then). ``settings`` are any other ``[rangetest]`` keys (``start_lr``,

@@ -194,7 +194,7 @@ def _ramp_curve(
 
 @dataclass
 class _ProbeRun:
-    """One fixed-LR run of probe mode."""
+    """One run of probe mode."""
 
     lr: float
     loss: float  # held-out loss at its end (NaN when it did not finish)

@@ -41,7 +41,7 @@ def _fmt(lr: float | None) -> str:
 
 
 _YLABELS = {
-    "probe": "held-out loss at the end of each fixed-LR run",
+    "probe": "held-out loss at the end of each probe run",
     "eval": "held-out loss after each step",
     "train": "training loss",
 }

@@ -81,7 +81,7 @@ def test_cli_find_probe_mode_writes_one_point_per_run(
     args = ["find", str(ROOT / "studies" / "tiny.toml"), "--out", str(out_dir), "-q"]
     code, out, err = run_cli(capsys, monkeypatch, *args, "--mode", "probe")
     assert code == 0, err
-    assert "fixed-LR runs" in out and "Recommended peak LR" in out
+    assert "probe runs" in out and "Recommended peak LR" in out
     frame, meta = read_parquet(out_dir / "rangetest.parquet")
     assert meta["config"]["rangetest"]["mode"] == "probe"
     assert 3 <= len(frame) <= 9 and frame["lr"].is_monotonic_increasing
