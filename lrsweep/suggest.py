@@ -27,6 +27,7 @@ SHORT_DESCENT = "too few points in the descent"
 _MIN_POINTS = 10
 _HEAD = 10  # the first n // _HEAD points are early noise (fastai trims num_it // 10)
 _NOISE_SIGMAS = 3.0
+NEVER_DIVERGED = "never diverged: end_lr may be too low"
 _MIN_DROP = 0.002  # a descent must also exceed 0.2% of the start loss (LoRA drops are small)
 _DIVERGE_BETA = 0.9
 _MIN_WIDTH = 3.0  # the interval spans at least this factor
@@ -329,7 +330,7 @@ def suggest(
         log.debug("suggest: %s gave no LR, falling back to steep", basis)
     rec = methods[used].lr
     if divergence is None:
-        warnings.append("never diverged: end_lr may be too low")
+        warnings.append(NEVER_DIVERGED)
     if rec is None:
         return Suggestion(
             None, None, divergence, methods, methods[basis].reason, tuple(warnings), basis
@@ -404,7 +405,7 @@ def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: flo
     if i == 0:
         warnings.append("the lowest LR tested was the best: lower start_lr")
     if divergence is None:
-        warnings.append("never diverged: end_lr may be too low")
+        warnings.append(NEVER_DIVERGED)
     if i == len(y) - 1:
         warnings.append("suggestion at the edge of the tested range")
     interval = _interval(rec, [low, high], divergence)
@@ -418,18 +419,21 @@ def suggest_probe_seeds(
     held-out loss after its run at ``lrs[i]``. The recommendation is :func:`suggest_probe` on
     the mean loss per LR (NaN where a seed did not finish); the interval also reaches each
     seed's own recommendation, so that it is at least as wide as their spread; those are
-    under ``methods`` as "seed k"."""
+    under ``methods`` as "seed k". The divergence LR is the lowest that any seed diverged at
+    (the probe stopped every seed there), so that the sweep's bounds stay below it."""
     by_seed = np.asarray(seed_losses, dtype=float).T
     combined = suggest_probe(lrs, by_seed.mean(axis=0), start_loss)
+    own = [suggest_probe(lrs, losses, start_loss) for losses in by_seed]
+    diverged = [s.divergence_lr for s in (combined, *own) if s.divergence_lr is not None]
+    divergence = min(diverged, default=None)
+    warnings = tuple(w for w in combined.warnings if divergence is None or w != NEVER_DIVERGED)
+    combined = replace(combined, divergence_lr=divergence, warnings=warnings)
     if combined.recommended_lr is None or combined.interval is None:
         return combined
-    own = [suggest_probe(lrs, losses, start_loss) for losses in by_seed]
     methods = {
         **combined.methods,
         **{f"seed {k}": MethodResult(s.recommended_lr, s.reason) for k, s in enumerate(own)},
     }
     found = [s.recommended_lr for s in own if s.recommended_lr is not None]
-    interval = _interval(
-        combined.recommended_lr, [*combined.interval, *found], combined.divergence_lr
-    )
+    interval = _interval(combined.recommended_lr, [*combined.interval, *found], divergence)
     return replace(combined, interval=interval, methods=methods)

@@ -10,6 +10,7 @@ import pytest
 
 from lrsweep.suggest import (
     FLAT,
+    NEVER_DIVERGED,
     METHODS,
     TOO_FEW,
     MethodResult,
@@ -305,7 +306,7 @@ def test_probe_flat_edges_and_too_few() -> None:
 def test_probe_over_seeds_recommends_from_the_mean_and_its_interval_covers_each_seed() -> None:
     lrs = [10 ** (-5 + 0.5 * i) for i in range(9)]
     # Seed 0 is best at 1e-4, seed 1 at 3.2e-3; both are good in between, where the mean is.
-    seed0 = [2.99, 2.95, 2.70, 2.75, 2.75, 2.98, 2.99, 3.5, 9.0]
+    seed0 = [2.99, 2.95, 2.70, 2.75, 2.75, 2.95, 2.96, 3.5, 9.0]
     seed1 = [2.99, 2.99, 2.98, 2.75, 2.75, 2.70, 2.95, 3.5, 9.0]
     seeds = suggest_probe_seeds(lrs, list(zip(seed0, seed1, strict=True)), 3.0)
     mean = suggest_probe(lrs, [(a + b) / 2 for a, b in zip(seed0, seed1, strict=True)], 3.0)
@@ -322,3 +323,16 @@ def test_probe_over_seeds_recommends_from_the_mean_and_its_interval_covers_each_
     same = suggest_probe_seeds(lrs, [(v, v) for v in seed0], 3.0)
     alone = suggest_probe(lrs, seed0, 3.0)
     assert (same.recommended_lr, same.interval) == (alone.recommended_lr, alone.interval)
+
+
+def test_probe_over_seeds_diverges_where_the_first_seed_did() -> None:
+    """The probe stops every seed at the first one's divergence: the mean of a diverged run
+    and a good one can look fine, but the sweep's bounds must stay below it."""
+    lrs = [10 ** (-5 + 0.5 * i) for i in range(8)]
+    seed0 = [2.99, 2.95, 2.80, 2.70, 2.75, 2.85, 2.95, 3.05]  # diverged at 3.2e-2
+    seed1 = [2.99, 2.96, 2.82, 2.72, 2.74, 2.78, 2.76, 2.75]
+    mean = suggest_probe(lrs, [(a + b) / 2 for a, b in zip(seed0, seed1, strict=True)], 3.0)
+    assert mean.divergence_lr is None and NEVER_DIVERGED in mean.warnings
+    seeds = suggest_probe_seeds(lrs, list(zip(seed0, seed1, strict=True)), 3.0)
+    assert seeds.divergence_lr == lrs[7] and NEVER_DIVERGED not in seeds.warnings
+    assert seeds.interval is not None and seeds.interval[1] <= lrs[7] / 2
