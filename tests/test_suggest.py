@@ -10,8 +10,8 @@ import pytest
 
 from lrsweep.suggest import (
     FLAT,
-    NEVER_DIVERGED,
     METHODS,
+    NEVER_DIVERGED,
     TOO_FEW,
     MethodResult,
     Suggestion,
