@@ -243,7 +243,8 @@ SHAPE_PROBE = {
 
 def grid_loss(rows: list[dict], corpus: str, shape: str, exponent: float) -> float:
     """The grid's final loss at ``exponent`` (log10 of the peak LR), linear between its
-    measured points (mean over seeds); NaN outside them, inf next to a diverged point."""
+    measured points (mean over seeds); NaN outside them. Towards a diverged neighbour the line
+    overstates the loss just below the cliff (a pessimistic regret there)."""
     by_lr: dict[float, list[float]] = {}
     for r in rows:
         if r["corpus"] == corpus and r.get("shape", "base") == shape:
