@@ -50,7 +50,7 @@ FINDS = ROOT / "bench" / "results" / "find"
 PROBE_STEPS, PROBE_EVERY = 108, 3
 # The default before issue 20: constant-LR runs of 6 steps, the "old method" of the tables.
 OLD_K = 6
-# Runs of the default 6 steps only: seeds other than 0, other shapes, the cooldown probe.
+# Constant runs of OLD_K steps only: seeds other than 0 and other shapes of the old probe.
 SHORT_PROBE_STEPS = 54
 # Probes whose runs end with a cooldown, mode probe-kKcC: K steps at the LR, then C falling to
 # a tenth. k6c3 first (6 + 3 keeps lrsweep find within 4 minutes); then k3c3, the default's
