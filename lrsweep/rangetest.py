@@ -22,7 +22,13 @@ import torch
 from lrsweep.config import RangeTestConfig
 from lrsweep.models import load_trainable_state, trainable_state
 from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, Schedule, ramp
-from lrsweep.suggest import divergence_index, ema, probe_diverged
+from lrsweep.suggest import (
+    divergence_index,
+    ema,
+    probe_as_good,
+    probe_clearly_worse,
+    probe_diverged,
+)
 from lrsweep.training import Batch, Loop, Precision, StepRecord, TrainResult, evaluate, train
 
 
@@ -247,8 +253,9 @@ def run_probes(
     ``cooldown_steps`` of decay: :func:`probe_lrs`), each from the same
     weights, optimizer state, RNG state and batches, so that they differ only by their LR;
     each is scored by the loss on all of ``probe`` at its end (and every ``eval_every``
-    steps, for ``run_losses``). Runs stop at the first LR that has diverged
-    (:func:`lrsweep.suggest.probe_diverged`) once a lower LR improved on the start."""
+    steps, for ``run_losses``). The runs go up from the middle of the range to the first LR
+    that has diverged (:func:`lrsweep.suggest.probe_diverged`, once a run improved on the
+    start; or clearly worse than the start), then down to the first LR out of the interval."""
     lrs = ramp(config.start_lr, config.end_lr, config.runs, config.spacing)
     per_run = config.run_steps + config.cooldown_steps
     fixed = [next(batches) for _ in range(per_run * loop.grad_accum)]
@@ -256,35 +263,66 @@ def run_probes(
     runs: list[_ProbeRun] = []
     stop_reason = None
     start_loss = evaluate(model, probe, loop.eval_batch_size, loop.precision)
+
+    def run(lr: float) -> _ProbeRun:
+        _restore(model, optimizer, loop.precision, saved)
+        result = train(
+            model,
+            optimizer,
+            iter(fixed),
+            probe_lrs(lr, config.run_steps, config.cooldown_steps, config.run_schedule),
+            loop,
+            eval_blocks=probe,
+            eval_every=eval_every or per_run,
+            desc=f"probe {len(runs) + 1} (of up to {len(lrs)}) lr {lr:.1e}",
+            progress=progress,
+        )
+        return _ProbeRun.of(lr, result, per_run)
+
+    # From the middle of the range upwards until a run diverges, then downwards until a run
+    # falls out of the interval: the runs below it cannot change the suggestion (on the
+    # quality benchmark's saved probes they never did), and they are a third of the probe.
+    middle = len(lrs) // 2
     try:
-        for i, lr in enumerate(lrs):
-            _restore(model, optimizer, loop.precision, saved)
-            result = train(
-                model,
-                optimizer,
-                iter(fixed),
-                probe_lrs(lr, config.run_steps, config.cooldown_steps, config.run_schedule),
-                loop,
-                eval_blocks=probe,
-                eval_every=eval_every or per_run,
-                desc=f"probe {i + 1}/{len(lrs)} lr {lr:.1e}",
-                progress=progress,
-            )
-            runs.append(_ProbeRun.of(lr, result, per_run))
+        for lr in lrs[middle:]:
+            runs.append(run(lr))
             best = min(runs[:-1], key=lambda r: r.loss, default=None)
             loss = runs[-1].loss
-            if not math.isfinite(loss) or (
-                best is not None
-                and best.loss < start_loss
-                and probe_diverged(loss, start_loss, best.loss)
+            if (
+                not math.isfinite(loss)
+                or probe_clearly_worse(loss, start_loss)
+                or (
+                    best is not None
+                    and best.loss < start_loss
+                    and probe_diverged(loss, start_loss, best.loss)
+                )
             ):
                 stop_reason = (
                     f"diverged at lr {lr:.3g} (held-out loss back at or above the untrained one)"
                 )
                 break
+        for lr in reversed(lrs[:middle]):
+            runs.append(run(lr))
+            if _below_the_interval(runs, start_loss):
+                break
     finally:
         _restore(model, optimizer, loop.precision, saved)
-    return _probe_curve(runs, stop_reason, per_run, start_loss)
+    return _probe_curve(sorted(runs, key=lambda r: r.lr), stop_reason, per_run, start_loss)
+
+
+def _below_the_interval(runs: list[_ProbeRun], start_loss: float) -> bool:
+    """Whether the last run, below the best one so far, is out of the probe's interval, with
+    three finished runs for the parabola."""
+    finished = [r for r in runs if math.isfinite(r.loss)]
+    if len(finished) < 3:
+        return False
+    best = min(finished, key=lambda r: r.loss)
+    last = runs[-1]
+    return (
+        last.lr < best.lr
+        and best.loss < start_loss
+        and not probe_as_good(last.loss, start_loss, best.loss)
+    )
 
 
 def _probe_curve(

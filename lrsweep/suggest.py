@@ -366,6 +366,17 @@ def probe_diverged(loss: float, start_loss: float, best_loss: float) -> bool:
     return best_drop > _MIN_DROP * abs(start_loss) and drop < _DIVERGED_SHARE * best_drop
 
 
+def probe_clearly_worse(loss: float, start_loss: float) -> bool:
+    """Whether a probe run ended worse than untrained by more than a flat curve's noise: past
+    the edge even when no run has improved yet."""
+    return loss - start_loss > _MIN_DROP * abs(start_loss)
+
+
+def probe_as_good(loss: float, start_loss: float, best_loss: float) -> bool:
+    """Whether a probe run's loss drop is within the interval's share of the best run's."""
+    return start_loss - loss >= _PROBE_AS_GOOD * (start_loss - best_loss)
+
+
 def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: float) -> Suggestion:
     """The suggestion of probe mode: ``losses[i]`` is the held-out loss after a short run at
     (peak) LR ``lrs[i]``, all from the same start, whose loss was ``start_loss``.

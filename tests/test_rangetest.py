@@ -14,7 +14,7 @@ from lrsweep.errors import ConfigError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.rangetest import probe_lrs, run_probes, run_range_test
 from lrsweep.schedules import ramp
-from lrsweep.suggest import probe_diverged
+from lrsweep.suggest import probe_as_good, probe_diverged, suggest_probe
 from lrsweep.training import Loop, Precision, make_optimizer, train
 from tests.conftest import tiny_config
 
@@ -175,16 +175,25 @@ def test_probe_runs_start_alike_and_leave_no_trace(trained) -> None:  # type: ig
     assert all(loss < wide.start_loss for loss in wide.losses)
 
 
-def test_probe_stops_at_the_first_run_that_gives_back_the_drop(trained) -> None:  # type: ignore[no-untyped-def]
+def test_probe_goes_up_to_divergence_and_down_to_the_interval_s_edge(trained) -> None:  # type: ignore[no-untyped-def]
     ctx, model, opt = trained
-    curve = _probes(
-        ctx, model, opt, RangeTestConfig(start_lr=1e-3, end_lr=1e3, runs=7, run_steps=3)
-    )
+    cfg = RangeTestConfig(start_lr=1e-3, end_lr=1e3, runs=7, run_steps=3)
+    curve = _probes(ctx, model, opt, cfg)
     assert curve.stop_reason is not None and "diverged" in curve.stop_reason
-    assert len(curve.lrs) < 7
-    last, best = curve.losses[-1], min(curve.losses[:-1])
-    assert probe_diverged(last, curve.start_loss, best)
-    assert all(loss < curve.start_loss for loss in curve.losses[:-1])
+    assert curve.lrs == sorted(curve.lrs) and len(curve.lrs) < 7
+    start, best = curve.start_loss, min(curve.losses)
+    assert probe_diverged(curve.losses[-1], start, best)
+    # Downwards it stopped at the first run out of the interval: 1e-3 never ran.
+    assert curve.lrs[0] > cfg.start_lr and not probe_as_good(curve.losses[0], start, best)
+    assert all(probe_as_good(v, start, best) for v in curve.losses[1 : curve.losses.index(best)])
+    # The runs it skipped change nothing: with the 1e-3 run added (each run depends on its own
+    # LR only), the suggestion is the same.
+    low = _probes(
+        ctx, model, opt, RangeTestConfig(start_lr=1e-4, end_lr=1e-2, runs=3, run_steps=3)
+    )
+    assert low.lrs[1] == pytest.approx(1e-3)
+    full = suggest_probe([low.lrs[1], *curve.lrs], [low.losses[1], *curve.losses], start)
+    assert suggest_probe(curve.lrs, curve.losses, start) == full
 
 
 def test_probe_lrs_hold_then_fall_to_the_first_trials_floor() -> None:
