@@ -348,27 +348,37 @@ def _probe_curve(
 
 def combine_seeds(curves: list[RangeTestCurve]) -> RangeTestCurve:
     """One probe curve from the same probe run with several seeds: the LRs that every seed ran
-    (the first seed to diverge stops them all there), the mean loss per LR, each seed's in
-    ``seed_losses``, and the cost of them all; ``run_losses`` are the first seed's."""
+    (each went up to its own divergence and down to its own interval's edge), the mean loss
+    per LR, each seed's in ``seed_losses``, and the cost of them all; ``run_losses`` are the
+    first seed's."""
     if len(curves) == 1:
         return curves[0]
-    n = min(len(c.lrs) for c in curves)
-    seed_losses = [[c.losses[i] for c in curves] for i in range(n)]
+    lrs = sorted(set.intersection(*(set(c.lrs) for c in curves)))
+    at = [[c.lrs.index(lr) for c in curves] for lr in lrs]
+
+    def per_lr(values: Sequence[Sequence[float]]) -> list[list[float]]:
+        return [[float(v[i]) for v, i in zip(values, idx, strict=True)] for idx in at]
+
+    def summed(cumulative: Sequence[Sequence[float]]) -> list[float]:
+        runs = [np.diff(np.asarray(c, dtype=float), prepend=0).tolist() for c in cumulative]
+        return np.cumsum([sum(row) for row in per_lr(runs)]).tolist()
+
+    seed_losses = per_lr([c.losses for c in curves])
     losses = [float(np.mean(row)) for row in seed_losses]
     starts = [c.start_loss for c in curves if c.start_loss is not None]
     first = curves[0]
     return RangeTestCurve(
-        lrs=first.lrs[:n],
+        lrs=lrs,
         losses=losses,
         smoothed=losses,
-        train_losses=[float(np.mean([c.train_losses[i] for c in curves])) for i in range(n)],
-        tokens=[sum(c.tokens[i] for c in curves) for i in range(n)],
-        seconds=[sum(c.seconds[i] for c in curves) for i in range(n)],
-        stop_reason=next((c.stop_reason for c in curves if len(c.lrs) == n), None),
+        train_losses=[float(np.mean(row)) for row in per_lr([c.train_losses for c in curves])],
+        tokens=[int(t) for t in summed([c.tokens for c in curves])],
+        seconds=summed([c.seconds for c in curves]),
+        stop_reason=next((c.stop_reason for c in curves if lrs and c.lrs[-1] == lrs[-1]), None),
         seconds_per_step=float(np.mean([c.seconds_per_step for c in curves])),
         mode="probe",
         spent_steps=sum(c.spent_steps for c in curves),
         start_loss=float(np.mean(starts)) if starts else None,
-        run_losses=first.run_losses[:n] if first.run_losses is not None else None,
+        run_losses=[first.run_losses[idx[0]] for idx in at] if first.run_losses else None,
         seed_losses=seed_losses,
     )

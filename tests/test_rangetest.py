@@ -12,7 +12,13 @@ from lrsweep.context import prepare
 from lrsweep.data import batches
 from lrsweep.errors import ConfigError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
-from lrsweep.rangetest import probe_lrs, run_probes, run_range_test
+from lrsweep.rangetest import (
+    RangeTestCurve,
+    combine_seeds,
+    probe_lrs,
+    run_probes,
+    run_range_test,
+)
 from lrsweep.schedules import ramp
 from lrsweep.suggest import probe_as_good, probe_diverged, suggest_probe
 from lrsweep.training import Loop, Precision, make_optimizer, train
@@ -232,3 +238,33 @@ def test_probe_cooldown_runs_on_from_the_fixed_lr_steps(trained) -> None:  # typ
     assert all(len(r) == 3 for r in cooled.run_losses)
     assert cooled.losses == [r[-1] for r in cooled.run_losses] != fixed.losses
     assert cooled.spent_steps == 3 * 6
+
+
+def _curve(lrs: list[float], losses: list[float], stop: str | None = None) -> RangeTestCurve:
+    return RangeTestCurve(
+        lrs,
+        losses,
+        losses,
+        losses,
+        [10 * (i + 1) for i in range(len(lrs))],
+        [1.0 * (i + 1) for i in range(len(lrs))],
+        stop,
+        0.5,
+        "probe",
+        3 * len(lrs),
+        3.0,
+    )
+
+
+def test_seeds_combine_on_the_lrs_they_all_ran() -> None:
+    # Each seed went out from the middle to its own edges: the first diverged at 1e-1.
+    a = _curve([1e-4, 1e-3, 1e-2, 1e-1], [2.9, 2.7, 2.8, 3.5], "diverged at lr 0.1")
+    b = _curve([1e-3, 1e-2, 1e-1, 1.0], [2.8, 2.6, 2.9, 4.0], "diverged at lr 1")
+    both = combine_seeds([a, b])
+    assert both.lrs == [1e-3, 1e-2, 1e-1]
+    assert both.seed_losses == [[2.7, 2.8], [2.8, 2.6], [3.5, 2.9]]
+    assert both.losses == pytest.approx([2.75, 2.7, 3.2])
+    assert both.stop_reason == "diverged at lr 0.1" and both.optimizer_steps == 24
+    # Both seeds' runs at each LR kept (10 tokens each), cumulative.
+    assert both.tokens == [20, 40, 60] and both.seconds == [2.0, 4.0, 6.0]
+    assert combine_seeds([a]) is a
