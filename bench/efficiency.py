@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.grid import BASE_EXPONENTS, ROOT, load_rows, score, study_config
-from bench.quality import find_dir
+from bench.quality import OLD_PROBE, find_dir
 from lrsweep.find import load_find
 from lrsweep.sweep.collect import load_results
 from lrsweep.sweep.plan import run_sweep
@@ -38,8 +38,7 @@ from lrsweep.sweep.plan import run_sweep
 SWEEPS = ROOT / "bench" / "results" / "sweep"
 ARMS = {
     "probe": [],
-    # The default before issue 20: constant-LR probe runs of 6 steps.
-    "probe6": ["rangetest.run_schedule=constant", "rangetest.run_steps=6"],
+    "probe6": OLD_PROBE,  # the default before issue 20
     "ramp": ["rangetest.mode=ramp"],
     "random": ["search.peak_lr=[1e-6, 1e-2]", "sweep.sampler=random", "sweep.pruner=none"],
 }

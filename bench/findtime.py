@@ -18,11 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.quality import OLD_PROBE
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = {
     "cosine 12 (default)": [],
-    "constant 6 (before)": ["rangetest.run_schedule=constant", "rangetest.run_steps=6"],
+    "constant 6 (before)": OLD_PROBE,
 }
 
 

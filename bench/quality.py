@@ -48,8 +48,10 @@ from lrsweep.training import Loop, make_optimizer
 
 FINDS = ROOT / "bench" / "results" / "find"
 PROBE_STEPS, PROBE_EVERY = 108, 3
-# The default before issue 20: constant-LR runs of 6 steps, the "old method" of the tables.
+# The default before issue 20: constant-LR runs of 6 steps, the "old method" of the tables,
+# and the overrides that give it back (bench.efficiency, bench.findtime).
 OLD_K = 6
+OLD_PROBE = ["rangetest.run_schedule=constant", f"rangetest.run_steps={OLD_K}"]
 # Constant runs of OLD_K steps only: seeds other than 0 and other shapes of the old probe.
 SHORT_PROBE_STEPS = 54
 # Probes whose runs end with a cooldown, mode probe-kKcC: K steps at the LR, then C falling to

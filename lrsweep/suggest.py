@@ -372,8 +372,9 @@ def probe_clearly_worse(loss: float, start_loss: float) -> bool:
     return loss - start_loss > _MIN_DROP * abs(start_loss)
 
 
-def probe_as_good(loss: float, start_loss: float, best_loss: float) -> bool:
-    """Whether a probe run's loss drop is within the interval's share of the best run's."""
+def probe_as_good(loss: Any, start_loss: float, best_loss: float) -> Any:
+    """Whether a probe run's loss drop is within the interval's share of the best run's (for
+    a loss or an array of them)."""
     return start_loss - loss >= _PROBE_AS_GOOD * (start_loss - best_loss)
 
 
@@ -404,7 +405,7 @@ def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: flo
         if a > 0:  # a minimum: its vertex, kept within half a spacing of the best run
             half = (x[i + 1] - x[i - 1]) / 4
             best = float(np.clip(-b / (2 * a), x[i] - half, x[i] + half))
-    good = np.flatnonzero(finite & (drops >= _PROBE_AS_GOOD * drops[i]))
+    good = np.flatnonzero(finite & probe_as_good(y, start_loss, y[i]))
     rec = float(10**best)
     # At least one run spacing either side: the runs cannot resolve finer, and on the quality
     # benchmark the recommendation moved by up to 0.24 decade between seeds.
