@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def corpus_path(name: str) -> str:
         }
         docs = readers[name]()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        # One temporary file per process: two grid shards may build the same corpus at once.
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
         tmp.replace(path)
     return str(path)
