@@ -191,9 +191,9 @@ def table(held_out: bool = False) -> None:
     once, after the method is chosen."""
     rows = [r for r in load_rows() if held_out or r["corpus"] != HELD_OUT]
     grid_table(rows)
-    found = readings(rows)
-    old_and_new(found)
-    quality_by_shape(found)
+    scored = readings(rows)
+    old_and_new(scored)
+    quality_by_shape(scored)
     print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
     print("sweep's default bounds (recommendation / 10 .. divergence) checked for containing it")
     print(
@@ -207,9 +207,9 @@ def table(held_out: bool = False) -> None:
         lines: list[tuple[str, float | None, FindResult | None]] = []
         ramp = load_find(find_dir(corpus, "ramp"))
         if ramp is not None:
-            for name, method in ramp.suggestion.methods.items():
+            for name, result in ramp.suggestion.methods.items():
                 basis = name == ramp.suggestion.basis
-                lines.append((f"ramp {name}", method.lr, ramp if basis else None))
+                lines.append((f"ramp {name}", result.lr, ramp if basis else None))
         for mode, runs in (("probe", PROBE_STEPS // 9), ("probe-seed1", 6)):
             probe = load_find(find_dir(corpus, mode))
             if probe is None:
