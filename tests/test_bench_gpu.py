@@ -69,3 +69,23 @@ def test_without_a_gpu_it_says_so_in_one_line() -> None:
     assert proc.stdout.strip().splitlines() == [
         "bench/gpu.py: no CUDA GPU here, nothing measured (--cpu-smoke for a dry run)"
     ]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_sections_run_without_an_error(tmp_path: Path) -> None:
+    """The GPU run's code paths at toy sizes on the CPU, so that an lrsweep change that
+    bench/gpu.py missed fails here, not in the GPU's few minutes (a renamed Attempt method and
+    a study key that probe mode refuses both did)."""
+    sections = ["llama8b", "overhead", "llama8b_cli"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--cpu-smoke", "--out", str(tmp_path)]
+        + ["--only", ",".join(sections)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    for section in sections:
+        assert "error" not in results[section], results[section].get("traceback")
+    assert results["llama8b"]["oom_path"]["retries"], "the out-of-memory path was not taken"
+    assert results["llama8b_cli"]["sweep"]["exit_code"] == 0, results["llama8b_cli"]["sweep"]
