@@ -20,7 +20,7 @@ import numpy as np
 
 from bench.corpora import HELD_OUT
 from bench.grid import best, load_rows
-from bench.quality import SHAPE_PROBE, find_dir, grid_loss
+from bench.quality import SHAPE_PROBE, find_dir, grid_loss, same_data
 from lrsweep.find import load_find
 from lrsweep.suggest import Suggestion, probe_diverged, suggest_probe
 
@@ -46,7 +46,7 @@ def main() -> None:
             top = best(rows, corpus, shape)
             for seed, mode in enumerate(("probe-cos12", "probe-cos12-seed1")):
                 found = load_find(find_dir(corpus, mode, probe_shape))
-                if top is None or found is None:
+                if top is None or found is None or not same_data(rows, corpus, shape, found):
                     continue
                 c = found.curve
                 assert c.start_loss is not None

@@ -41,7 +41,7 @@ from lrsweep.models import load_base_model
 from lrsweep.schedules import CosineSchedule
 from lrsweep.sweep.space import first_trial
 from lrsweep.sweep.trial import run_trial
-from lrsweep.training import Precision
+from lrsweep.training import Precision, evaluate
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +244,15 @@ def complete(rows: list[dict], corpus: str, shape: str = "base") -> bool:
     return all(p.key in done for _, p in _plan_around(mine, base, [corpus], shape))
 
 
-def run_point(ctx: Context, point: Point) -> dict:
+def start_loss(ctx: Context) -> float:
+    """The held-out loss of the untrained model: the data's fingerprint. A fresh adapter adds
+    nothing (LoRA's B starts at zero), so it is the ``start_loss`` every probe saves, and a
+    probe is scored only against rows of the same data (bench.quality)."""
+    cfg = ctx.config
+    return evaluate(ctx.base.model, ctx.blocks.eval, cfg.train.eval_batch_size, ctx.precision)
+
+
+def run_point(ctx: Context, point: Point, untrained: float) -> dict:
     # The seed of the adapter init, data order and dropout; the train/eval split stays.
     cfg = ctx.config.replace(seed=point.seed)
     ctx = dataclasses.replace(ctx, config=cfg)
@@ -271,6 +279,7 @@ def run_point(ctx: Context, point: Point) -> dict:
         "train_loss_first_last": [run.records[0].loss, run.records[-1].loss],
         "reason": run.reason,
         "seconds": round(run.seconds, 1),
+        "start_loss": untrained,
     }
 
 
@@ -286,6 +295,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = None
     blocks: dict[str, Any] = {}
+    untrained: dict[str, float] = {}
     while True:
         rows = load_rows()
         done = {Point.of(r).key for r in rows}
@@ -304,7 +314,9 @@ def main() -> None:
         if point.corpus not in blocks:  # the same examples in every shape
             blocks[point.corpus] = load_blocks(cfg.data, cfg.train, base.tokenizer, cfg.seed)
         ctx = Context(cfg, base, blocks[point.corpus], Precision(base.device, base.dtype))
-        row = run_point(ctx, point)
+        if point.corpus not in untrained:
+            untrained[point.corpus] = start_loss(ctx)
+        row = run_point(ctx, point, untrained[point.corpus])
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
         logger.info(

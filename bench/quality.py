@@ -120,6 +120,28 @@ def run_probe(
     save_and_draw(FindResult(curve, suggestion, cfg), find_dir(corpus, mode, shape))
 
 
+def same_data(rows: list[dict], corpus: str, shape: str, found: FindResult) -> bool:
+    """Whether a probe ran on the data that the grid's rows of ``corpus`` and ``shape`` ran
+    on: their untrained held-out loss (``start_loss``, in the rows that record it) is the
+    probe's. The instruction task once changed under the grid with the environment that
+    builds it (BENCHMARKS.md), so a probe is scored only against rows of its own data."""
+    start = found.curve.start_loss
+    saved = {
+        r["start_loss"]
+        for r in rows
+        if r["corpus"] == corpus and r.get("shape", "base") == shape and "start_loss" in r
+    }
+    if start is None or all(math.isclose(v, start, rel_tol=1e-5) for v in saved):
+        return True
+    logger.warning(
+        "%s: left out, its data is not the grid's (untrained loss %.4f, the grid's %s)",
+        found.out,
+        start,
+        ", ".join(f"{v:.4f}" for v in sorted(saved)),
+    )
+    return False
+
+
 def probe_at(found: FindResult, k: int) -> Suggestion:
     """What a probe of k steps per run would suggest: its runs' losses after k steps."""
     curve = found.curve
@@ -212,7 +234,7 @@ def table(held_out: bool = False) -> None:
                 lines.append((f"ramp {name}", result.lr, ramp if basis else None))
         for mode, runs in (("probe", PROBE_STEPS // 9), ("probe-seed1", 6)):
             probe = load_find(find_dir(corpus, mode))
-            if probe is None:
+            if probe is None or not same_data(rows, corpus, "base", probe):
                 continue
             for k in range(PROBE_EVERY, runs + 1, PROBE_EVERY):
                 s = probe_at(probe, k)
@@ -313,7 +335,7 @@ def readings(rows: list[dict]) -> list[Reading]:
             steps = study_config(corpus, SHAPES[shape]).sweep.steps
             for mode in ("probe", "probe-seed1", *CANDIDATE_MODES):
                 found = load_find(find_dir(corpus, mode, probe_shape))
-                if found is None:
+                if found is None or not same_data(rows, corpus, shape, found):
                     continue
                 for method, probed in _readings(mode, found):
                     s = carry(probed, steps)
