@@ -385,7 +385,7 @@ def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: flo
     The best run's LR, refined by a parabola through it and its neighbours in log10(LR); the
     interval spans the runs whose loss drop is within 75% of the best drop, and at least one
     run spacing either side of the recommendation. No correction factor: on the quality
-    benchmark (BENCHMARKS.md) the best peak LR of 12-step cosine runs landed within 0.27
+    benchmark (BENCHMARKS.md) the best peak LR of 12-step cosine runs landed within 0.25
     decade of that of complete cosine fine-tunes in every development cell of up to 300
     steps, unscaled (and 0.55 decade high on the held-out corpus)."""
     x = np.log10(np.asarray(lrs, dtype=float))
