@@ -252,6 +252,18 @@ def start_loss(ctx: Context) -> float:
     return evaluate(ctx.base.model, ctx.blocks.eval, cfg.train.eval_batch_size, ctx.precision)
 
 
+def check_same_data(rows: list[dict], corpus: str, untrained: float) -> None:
+    """Stop before a row of other data joins a corpus's grid: its rows that record the
+    untrained loss must all match this build's."""
+    other = {r["start_loss"] for r in rows if r["corpus"] == corpus and "start_loss" in r}
+    if any(not math.isclose(v, untrained, rel_tol=1e-5) for v in other):
+        raise SystemExit(
+            f"bench.grid: {corpus} here has untrained held-out loss {untrained:.4f}, its grid "
+            f"rows {', '.join(f'{v:.4f}' for v in sorted(other))}: another build of the data; "
+            "move its rows out of grid.jsonl before running it again"
+        )
+
+
 def run_point(ctx: Context, point: Point, untrained: float) -> dict:
     # The seed of the adapter init, data order and dropout; the train/eval split stays.
     cfg = ctx.config.replace(seed=point.seed)
@@ -316,6 +328,7 @@ def main() -> None:
         ctx = Context(cfg, base, blocks[point.corpus], Precision(base.device, base.dtype))
         if point.corpus not in untrained:
             untrained[point.corpus] = start_loss(ctx)
+            check_same_data(rows, point.corpus, untrained[point.corpus])
         row = run_point(ctx, point, untrained[point.corpus])
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
