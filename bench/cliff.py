@@ -20,7 +20,7 @@ import numpy as np
 
 from bench.corpora import HELD_OUT
 from bench.grid import best, load_rows
-from bench.quality import SHAPE_PROBE, find_dir, grid_loss, same_data
+from bench.quality import SHAPE_PROBE, find_dir, grid_loss, meets_targets, same_data
 from lrsweep.find import load_find
 from lrsweep.suggest import Suggestion, probe_diverged, suggest_probe
 
@@ -28,9 +28,11 @@ from lrsweep.suggest import Suggestion, probe_diverged, suggest_probe
 def no_parabola_at_the_cliff(lrs: list[float], losses: list[float], start: float) -> Suggestion:
     """:func:`suggest_probe`, but the best run's own LR when the run above it diverged."""
     s = suggest_probe(lrs, losses, start)
+    if s.recommended_lr is None:
+        return s
     y = np.asarray(losses, dtype=float)
     i = int(np.nanargmax(start - y))
-    if s.recommended_lr is None or i + 1 >= len(y) or not probe_diverged(y[i + 1], start, y[i]):
+    if i + 1 >= len(y) or not probe_diverged(y[i + 1], start, y[i]):
         return s
     return dataclasses.replace(s, recommended_lr=float(lrs[i]))
 
@@ -58,7 +60,7 @@ def main() -> None:
                     at = math.log10(s.recommended_lr)
                     error = at - top["exponent"]
                     regret = grid_loss(rows, corpus, shape, at) / top["loss"] - 1
-                    hits[k] += abs(error) <= 0.3 and regret <= 0.005
+                    hits[k] += meets_targets(error, regret)
                     cells.append((error, regret))
                 (e0, r0), (e1, r1) = cells
                 print(

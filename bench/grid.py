@@ -252,11 +252,17 @@ def start_loss(ctx: Context) -> float:
     return evaluate(ctx.base.model, ctx.blocks.eval, cfg.train.eval_batch_size, ctx.precision)
 
 
+def same_build(a: float, b: float) -> bool:
+    """Whether two untrained held-out losses come from the same data: a rerun differs by
+    about 1e-7 relative (more on a GPU in bf16), two builds of instruct by 17 %."""
+    return math.isclose(a, b, rel_tol=1e-3)
+
+
 def check_same_data(rows: list[dict], corpus: str, untrained: float) -> None:
     """Stop before a row of other data joins a corpus's grid: its rows that record the
     untrained loss must all match this build's."""
     other = {r["start_loss"] for r in rows if r["corpus"] == corpus and "start_loss" in r}
-    if any(not math.isclose(v, untrained, rel_tol=1e-5) for v in other):
+    if any(not same_build(v, untrained) for v in other):
         raise SystemExit(
             f"bench.grid: {corpus} here has untrained held-out loss {untrained:.4f}, its grid "
             f"rows {', '.join(f'{v:.4f}' for v in sorted(other))}: another build of the data; "

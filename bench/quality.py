@@ -31,6 +31,7 @@ from bench.grid import (
     best,
     complete,
     load_rows,
+    same_build,
     score,
     study_config,
 )
@@ -131,7 +132,7 @@ def same_data(rows: list[dict], corpus: str, shape: str, found: FindResult) -> b
         for r in rows
         if r["corpus"] == corpus and r.get("shape", "base") == shape and "start_loss" in r
     }
-    if start is None or all(math.isclose(v, start, rel_tol=1e-5) for v in saved):
+    if start is None or all(same_build(v, start) for v in saved):
         return True
     logger.warning(
         "%s: left out, its data is not the grid's (untrained loss %.4f, the grid's %s)",
@@ -359,6 +360,11 @@ def readings(rows: list[dict]) -> list[Reading]:
     return out
 
 
+def meets_targets(error: float, regret: float) -> bool:
+    """Issue 20's targets: within 0.3 decade of the grid's best and 0.5 % of its loss."""
+    return abs(error) <= 0.3 and regret <= 0.005
+
+
 def _name(r: Reading) -> str:
     return r.corpus + (" (held out)" if r.corpus == HELD_OUT else "")
 
@@ -408,7 +414,7 @@ def old_and_new(found: list[Reading]) -> None:
         col = [p[i] for p in pairs]
         if col:
             mean = sum(abs(r.error) for r in col) / len(col)
-            hit = sum(abs(r.error) <= 0.3 and r.regret <= 0.005 for r in col)
+            hit = sum(meets_targets(r.error, r.regret) for r in col)
             print(f"{method}: mean |error| {mean:.3f}; both targets met in {hit} of {len(col)}")
     print()
 
