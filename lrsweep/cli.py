@@ -114,6 +114,7 @@ def find(
     from lrsweep import config as config_mod
     from lrsweep.context import prepare
     from lrsweep.find import run_find, save_and_draw
+    from lrsweep.horizon import how_sure
     from lrsweep.memory import check_memory
     from lrsweep.report import format_suggestion, format_trainer_snippet
 
@@ -143,6 +144,8 @@ def find(
         f"step, LoRA r = {run['lora_r']} (from {run['source']}); the number is the best "
         f"peak LR of a {run['calibrated_steps']}-step warmup + cosine fine-tune of that shape."
     )
+    if result.recommended_lr is not None:
+        click.echo(how_sure(result.curve.mode))
     click.echo(f"\nWrote {out}/rangetest.parquet, rangetest.png, suggestion.json")
     if result.recommended_lr is not None:
         click.echo("\nIn your own Trainer:\n" + format_trainer_snippet(result.recommended_lr, cfg))

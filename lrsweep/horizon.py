@@ -23,6 +23,22 @@ CALIBRATION_STEPS = 100
 LONGER_RUN_SHIFT = 0.75
 
 
+def how_sure(mode: str) -> str:
+    """One sentence on how far the number may be from the best peak LR, from the quality
+    benchmark (BENCHMARKS.md): the worst development cell within an epoch, the held-out one."""
+    if mode == "probe":
+        return (
+            "How sure: on lrsweep's benchmark the probe's number was within 1.8x of the best "
+            "peak LR of complete fine-tunes in every development cell within an epoch, and "
+            "3.5x too high on held-out data the model already predicted well; take it as the "
+            "first trial, and let lrsweep sweep search around it."
+        )
+    return (
+        "How sure: on lrsweep's benchmark the ramp's recommendation was 4.9x to 19x below the "
+        "best peak LR of complete fine-tunes; probe mode (the default) is the calibrated one."
+    )
+
+
 def planned_steps(
     max_steps: int, epochs: float, train_sequences: int, sequences_per_step: int
 ) -> int:
