@@ -193,7 +193,7 @@ class RangeTestConfig:
     start_lr, end_lr: the lowest and highest LR tested. steps: the ramp's optimizer steps.
     spacing: ``exp`` (geometric) or ``linear`` LRs between start_lr and end_lr.
     runs, run_steps: probe mode's number of runs and optimizer steps per run (12: with the
-        cosine runs, within 0.25 decade of the best peak LR of complete fine-tunes in the 13
+        cosine runs, within 0.25 decade of the best peak LR of complete fine-tunes in the 14
         development cells of the quality benchmark within an epoch).
     cooldown_steps: probe mode: steps after each run's fixed-LR ones in which its LR falls
         linearly to a tenth (the first trial's floor), so that a run is scored decayed, as the
