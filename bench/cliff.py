@@ -14,13 +14,12 @@ the number off the cliff; this replay measures both. Development corpora only.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
 from bench.corpora import HELD_OUT
 from bench.grid import best, load_rows
-from bench.quality import SHAPE_PROBE, find_dir, grid_loss, meets_targets, same_data
+from bench.quality import SHAPE_PROBE, error_and_regret, find_dir, meets_targets, same_data
 from lrsweep.find import load_find
 from lrsweep.suggest import Suggestion, probe_diverged, suggest_probe
 
@@ -57,9 +56,7 @@ def main() -> None:
                     (found.suggestion, no_parabola_at_the_cliff(c.lrs, c.losses, c.start_loss))
                 ):
                     assert s.recommended_lr is not None
-                    at = math.log10(s.recommended_lr)
-                    error = at - top["exponent"]
-                    regret = grid_loss(rows, corpus, shape, at) / top["loss"] - 1
+                    error, regret = error_and_regret(rows, corpus, shape, top, s.recommended_lr)
                     hits[k] += meets_targets(error, regret)
                     cells.append((error, regret))
                 (e0, r0), (e1, r1) = cells

@@ -258,14 +258,27 @@ def same_build(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-3)
 
 
+def other_builds(
+    rows: list[dict], corpus: str, untrained: float, shape: str | None = None
+) -> list[float]:
+    """The untrained losses, recorded in a corpus's rows (of one shape, or all), that are not
+    of the build whose untrained loss is ``untrained``."""
+    saved = {
+        r["start_loss"]
+        for r in rows
+        if r["corpus"] == corpus
+        and "start_loss" in r
+        and (shape is None or r.get("shape", "base") == shape)
+    }
+    return sorted(v for v in saved if not same_build(v, untrained))
+
+
 def check_same_data(rows: list[dict], corpus: str, untrained: float) -> None:
-    """Stop before a row of other data joins a corpus's grid: its rows that record the
-    untrained loss must all match this build's."""
-    other = {r["start_loss"] for r in rows if r["corpus"] == corpus and "start_loss" in r}
-    if any(not same_build(v, untrained) for v in other):
+    """Stop before a row of other data joins a corpus's grid."""
+    if other := other_builds(rows, corpus, untrained):
         raise SystemExit(
             f"bench.grid: {corpus} here has untrained held-out loss {untrained:.4f}, its grid "
-            f"rows {', '.join(f'{v:.4f}' for v in sorted(other))}: another build of the data; "
+            f"rows {', '.join(f'{v:.4f}' for v in other)}: another build of the data; "
             "move its rows out of grid.jsonl before running it again"
         )
 

@@ -31,7 +31,7 @@ from bench.grid import (
     best,
     complete,
     load_rows,
-    same_build,
+    other_builds,
     score,
     study_config,
 )
@@ -127,20 +127,15 @@ def same_data(rows: list[dict], corpus: str, shape: str, found: FindResult) -> b
     probe's. The instruction task once changed under the grid with the environment that
     builds it (BENCHMARKS.md), so a probe is scored only against rows of its own data."""
     start = found.curve.start_loss
-    saved = {
-        r["start_loss"]
-        for r in rows
-        if r["corpus"] == corpus and r.get("shape", "base") == shape and "start_loss" in r
-    }
-    if start is None or all(same_build(v, start) for v in saved):
-        return True
-    logger.warning(
-        "%s: left out, its data is not the grid's (untrained loss %.4f, the grid's %s)",
-        found.out,
-        start,
-        ", ".join(f"{v:.4f}" for v in sorted(saved)),
-    )
-    return False
+    other = [] if start is None else other_builds(rows, corpus, start, shape)
+    if other:
+        logger.warning(
+            "%s: left out, its data is not the grid's (untrained loss %.4f, the grid's %s)",
+            found.out,
+            start,
+            ", ".join(f"{v:.4f}" for v in other),
+        )
+    return not other
 
 
 def probe_at(found: FindResult, k: int) -> Suggestion:
@@ -342,7 +337,6 @@ def readings(rows: list[dict]) -> list[Reading]:
                     s = carry(probed, steps)
                     if s.recommended_lr is None:
                         continue
-                    at = math.log10(s.recommended_lr)
                     bounds = _bounds(FindResult(found.curve, s, found.config))
                     out.append(
                         Reading(
@@ -351,13 +345,21 @@ def readings(rows: list[dict]) -> list[Reading]:
                             top,
                             complete(rows, corpus, shape),
                             method,
-                            at - top["exponent"],
-                            grid_loss(rows, corpus, shape, at) / top["loss"] - 1,
+                            *error_and_regret(rows, corpus, shape, top, s.recommended_lr),
                             _contains(s.interval, top["peak_lr"]),
                             _contains(bounds, top["peak_lr"]),
                         )
                     )
     return out
+
+
+def error_and_regret(
+    rows: list[dict], corpus: str, shape: str, top: dict, lr: float
+) -> tuple[float, float]:
+    """How far ``lr`` lies from the grid's best (``top``) in log10, and the grid's final loss
+    there relative to the best's (NaN outside the measured points)."""
+    at = math.log10(lr)
+    return at - top["exponent"], grid_loss(rows, corpus, shape, at) / top["loss"] - 1
 
 
 def meets_targets(error: float, regret: float) -> bool:
