@@ -15,7 +15,9 @@ each other, both get a second seed.
 Each finished point is appended as one JSON line to bench/results/grid.jsonl, so a run that is
 interrupted resumes where it stopped; ``--shard k/n`` lets n processes share the work (run them
 with OMP_NUM_THREADS=1: two one-thread processes do 1.44x the work of one two-thread process on
-the 2-core CPU).
+the 2-core CPU). A shard runs its own slots first and, when they wait on another shard's
+result, takes any other pending point; a claim file per point (bench/results/tmp/grid-claims)
+keeps two processes on one machine off the same point, whatever their corpora and shapes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +49,7 @@ from lrsweep.training import Precision, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "grid.jsonl"
+CLAIMS = ROOT / "bench" / "results" / "tmp" / "grid-claims"
 # The benchmark's study: the default one at 4 x 64 tokens per step, 100 steps.
 OVERRIDES = [
     "train.seq_len=64",
@@ -283,6 +287,41 @@ def check_same_data(rows: list[dict], corpus: str, untrained: float) -> None:
         )
 
 
+def claim(point: Point, claims: Path = CLAIMS) -> Path | None:
+    """Take a point for this process (the claim file, to remove when done), or None when a live
+    process holds it. A claim whose process is gone is taken over."""
+    claims.mkdir(parents=True, exist_ok=True)
+    path = claims / f"{point.key.replace('/', '_')}.pid"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _held(path):
+                return None
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    return None
+
+
+def _held(path: Path) -> bool:
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return False
+    if not text:  # created this instant, its pid not written yet
+        return True
+    try:
+        os.kill(int(text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def run_point(ctx: Context, point: Point, untrained: float) -> dict:
     # The seed of the adapter init, data order and dropout; the train/eval split stays.
     cfg = ctx.config.replace(seed=point.seed)
@@ -314,6 +353,29 @@ def run_point(ctx: Context, point: Point, untrained: float) -> dict:
     }
 
 
+class Runner:
+    """Runs points on one device, loading the model once and each corpus's data once."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.base: Any = None
+        self.blocks: dict[str, Any] = {}
+        self.untrained: dict[str, float] = {}
+
+    def __call__(self, point: Point, rows: list[dict]) -> dict:
+        cfg = study_config(point.corpus, [*SHAPES[point.shape], f"train.device={self.device}"])
+        if self.base is None:
+            self.base = load_base_model(cfg.model, cfg.train, cfg.seed)
+        base = self.base
+        if point.corpus not in self.blocks:  # the same examples in every shape
+            self.blocks[point.corpus] = load_blocks(cfg.data, cfg.train, base.tokenizer, cfg.seed)
+        ctx = Context(cfg, base, self.blocks[point.corpus], Precision(base.device, base.dtype))
+        if point.corpus not in self.untrained:
+            self.untrained[point.corpus] = start_loss(ctx)
+            check_same_data(rows, point.corpus, self.untrained[point.corpus])
+        return run_point(ctx, point, self.untrained[point.corpus])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shard", default="0/1", help="k/n: run every n-th point from k")
@@ -324,9 +386,7 @@ def main() -> None:
     k, n = map(int, args.shard.split("/"))
     corpora, shapes = args.corpora.split(","), tuple(args.shapes.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    base = None
-    blocks: dict[str, Any] = {}
-    untrained: dict[str, float] = {}
+    run = Runner(args.device)
     while True:
         rows = load_rows()
         done = {Point.of(r).key for r in rows}
@@ -334,23 +394,21 @@ def main() -> None:
         base_rows = [r for r in rows if r.get("shape", "base") == "base"]
         if not pending and all(_base_complete(base_rows, c) for c in corpora):
             return
-        mine = [p for slot, p in pending if slot % n == k]
-        if not mine:
-            time.sleep(30)  # the other shards' points decide the refinement
+        # Its own slots first, then the others' rather than idle; the claim decides.
+        ordered = [p for slot, p in pending if slot % n == k]
+        ordered += [p for slot, p in pending if slot % n != k]
+        point, held = next(((p, c) for p in ordered if (c := claim(p))), (None, None))
+        if point is None or held is None:
+            time.sleep(30)  # the running points decide the refinement
             continue
-        point = mine[0]
-        cfg = study_config(point.corpus, [*SHAPES[point.shape], f"train.device={args.device}"])
-        if base is None:
-            base = load_base_model(cfg.model, cfg.train, cfg.seed)
-        if point.corpus not in blocks:  # the same examples in every shape
-            blocks[point.corpus] = load_blocks(cfg.data, cfg.train, base.tokenizer, cfg.seed)
-        ctx = Context(cfg, base, blocks[point.corpus], Precision(base.device, base.dtype))
-        if point.corpus not in untrained:
-            untrained[point.corpus] = start_loss(ctx)
-            check_same_data(rows, point.corpus, untrained[point.corpus])
-        row = run_point(ctx, point, untrained[point.corpus])
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            if point.key in {Point.of(r).key for r in load_rows()}:
+                continue  # finished while this process planned
+            row = run(point, rows)
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        finally:
+            held.unlink(missing_ok=True)
         logger.info(
             "%s: final %s (%s) in %.0fs",
             point.key,
