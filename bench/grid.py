@@ -146,6 +146,7 @@ def best(rows: list[dict], corpus: str, shape: str = "base") -> dict | None:
         "peak_lr": 10**exponent,
         "loss": sum(score(r) for r in runs) / len(runs),
         "seeds": len(runs),
+        "steps": runs[0]["steps"],
     }
 
 

@@ -210,6 +210,13 @@ def table(held_out: bool = False) -> None:
     rows = [r for r in load_rows() if held_out or r["corpus"] != HELD_OUT]
     grid_table(rows)
     scored = readings(rows)
+    if held_out:
+        sure = how_sure_figures(rows)
+        print(
+            f"How sure (lrsweep.horizon): the probe within {sure.development:.2g}x on the "
+            f"development cells within an epoch, {sure.held_out:.2g}x on the held-out ones; "
+            f"the ramp {sure.ramp_low[0]:.2g}x to {sure.ramp_low[1]:.2g}x low\n"
+        )
     old_and_new(scored)
     quality_by_shape(scored)
     print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
@@ -328,7 +335,7 @@ def readings(rows: list[dict]) -> list[Reading]:
             top = best(rows, corpus, shape)
             if top is None:
                 continue
-            steps = study_config(corpus, SHAPES[shape]).sweep.steps
+            steps = top["steps"]
             for mode in ("probe", "probe-seed1", *CANDIDATE_MODES):
                 found = load_find(find_dir(corpus, mode, probe_shape))
                 if found is None or not same_data(rows, corpus, shape, found):
@@ -419,6 +426,40 @@ def old_and_new(found: list[Reading]) -> None:
             hit = sum(meets_targets(r.error, r.regret) for r in col)
             print(f"{method}: mean |error| {mean:.3f}; both targets met in {hit} of {len(col)}")
     print()
+
+
+# The shapes of a run within about an epoch: all but 1000 steps (2.56 epochs; 16 rows a step
+# for 100 steps is about one).
+WITHIN_AN_EPOCH = tuple(s for s in SHAPE_PROBE if s != "steps1000")
+
+
+@dataclass
+class HowSure:
+    """The figures behind ``lrsweep find``'s "How sure" sentence (lrsweep.horizon), as factors
+    of the grid's best peak LR, over the cells whose grid is complete."""
+
+    development: float  # the default probe's worst development cell within an epoch
+    held_out: float  # its worst held-out cell (signed: above 1 too high)
+    ramp_low: tuple[float, float]  # best / the ramp's recommendation, least and most
+
+
+def how_sure_figures(rows: list[dict]) -> HowSure:
+    default = f"cosine, {RangeTestConfig().run_steps} steps"
+    cells = [r for r in readings(rows) if r.method == default and r.final]
+    development = [
+        abs(r.error) for r in cells if r.corpus != HELD_OUT and r.shape in WITHIN_AN_EPOCH
+    ]
+    held_out = [r.error for r in cells if r.corpus == HELD_OUT]
+    ramp = []
+    for corpus in _corpora(rows):
+        top, found = best(rows, corpus), load_find(find_dir(corpus, "ramp"))
+        if top and found and found.recommended_lr and same_data(rows, corpus, "base", found):
+            ramp.append(top["peak_lr"] / found.recommended_lr)
+    return HowSure(
+        10 ** max(development),
+        10 ** max(held_out, key=abs),
+        (min(ramp), max(ramp)),
+    )
 
 
 def main() -> None:

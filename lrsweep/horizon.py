@@ -21,21 +21,30 @@ CALIBRATION_STEPS = 100
 # Decades the best peak LR moved down per decade of steps beyond CALIBRATION_STEPS, at most,
 # on the grid: stdlib 3.16e-4 at 1000 steps against 1.78e-3 at 100 (-0.75); manpages 0.
 LONGER_RUN_SHIFT = 0.75
+# The quality benchmark's figures, as factors of the best peak LR of complete fine-tunes
+# (bench.quality.how_sure_figures computes them from bench/results, and a test holds these to
+# it): the probe's worst development cell within an epoch, its worst held-out cell (too high),
+# and the ramp's range (too low) on the base shape.
+PROBE_DEVELOPMENT = 1.8
+PROBE_HELD_OUT = 3.6
+RAMP_LOW = (4.9, 19.0)
 
 
 def how_sure(mode: str) -> str:
-    """One sentence on how far the number may be from the best peak LR, from the quality
-    benchmark (BENCHMARKS.md): the worst development cell within an epoch, the held-out one."""
+    """One sentence on how far the number may be from the best peak LR (BENCHMARKS.md)."""
     if mode == "probe":
         return (
-            "How sure: on lrsweep's benchmark the probe's number was within 1.8x of the best "
-            "peak LR of complete fine-tunes in every development cell within an epoch, and "
-            "3.5x too high on held-out data the model already predicted well; take it as the "
-            "first trial, and let lrsweep sweep search around it."
+            f"How sure: on lrsweep's benchmark the probe's number was within "
+            f"{PROBE_DEVELOPMENT:.2g}x of the best peak LR of complete fine-tunes in every "
+            f"development cell within an epoch, and {PROBE_HELD_OUT:.2g}x too high on held-out "
+            "data the model already predicted well; take it as the first trial, and let "
+            "lrsweep sweep search around it."
         )
+    low, high = RAMP_LOW
     return (
-        "How sure: on lrsweep's benchmark the ramp's recommendation was 4.9x to 19x below the "
-        "best peak LR of complete fine-tunes; probe mode (the default) is the calibrated one."
+        f"How sure: on lrsweep's benchmark the ramp's recommendation was {low:.2g}x to "
+        f"{high:.2g}x below the best peak LR of complete fine-tunes; probe mode (the default) "
+        "is the calibrated one."
     )
 
 
