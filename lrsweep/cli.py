@@ -37,7 +37,7 @@ FROM = click.option(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Your own training config (TrainingArguments/SFTConfig or TRL CLI JSON/YAML, Axolotl "
     "or LLaMA-Factory YAML): model, data, batch, LoRA, precision and planned length come from "
-    "it; STUDY and --set still apply on top.",
+    "it, over STUDY's; --set still applies on top.",
 )
 
 
@@ -59,6 +59,11 @@ def _with_run(from_config: Path | None, overrides: tuple[str, ...]) -> tuple[str
     run = read_run(from_config)
     for note in run.notes:
         click.echo(f"note: {from_config.name}: {note}", err=True)
+    # A trial length given with --set replaces the config's (max_steps or epochs) whole: with
+    # the config's epochs left in, they would win over a shorter --set sweep.steps.
+    trial_length = {"sweep.steps", "sweep.epochs"}
+    if trial_length & {o.partition("=")[0].strip() for o in overrides}:
+        run.values = {k: v for k, v in run.values.items() if k not in trial_length}
     return (*run.overrides(), *overrides)
 
 
