@@ -120,8 +120,12 @@ def training_arguments(
         "seed": config.seed,
     }
     # bf16 stated either way: TRL's SFTConfig defaults to bf16=True, TrainingArguments to False.
-    kwargs["bf16"] = train.dtype == "bfloat16"
-    if train.dtype == "float16":
+    # The dtype that ran (train.dtype "auto" is bf16 or fp16 on CUDA); studies before it was
+    # recorded give the configured one.
+    ran_dtype = trial.get("dtype")
+    dtype = ran_dtype if isinstance(ran_dtype, str) else train.dtype
+    kwargs["bf16"] = dtype == "bfloat16"
+    if dtype == "float16":
         kwargs["fp16"] = True
     return kwargs
 

@@ -268,15 +268,13 @@ def _trainer_runner(
         # peft_config=) starts from the same weights in every trial and in the export's run.
         set_seed(trial_seed)
         trainer = make_trainer(overrides)
-        if queued.is_confirmation:
-            # A new seed for the Trainer's data order and dropout too (it seeds at train()).
-            trainer.args.seed = trial_seed
         if trainer.args.learning_rate != schedule.peak_lr:
             raise StudyError(
                 "make_trainer(overrides) must pass the overrides on to "
                 "TrainingArguments(**overrides)"
             )
         on_trainer(trainer)
+        result.dtype = str(precision_of(trainer).dtype).removeprefix("torch.")
         if ratio is not None:
             trainer.optimizer = loraplus_optimizer(trainer, ratio)
         watch = _Watch(trainer, trial, result, sweep.pruner, not queued.is_confirmation)
@@ -284,6 +282,12 @@ def _trainer_runner(
         # lrsweep prints one line per trial; the Trainer's per-step log lines would bury it.
         trainer.remove_callback(PrinterCallback)
         try:
+            if queued.is_confirmation:
+                # The Trainer seeded itself with args.seed when it was built, not again at
+                # train(), where its data order and dropout draw from the global RNGs: seeded
+                # here, a confirmation run gets its own data order and dropout.
+                trainer.args.seed = trial_seed
+                set_seed(trial_seed)
             trainer.train()
         finally:
             trainer.model = None

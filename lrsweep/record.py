@@ -64,6 +64,7 @@ class TrialRecord:
     grad_accum: int | None = None
     oom_retries: int | None = None
     oom_reason: str | None = None
+    dtype: str | None = None  # the compute dtype that ran (train.dtype "auto" resolved)
     curve: Curve | None = None
 
     @classmethod

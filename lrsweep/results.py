@@ -184,6 +184,7 @@ TRIAL_COLUMNS = {
     "grad_accum": "micro-batches per optimizer step that ran (micro_batch_size x grad_accum "
     "= train.batch_size x train.grad_accum)",
     "oom_retries": "out-of-memory errors before the shape that ran",
+    "dtype": "compute dtype that ran: bfloat16, float16 or float32 (train.dtype auto resolved)",
 }
 CURVE_COLUMNS = {
     "number": "trial number",
@@ -203,7 +204,7 @@ _INTS = (
     "grad_accum",
     "oom_retries",
 )
-_STRINGS = ("state", "reason", "worker", "schedule", "origin")
+_STRINGS = ("state", "reason", "worker", "schedule", "origin", "dtype")
 # Which copy of a trial is newest when files disagree: a finished state beats a waiting or
 # running one (the trial moved on since the other file was written).
 _STATE_RANK = {"WAITING": 0, "RUNNING": 1, "FAIL": 2, "PRUNED": 2, "COMPLETE": 2}

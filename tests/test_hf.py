@@ -240,9 +240,14 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 4
     trials, curves, meta = load_results(tmp_path)
     assert len(trials) == 4 and meta["config"]["model"]["path"] == "trainer"
-    # The best trial ran again with a new seed: the Trainer's (data order, dropout) too.
+    # Every trial ran with the study's seed (the one the export writes), the best trial again
+    # with a new one: the Trainer's data order and dropout too. The first step's loss (before
+    # any update, LoRA's B at zero) depends on nothing else.
     (confirmation,) = trials[trials["confirms"].notna()].itertuples()
     assert seeds == [42, 42, 42, 1] and confirmation.seed == 1
+    first = curves[curves["step"] == 0].set_index("number")["loss"]
+    originals = first.drop(confirmation.number)
+    assert originals.nunique() == 1 and first[confirmation.number] != originals.iloc[0]
     # The study describes the user's TrainingArguments, so the export reproduces them.
     assert meta["config"]["train"]["batch_size"] == 2
     assert meta["config"]["train"]["grad_accum"] == 2

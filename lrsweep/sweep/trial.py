@@ -52,6 +52,7 @@ class TrialRun:
     peak_memory_mb: float = 0.0
     reason: str | None = None
     shape: Attempt | None = None  # the micro-batch and accumulation that ran (OOM retries)
+    dtype: str | None = None  # the compute dtype, as torch names it without "torch."
 
     def record(self, queued: TrialRecord, seed: int, worker: str) -> TrialRecord:
         """What the trial recorded, added to what it was queued with."""
@@ -65,6 +66,7 @@ class TrialRun:
             reason=self.reason,
             seed=seed,
             worker=worker,
+            dtype=self.dtype,
             **(self.shape.facts() if self.shape else {}),
         )
 
@@ -159,7 +161,7 @@ def _train_once(
     torch.manual_seed(seed)
     model = attach_lora(ctx.base, cfg.lora, seed)
     precision = Precision(device, ctx.precision.dtype)  # a fresh GradScaler for fp16
-    run = TrialRun(schedule, ratio)
+    run = TrialRun(schedule, ratio, dtype=str(precision.dtype).removeprefix("torch."))
     start = time.perf_counter()
     finished, started = False, list[TrialWatcher]()
     optimizer: torch.optim.Optimizer | None = None

@@ -177,6 +177,21 @@ def test_each_schedule_family_exports_to_a_trainer(tmp_path: Path, family: str) 
         assert ours[-1] < ours[math.ceil(kwargs["warmup_steps"] * len(ours))] / 10
 
 
+def test_the_export_states_the_dtype_the_trials_ran_in(tmp_path: Path) -> None:
+    import dataclasses
+
+    from lrsweep.export import recommendation, training_arguments
+
+    cfg = tiny_config(FIXED, "train.dtype=bfloat16")
+    execute(prepare_sweep(cfg, tmp_path, trials=1, progress=False), progress=False)
+    trials, _, _ = load_results(tmp_path)
+    best = recommendation(trials).best.row
+    assert best["dtype"] == "bfloat16"
+    # A study's "auto" is bf16 or fp16 only on CUDA, at run time: the export says what ran.
+    auto = cfg.replace(train=dataclasses.replace(cfg.train, dtype="auto"))
+    assert training_arguments(best, auto)["bf16"] is True
+
+
 def test_the_schedule_family_is_a_search_dimension(tmp_path: Path) -> None:
     cfg = tiny_config(FIXED, "search.schedule=['cosine', 'linear']", "sweep.sampler=random")
     study = execute(prepare_sweep(cfg, tmp_path, trials=4, progress=False), progress=False)
