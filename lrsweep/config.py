@@ -256,6 +256,12 @@ class RangeTestConfig:
             )
         if self.run_schedule == "cosine" and self.cooldown_steps:
             _fail("rangetest.cooldown_steps", "must be 0 with run_schedule = 'cosine' (it decays)")
+        if self.run_schedule == "cosine" and self.run_steps < 2:
+            _fail(
+                "rangetest.run_steps",
+                "must be at least 2 with run_schedule = 'cosine' (its first step is the warmup's, "
+                f"at LR 0), got {self.run_steps}",
+            )
         if self.spacing not in ("exp", "linear"):
             _fail("rangetest.spacing", f"must be 'exp' or 'linear', got {self.spacing!r}")
         if not 0 <= self.smoothing < 1:
@@ -314,6 +320,12 @@ class SearchConfig:
         if self.peak_lr:
             _check_range("search.peak_lr", self.peak_lr, positive=True)
         _check_range("search.warmup_fraction", self.warmup_fraction, upper=1.0)
+        if self.warmup_fraction[1] >= 1:
+            _fail(
+                "search.warmup_fraction",
+                f"must stay below 1 (a warmup as long as the trial never decays), got "
+                f"{self.warmup_fraction}",
+            )
         _check_range("search.min_lr_ratio", self.min_lr_ratio, upper=1.0)
         if self.min_lr < 0:
             _fail("search.min_lr", f"must be >= 0, got {self.min_lr}")
@@ -333,8 +345,9 @@ class SearchConfig:
 def _check_range(
     key: str, value: list[float], positive: bool = False, upper: float = math.inf
 ) -> None:
-    if len(value) != 2 or value[0] > value[1]:
-        _fail(key, f"must be [low, high] with low <= high, got {value}")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if len(value) != 2 or not numbers or value[0] > value[1]:
+        _fail(key, f"must be [low, high] numbers with low <= high, got {list(value)}")
     if positive and value[0] <= 0:
         _fail(key, f"bounds must be positive, got {value}")
     if value[0] < 0 or value[1] > upper:

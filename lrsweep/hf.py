@@ -11,8 +11,7 @@ Example::
 
     result = hf.find_lr(trainer, out="runs/find")
     study = hf.sweep(lambda overrides: make_trainer(**overrides), "runs/sweep",
-                     max_steps=200, peak_lr=(result.recommended_lr / 10,
-                                             result.suggestion.divergence_lr or 1e-2))
+                     max_steps=200, peak_lr=result.sweep_bounds())
 """
 
 from __future__ import annotations

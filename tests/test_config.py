@@ -48,6 +48,8 @@ def test_int_accepted_for_float_but_not_the_reverse() -> None:
         ("rangetest.start_lr=-1e-5", "rangetest.start_lr: must be positive"),
         ("rangetest.end_lr=-1", "rangetest.end_lr: must be positive"),
         ("rangetest.run_steps=0", "rangetest.run_steps: must be at least 1"),
+        ("rangetest.run_steps=1", "rangetest.run_steps: must be at least 2 with run_schedule"),
+        ("search.warmup_fraction=[0.1, 1.0]", "search.warmup_fraction: must stay below 1"),
         ("rangetest.steps=60", "rangetest.steps: has no effect in probe mode"),
         ("train.seq_len=7", "train.seq_len: must be at least 8"),
         ("train.batch_size=0", "train.batch_size: must be at least 1"),
@@ -67,6 +69,12 @@ def test_int_accepted_for_float_but_not_the_reverse() -> None:
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         config_mod.load(None, [override])
+
+
+def test_a_bound_of_none_from_python_names_the_key() -> None:
+    """hf.sweep(peak_lr=(low, suggestion.divergence_lr)) where the range test never diverged."""
+    with pytest.raises(ConfigError, match=r"search.peak_lr: must be \[low, high\] numbers"):
+        config_mod.SearchConfig(peak_lr=[1e-4, None])  # type: ignore[list-item]
 
 
 def test_bad_study_file(tmp_path: Path) -> None:

@@ -141,6 +141,10 @@ def test_find_says_which_run_the_number_is_for(
         saved["for_run"]["steps"] == run["steps"] and saved["for_run"]["calibrated_steps"] == 100
     )
     assert saved["interval"] == list(found.suggestion.interval or ())
+    # The bounds hf.sweep takes: as lrsweep sweep sets them, numbers also without divergence.
+    low, high = found.sweep_bounds()
+    assert found.recommended_lr is not None and low == found.recommended_lr / 10
+    assert high == max(found.suggestion.divergence_lr or max(found.curve.lrs), 10 * low)
 
 
 def test_bad_data_path_is_one_line(

@@ -389,6 +389,19 @@ def test_a_llamafactory_export_runs_in_transformers_training_arguments(tmp_path:
     assert "'lr_scheduler_kwargs={\"min_lr_rate\":0.2}'" in line and "warmup_steps=25" in line
 
 
+def test_a_linear_schedule_replaces_the_floor_of_a_llamafactory_file(tmp_path: Path) -> None:
+    """A file's min_lr_rate left under a linear schedule stops transformers' scheduler."""
+    from transformers import TrainingArguments
+
+    linear = Planned(3e-4, 0.1, 0.0, "linear", max_steps=50)
+    values, removed = schedule_keys("llamafactory", linear)
+    user = {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": 0.1}}
+    merged = {k: v for k, v in {**user, **values}.items() if k not in removed}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **merged)
+    lrs = _trainer_lrs(args, 50)
+    assert lrs[5] == pytest.approx(3e-4) and lrs[-1] < 3e-4 / 40
+
+
 def test_llama_cpp_gets_the_peak_and_floor_and_is_told_what_it_cannot_run() -> None:
     command, lost = flags(Planned(3e-4, 0.1, 0.2, epochs=2.0), 0.01)
     assert command == (

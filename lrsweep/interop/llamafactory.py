@@ -147,6 +147,9 @@ def _dataset(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
 
 def schedule_keys(planned: Planned) -> tuple[dict[str, Any], tuple[str, ...]]:
     values = scheduler_keys(planned)
+    # Stated for every family: a user's min_lr_rate left under a linear schedule stops
+    # transformers' get_scheduler (an unexpected keyword).
+    values.setdefault("lr_scheduler_kwargs", {})
     if planned.loraplus_lr_ratio is not None:
         values["loraplus_lr_ratio"] = planned.loraplus_lr_ratio
     if planned.max_steps:
