@@ -50,7 +50,7 @@ from lrsweep.find import FindResult, measure, save_and_draw
 from lrsweep.memory import free_memory
 from lrsweep.record import StudyRecord, TrialRecord
 from lrsweep.schedules import Schedule
-from lrsweep.sweep.trial import Runner, TrialRun, report_eval
+from lrsweep.sweep.trial import Runner, TrialRun, diverged, report_eval
 from lrsweep.training import Batch, Loop, Precision, StepRecord
 
 
@@ -209,21 +209,22 @@ def training_overrides(
         "logging_steps": 1,
         "save_strategy": "steps" if keep_checkpoints else "no",
         "output_dir": str(output_dir),
-        "report_to": [],
         "disable_tqdm": True,
     }
 
 
 class _Watch(TrainerCallback):
-    """Records each step's LR and loss, reports eval losses, stops pruned trials."""
+    """Records each step's LR and loss, reports eval losses, stops pruned and diverged trials
+    (the rules of lrsweep's own trials)."""
 
     def __init__(
-        self, trainer: Trainer, trial: Trial, run: TrialRun, pruner: str, prune: bool
+        self, trainer: Trainer, trial: Trial, run: TrialRun, sweep: SweepConfig, prune: bool
     ) -> None:
-        self.trainer, self.trial, self.run, self.pruner = trainer, trial, run, pruner
+        self.trainer, self.trial, self.run, self.sweep = trainer, trial, run, sweep
         self.prune = prune
         self.start = time.perf_counter()
         self.lr = math.nan
+        self.losses: list[float] = []
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         scheduler = self.trainer.lr_scheduler
@@ -235,6 +236,10 @@ class _Watch(TrainerCallback):
             elapsed = time.perf_counter() - self.start
             step, loss = state.global_step - 1, float(logs["loss"])
             self.run.records.append(StepRecord(step, self.lr, loss, math.nan, 0, elapsed, elapsed))
+            self.losses.append(loss)
+            if reason := diverged(self.losses, self.sweep.diverge_factor):
+                self.run.reason = reason
+                control.should_training_stop = True
 
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: Any = None, **kw: Any
@@ -242,7 +247,10 @@ class _Watch(TrainerCallback):
         loss = float((metrics or {}).get("eval_loss", math.nan))
         if self.run.records:
             self.run.records[-1].eval_loss = loss
-        self.run.reason = report_eval(self.trial, loss, state.global_step, self.pruner, self.prune)
+        if self.run.reason:  # diverged: reported no further
+            return
+        pruner = self.sweep.pruner
+        self.run.reason = report_eval(self.trial, loss, state.global_step, pruner, self.prune)
         if self.run.reason:
             control.should_training_stop = True
 
@@ -276,7 +284,7 @@ def _trainer_runner(
         result.dtype = str(precision_of(trainer).dtype).removeprefix("torch.")
         if ratio is not None:
             trainer.optimizer = loraplus_optimizer(trainer, ratio)
-        watch = _Watch(trainer, trial, result, sweep.pruner, not queued.is_confirmation)
+        watch = _Watch(trainer, trial, result, sweep, not queued.is_confirmation)
         trainer.add_callback(watch)
         # lrsweep prints one line per trial; the Trainer's per-step log lines would bury it.
         trainer.remove_callback(PrinterCallback)
@@ -375,7 +383,8 @@ def sweep(
     from lrsweep.sweep.worker import run_worker
 
     out = Path(out)
-    plan, cfg = _plan(out, _sweep_config(seed, max_steps, peak_lr, settings), storage, study_name)
+    config = _sweep_config(seed, max_steps, peak_lr, settings)
+    plan, cfg = _plan(out, config, storage, study_name, settings.get("trials"))
     study = plan.study
     warned: list[bool] = []
 
@@ -405,9 +414,10 @@ def sweep(
 
 
 def _plan(
-    out: Path, cfg: StudyConfig, storage: str | None, study_name: str
+    out: Path, cfg: StudyConfig, storage: str | None, study_name: str, trials: int | None
 ) -> tuple[SweepPlan, StudyConfig]:
-    """Join the study or create it through the plan ``lrsweep sweep`` makes."""
+    """Join the study or create it through the plan ``lrsweep sweep`` makes; a study joined
+    without ``trials`` keeps its budget, as ``lrsweep sweep`` without ``--trials`` does."""
     from lrsweep.sweep.plan import open_study, settle, stored_config
 
     stored = stored_config(out, storage, study_name)
@@ -426,5 +436,5 @@ def _plan(
         bounds=bounds,
         first=None,
         steps=joined.sweep.steps,
-        trials=joined.sweep.trials,
+        trials=trials,
     )

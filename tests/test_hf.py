@@ -192,17 +192,11 @@ def test_native_loop_and_trainer_agree(ctx: Context, tmp_path: Path) -> None:
         assert math.isclose(ours, theirs, abs_tol=1e-4), (ours, theirs)
 
 
-def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
-    adapters: list[Any] = []
-    seeds: list[int] = []
-
-    class SeedOf(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            seeds.append(args.seed)
+def _trainer_maker(ctx: Context, adapters: list[Any], *callbacks: TrainerCallback) -> Any:
+    """hf.sweep's make_trainer on the tiny model: a fresh adapter on the shared base for every
+    trial, the last one taken off first (peft stacks adapters on a base that still has one)."""
 
     def make_trainer(overrides: dict[str, Any]) -> Trainer:
-        # A fresh adapter on the shared base for every trial; the last one comes off first
-        # (peft stacks adapters on a base that still has one).
         if adapters:
             detach_lora(adapters.pop())
         model = attach_lora(ctx.base, ctx.config.lora, seed=0)
@@ -212,6 +206,7 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
             gradient_accumulation_steps=2,
             per_device_eval_batch_size=8,
             use_cpu=True,
+            report_to="none",  # the user's own, next to the overrides
             **overrides,
         )
         return Trainer(
@@ -219,21 +214,28 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
             args=args,
             train_dataset=Blocks(ctx.blocks.train),
             eval_dataset=Blocks(ctx.blocks.eval),
-            callbacks=[SeedOf()],
+            callbacks=list(callbacks),
         )
 
+    return make_trainer
+
+
+def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
+    adapters: list[Any] = []
+    seeds: list[int] = []
+
+    class SeedOf(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            seeds.append(args.seed)
+
+    make_trainer = _trainer_maker(ctx, adapters, SeedOf())
+    settings: dict[str, Any] = dict(max_steps=12, peak_lr=(1e-3, 1e-1), eval_every=4)
+    settings.update(confirm_top=1, confirm_seeds=1, progress=False)
     try:
-        study = hf.sweep(
-            make_trainer,
-            tmp_path,
-            max_steps=12,
-            peak_lr=(1e-3, 1e-1),
-            trials=3,
-            eval_every=4,
-            confirm_top=1,
-            confirm_seeds=1,
-            progress=False,
-        )
+        study = hf.sweep(make_trainer, tmp_path, trials=3, **settings)
+        # Called again without trials=, the study keeps its budget: nothing left to run.
+        again = hf.sweep(make_trainer, tmp_path, **settings)
+        assert len(again.trials) == len(study.trials) == 4
     finally:
         for model in adapters:
             detach_lora(model)
@@ -259,3 +261,22 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
         assert evals["step"].tolist()[0] == 3  # evaluated after 4 steps
     # No checkpoints or trial folders left behind.
     assert not any((tmp_path / "trials").glob("*/*"))
+
+
+def test_a_diverging_trainer_trial_is_stopped_as_lrsweep_s_own_are() -> None:
+    """The tiny model's loss saturates instead of diverging, so the Trainer's log is fed here."""
+    from transformers import TrainerControl, TrainerState
+
+    from lrsweep.config import SweepConfig
+    from lrsweep.sweep.trial import TrialRun
+
+    run = TrialRun(CosineSchedule(1e-3, 10, 0.0, 0.1))
+    watch = hf._Watch(None, None, run, SweepConfig(diverge_factor=2.0), prune=True)  # type: ignore[arg-type]
+    state, control = TrainerState(), TrainerControl()
+    for step, loss in enumerate([3.0, 3.5, 5.0, 9.0, 20.0, 40.0, 80.0], start=1):
+        state.global_step = step
+        watch.on_log(None, state, control, logs={"loss": loss})
+        if control.should_training_stop:
+            break
+    assert run.reason is not None and run.reason.startswith("diverged at step")
+    assert len(run.records) < 7
