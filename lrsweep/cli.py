@@ -122,12 +122,14 @@ def find(
     from lrsweep.horizon import how_sure
     from lrsweep.memory import check_memory
     from lrsweep.report import format_suggestion, format_trainer_snippet
+    from lrsweep.results import check_writable
 
     overrides = _with_run(from_config, overrides)
     if mode is not None:
         overrides = (*overrides, f"rangetest.mode={mode}")
     cfg = config_mod.load(study, overrides)
     out = out or Path("runs") / time.strftime("find-%Y%m%d-%H%M%S")
+    check_writable(out, "--out")
     ctx = prepare(cfg)
     memory, fits = check_memory(ctx)
     if memory:
@@ -235,6 +237,7 @@ def sweep(
     from lrsweep import config as config_mod
     from lrsweep.devices import parse_devices
     from lrsweep.report import plot_find
+    from lrsweep.results import check_writable
     from lrsweep.sweep.launch import spawn_workers
     from lrsweep.sweep.plan import execute, prepare_sweep
 
@@ -245,6 +248,8 @@ def sweep(
     # Without a study file, --set applies to the config stored in the study.
     overrides = _with_run(from_config, overrides)
     cfg = config_mod.load(study, overrides) if study or from_config else None
+    if not dry_run:
+        check_writable(out, "--out")
     prepared = prepare_sweep(
         cfg,
         out,
@@ -487,7 +492,7 @@ def export(
     of the tool you train with; what it is, which run it is for and how sure go to stderr."""
     from lrsweep import config as config_mod
     from lrsweep.export import planned_run, recommendation, recommendation_note, render
-    from lrsweep.results import atomic_write
+    from lrsweep.results import atomic_write, check_writable
     from lrsweep.sweep.collect import load_results
 
     if adapter:
@@ -506,6 +511,7 @@ def export(
     if output is None:
         click.echo(text)
     else:
+        check_writable(output.parent, "-o")
         atomic_write(output, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
         click.echo(f"Wrote {output}", err=True)
     click.echo(f"For a run of {planned.length} (from {source}).", err=True)

@@ -100,6 +100,15 @@ def writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
 
 
+def check_writable(folder: Path, option: str) -> None:
+    """Refuse, before any work, a result folder that cannot be written (or made)."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise StudyError(f"{option} {folder}: {existing} is a file; choose another folder")
+    if not writable(existing):
+        raise StudyError(f"{option} {folder}: {existing} is not writable; choose another folder")
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` then rename ``tmp`` over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -173,3 +173,18 @@ def test_python_dash_m_help() -> None:
         check=True,
     )
     assert "Run the LR range test" in done.stdout and "--set" in done.stdout
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_the_range_test(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        args = ["find", str(ROOT / "studies" / "tiny.toml"), "--out", str(locked / "f"), "-q"]
+        code, out, err = run_cli(capsys, monkeypatch, *args)
+    finally:
+        locked.chmod(0o755)
+    assert code == 2 and "is not writable" in err and err.count("\n") == 1, err
+    assert "Range test" not in out

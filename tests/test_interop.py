@@ -482,3 +482,29 @@ def test_find_from_the_user_s_config_then_export_into_it(
         capsys, monkeypatch, "export", "s", "--format", "json", "--into", str(path)
     )
     assert code == 2 and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("case", ["not utf-8", "a date", "bad dataset_info.json"])
+def test_a_config_lrsweep_cannot_read_is_one_line_and_exit_2(
+    tmp_path: Path,
+    case: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "trl.yml"
+    if case == "not utf-8":
+        path.write_bytes(TRL.encode() + b"# caf\xe9\n")
+    elif case == "a date":
+        path.write_text(TRL + "seed: 2024-01-01\n")
+    else:
+        path = _llamafactory_folder(tmp_path)
+        (tmp_path / "data" / "dataset_info.json").write_text("{not json")
+    code, out, err = run_cli(capsys, monkeypatch, "find", "--from", str(path), "--out", "f")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert {
+        "not utf-8": "not UTF-8",
+        "a date": "seed: ",
+        "bad dataset_info.json": "not valid JSON",
+    }[case] in err
+    assert not (tmp_path / "f").exists()

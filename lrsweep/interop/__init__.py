@@ -80,6 +80,13 @@ class UserRun:
         return [f"{key}={_toml(value)}" for key, value in self.values.items()]
 
 
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is what _toml writes (YAML also gives dates and mappings)."""
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return isinstance(value, (bool, int, float, str))
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -96,7 +103,10 @@ def load_file(path: Path) -> tuple[dict[str, Any], str]:
     """A config file's mapping and its text (JSON by its suffix or first brace, else YAML)."""
     if not path.is_file():
         raise ConfigError(f"--from {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         if path.suffix.lower() == ".json" or text.lstrip().startswith("{"):
             raw = json.loads(text)
@@ -178,6 +188,10 @@ def map_keys(
         name, convert = (target, _same) if isinstance(target, str) else target
         converted = convert(value)
         if name and converted is not None:
+            if not _plain(converted):
+                raise ConfigError(
+                    f"{key}: {value!r} is not a number, string, true/false or list of them"
+                )
             run.values[name] = converted
 
 

@@ -120,7 +120,13 @@ def _dataset(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
             f"dataset_dir: no dataset_info.json in {' or '.join(str(d) for d in dirs)}; run "
             "lrsweep where llamafactory-cli runs, or set dataset_dir"
         )
-    info = json.loads((info_dir / "dataset_info.json").read_text(encoding="utf-8"))
+    info_path = info_dir / "dataset_info.json"
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{info_path}: not valid JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{info_path}: must be a mapping of dataset names")
     entry = info.get(names[0])
     if not isinstance(entry, dict):
         raise ConfigError(f"dataset: {names[0]} is not in {info_dir / 'dataset_info.json'}")
