@@ -157,7 +157,9 @@ def read_data(config: DataConfig) -> Data:
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in files]
         return Data("text", "stdlib", documents=docs)
     path = Path(config.path).expanduser()
-    if not path.exists() and HUB_ID.fullmatch(config.path):
+    # A missing runs/train.jsonl is a mistyped file, not a Hub dataset: a data file's suffix.
+    local = path.suffix.lower() in (*TEXT_SUFFIXES, *TABLE_SUFFIXES, *JSON_SUFFIXES)
+    if not path.exists() and not (local and path.suffix) and HUB_ID.fullmatch(config.path):
         columns, plain = _read_hub(config.path)
         return _from_records(
             config, path, columns, [(f"row {i}", r) for i, r in enumerate(plain, 1)], "columns are"

@@ -110,6 +110,7 @@ def test_local_formats_give_the_same_text(tmp_path: Path, kind: str) -> None:
     ("kind", "message"),
     [
         ("missing", "does not exist"),
+        ("relative", "does not exist"),  # not read as the Hub dataset "no-such-dir/x.jsonl"
         ("empty", "holds no text"),
         ("field", "no record has the text field 'text'"),
         ("parquet-field", "no text field 'text'"),
@@ -135,6 +136,8 @@ def test_bad_data_gives_one_clear_error(tmp_path: Path, kind: str, message: str)
     elif kind == "badjson":
         path = tmp_path / "x.json"
         path.write_text("[{oops")
+    elif kind == "relative":
+        path = Path("no-such-dir/x.jsonl")
     with pytest.raises(DataError, match=message) as err:
         load_blocks(DataConfig(path=str(path), eval_blocks=2), TRAIN, TOK, seed=0)
     assert "\n" not in str(err.value)
