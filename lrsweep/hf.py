@@ -36,6 +36,7 @@ from lrsweep import record
 from lrsweep.config import (
     DEFAULT_STUDY,
     DataConfig,
+    LoraSettings,
     ModelConfig,
     PlannedConfig,
     RangeTestConfig,
@@ -71,9 +72,12 @@ def precision_of(trainer: Trainer) -> Precision:
 
 
 def _train_config(trainer: Trainer) -> TrainConfig:
-    """What a Trainer's updates depend on, in lrsweep's terms (for metadata and export)."""
+    """What a Trainer's updates depend on, in lrsweep's terms (for metadata and export); the
+    sequence length is SFTConfig's max_length (a plain Trainer has none: the default stays)."""
     args = trainer.args
+    max_length = getattr(args, "max_length", None)
     return TrainConfig(
+        **({"seq_len": max_length} if isinstance(max_length, int) and max_length >= 8 else {}),
         batch_size=args.per_device_train_batch_size,
         grad_accum=args.gradient_accumulation_steps,
         max_grad_norm=args.max_grad_norm,
@@ -86,12 +90,32 @@ def _train_config(trainer: Trainer) -> TrainConfig:
     )
 
 
+def lora_of(model: Any) -> LoraSettings:
+    """The LoRA adapter of a Trainer's model (its active peft LoraConfig) in lrsweep's terms,
+    for the study's metadata and the export; the defaults where it has none."""
+    configs = getattr(model, "peft_config", None) or {}
+    active = getattr(model, "active_adapter", "default")
+    peft = configs.get(active if isinstance(active, str) else "default")
+    if peft is None or not hasattr(peft, "lora_alpha"):
+        return LoraSettings()
+    targets = peft.target_modules
+    targets = [targets] if isinstance(targets, str) else sorted(targets or [])
+    return LoraSettings(
+        r=int(peft.r),
+        alpha=int(peft.lora_alpha),
+        dropout=float(peft.lora_dropout),
+        target_modules=targets or LoraSettings().target_modules,
+        rslora=bool(peft.use_rslora),
+    )
+
+
 def _config_of(trainer: Trainer, rangetest: RangeTestConfig) -> StudyConfig:
     name = getattr(getattr(trainer.model, "config", None), "name_or_path", "") or "trainer"
     return StudyConfig(
         seed=trainer.args.seed,
         model=ModelConfig(path=f"trainer:{name}"),
         data=DataConfig(path="trainer"),
+        lora=lora_of(trainer.model),
         train=_train_config(trainer),
         rangetest=rangetest,
         planned=_planned_of(trainer.args),
@@ -401,9 +425,9 @@ def sweep(
                 stored.seed,
                 trainer.args.seed,
             )
-        train = _train_config(trainer)
-        if stored.train != train:
-            record.write_study(study, config=stored.replace(train=train).to_dict())
+        train, lora = _train_config(trainer), lora_of(trainer.model)
+        if (stored.train, stored.lora) != (train, lora):
+            record.write_study(study, config=stored.replace(train=train, lora=lora).to_dict())
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runner = _trainer_runner(
@@ -422,8 +446,8 @@ def _plan(
 
     stored = stored_config(out, storage, study_name)
     if stored is not None:
-        # [train] comes from the user's Trainers (see record_train in sweep), not from here.
-        cfg = cfg.replace(train=stored.train)
+        # [train] and [lora] come from the user's Trainers (record_train in sweep), not here.
+        cfg = cfg.replace(train=stored.train, lora=stored.lora)
     backend, study, joined = open_study(cfg, out, storage, study_name)
     bounds = (float(cfg.search.peak_lr[0]), float(cfg.search.peak_lr[1]))
     return settle(

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset, IterableDataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from lrsweep import hf
+from lrsweep.config import LoraSettings
 from lrsweep.context import Context, prepare
 from lrsweep.data import batches
 from lrsweep.errors import ConfigError, StudyError
@@ -252,6 +253,7 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
     assert originals.nunique() == 1 and first[confirmation.number] != originals.iloc[0]
     # The study describes the user's TrainingArguments, so the export reproduces them.
     assert meta["config"]["train"]["batch_size"] == 2
+    assert meta["config"]["lora"]["r"] == ctx.config.lora.r != LoraSettings().r
     assert meta["config"]["train"]["grad_accum"] == 2
     for _, t in trials.iterrows():
         expected = CosineSchedule(t["peak_lr"], 12, t["warmup_fraction"], t["min_lr_ratio"]).lrs()

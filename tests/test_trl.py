@@ -241,6 +241,7 @@ def test_sweep_and_export_on_sfttrainer(
             per_device_train_batch_size=2,
             gradient_accumulation_steps=2,
             seed=0,
+            max_length=96,
             **overrides,
         )
         trainer = sft_trainer(base, tokenizer, rows, args)
@@ -269,6 +270,12 @@ def test_sweep_and_export_on_sfttrainer(
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == 3
     trials, curves, meta = load_results(tmp_path / "sweep")
     assert meta["config"]["train"]["batch_size"] == 2
+    # The adapter and length the trials ran (SFTTrainer's peft_config, SFTConfig's max_length),
+    # which export writes for Axolotl and LLaMA-Factory.
+    assert meta["config"]["train"]["seq_len"] == 96
+    lora = meta["config"]["lora"]
+    assert (lora["r"], lora["alpha"], lora["dropout"]) == (4, 8, 0.0)
+    assert lora["target_modules"] == ["q_proj", "v_proj"]
     assert meta["config"]["train"]["grad_accum"] == 2
     for _, t in trials.iterrows():
         expected = CosineSchedule(t["peak_lr"], 10, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
