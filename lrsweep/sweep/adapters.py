@@ -10,11 +10,14 @@ better trial finishes; with ``best`` the folder it pointed to is then removed. L
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,17 +70,22 @@ class AdapterKeeper:
             return
         assert self.trial is not None
         best = self.out / ADAPTERS_DIR / BEST_ADAPTER
-        current = read_adapter_info(best)
-        better = current is None or loss < current["eval_loss"]
-        if self.mode == "best" and not better:
+        if self.mode == "best" and not _beats(loss, best):
             return
         folder = save_adapter(model, self.tokenizer, self.out, self._info(run, loss))
         size = size_text(folder_bytes(folder))
-        if better:
-            previous = best.resolve() if best.is_symlink() else None
-            _point(best, folder.name)
-            if self.mode == "best" and previous is not None and previous != folder.resolve():
-                shutil.rmtree(previous, ignore_errors=True)
+        # Decided again under the lock: another worker may have pointed the link at a better
+        # adapter while this one was saved, and must not lose it to this one.
+        with _locked(best.parent):
+            better = _beats(loss, best)
+            if better:
+                previous = best.resolve() if best.is_symlink() else None
+                _point(best, folder.name)
+                if self.mode == "best" and previous is not None and previous != folder.resolve():
+                    shutil.rmtree(previous, ignore_errors=True)
+            elif self.mode == "best":
+                shutil.rmtree(folder, ignore_errors=True)
+                return
         tqdm.write(
             f"adapter of trial {self.trial.number} saved in {folder} ({size})"
             + (f"; {best} points to it" if better else "")
@@ -121,6 +129,22 @@ def save_adapter(model: PeftModel, tokenizer: Tokenizer, out: Path, info: dict[s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _beats(loss: float, best: Path) -> bool:
+    current = read_adapter_info(best)
+    return current is None or loss < current["eval_loss"]
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """The folder's exclusive lock (flock on the folder itself: no lock file in it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _point(link: Path, target: str) -> None:

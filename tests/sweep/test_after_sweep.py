@@ -399,3 +399,48 @@ def test_new_keys_are_checked() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             tiny_config(override)
+
+
+def test_a_worse_adapter_saved_meanwhile_never_replaces_a_better_one(tmp_path: Path) -> None:
+    """Two workers: B finds no best yet and saves its adapter; while it saves, A finishes a
+    better trial and points the link at it. B must then leave A's adapter the best."""
+    import optuna
+
+    from lrsweep.context import prepare
+    from lrsweep.models import attach_lora, detach_lora
+    from lrsweep.schedules import CosineSchedule
+    from lrsweep.sweep import adapters
+    from lrsweep.sweep.trial import TrialRun
+    from lrsweep.training import StepRecord
+
+    ctx = prepare(tiny_config("sweep.save_adapters=best"))
+    study = optuna.create_study()
+
+    def keeper_and_run(loss: float) -> tuple[adapters.AdapterKeeper, TrialRun]:
+        keeper = adapters.AdapterKeeper(tmp_path, ctx.config, ctx.base.tokenizer)
+        run = TrialRun(CosineSchedule(1e-3, 1, 0.0, 0.1))
+        run.records.append(StepRecord(0, 1e-3, 5.0, 1.0, 8, 0.1, 0.1, eval_loss=loss))
+        keeper.start(study.ask(), run)
+        return keeper, run
+
+    model = attach_lora(ctx.base, ctx.config.lora, 0)
+    try:
+        (a, run_a), (b, run_b) = keeper_and_run(1.0), keeper_and_run(2.0)
+        save = adapters.save_adapter
+
+        def a_finishes_meanwhile(*args: Any) -> Path:
+            folder = save(*args)
+            adapters.save_adapter = save
+            a.end(model, run_a, finished=True)
+            return folder
+
+        adapters.save_adapter = a_finishes_meanwhile
+        try:
+            b.end(model, run_b, finished=True)
+        finally:
+            adapters.save_adapter = save
+    finally:
+        detach_lora(model)
+    folder = tmp_path / "adapters"
+    assert (folder / "best").resolve().name == "trial-0"
+    assert sorted(p.name for p in folder.glob("trial-*")) == ["trial-0"]
