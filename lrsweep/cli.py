@@ -334,7 +334,7 @@ def worker(
     from lrsweep.sweep.plan import execute, prepare_sweep
 
     _optuna_logging()
-    seconds, wait_seconds = parse_duration(timeout), parse_duration(wait, "--wait")
+    seconds, wait_seconds = parse_duration(timeout), parse_duration(wait, "--wait", zero=True)
     if device is not None:
         from lrsweep.devices import parse_devices
 

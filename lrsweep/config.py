@@ -17,6 +17,7 @@ from typing import Any
 import tomllib
 
 from lrsweep.errors import ConfigError
+from lrsweep.schedules import FAMILIES
 
 
 DEFAULT_STUDY = "lrsweep"  # the study name in a storage when none is given
@@ -329,7 +330,7 @@ class SearchConfig:
         _check_range("search.min_lr_ratio", self.min_lr_ratio, upper=1.0)
         if self.min_lr < 0:
             _fail("search.min_lr", f"must be >= 0, got {self.min_lr}")
-        known = ("cosine", "linear", "constant", "wsd")
+        known = tuple(FAMILIES)
         if not self.schedule or len(set(self.schedule)) != len(self.schedule):
             _fail(
                 "search.schedule", f"must name distinct families of {known}, got {self.schedule}"
@@ -446,6 +447,11 @@ class StudyConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     planned: PlannedConfig = field(default_factory=PlannedConfig)
+
+    def __post_init__(self) -> None:
+        # numpy's limit, which transformers' set_seed (and so the user's Trainer) has.
+        if not 0 <= self.seed < 2**32:
+            _fail("seed", f"must be in [0, 2**32), got {self.seed}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

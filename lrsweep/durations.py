@@ -7,8 +7,10 @@ import math
 from lrsweep.errors import LrsweepError
 
 
-def parse_duration(text: str | None, option: str = "--timeout") -> float | None:
-    """'8h', '90m', '45s' or plain seconds -> seconds (positive and finite)."""
+def parse_duration(
+    text: str | None, option: str = "--timeout", zero: bool = False
+) -> float | None:
+    """'8h', '90m', '45s' or plain seconds -> seconds (positive and finite; 0 too if ``zero``)."""
     if text is None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -16,9 +18,10 @@ def parse_duration(text: str | None, option: str = "--timeout") -> float | None:
         seconds = float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError):
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
+    if not (math.isfinite(seconds) and (seconds > 0 or (zero and seconds == 0))):
+        lowest = "0 or a" if zero else "a positive"
         raise LrsweepError(
-            f"{option} {text}: expected a positive duration like 8h, 90m or 3600"
+            f"{option} {text}: expected {lowest} duration like 8h, 90m or 3600"
         ) from None
     return seconds
 

@@ -49,6 +49,8 @@ def test_int_accepted_for_float_but_not_the_reverse() -> None:
         ("rangetest.end_lr=-1", "rangetest.end_lr: must be positive"),
         ("rangetest.run_steps=0", "rangetest.run_steps: must be at least 1"),
         ("rangetest.run_steps=1", "rangetest.run_steps: must be at least 2 with run_schedule"),
+        ("seed=-1", "seed: must be in"),
+        ("seed=4294967296", "seed: must be in"),
         ("search.warmup_fraction=[0.1, 1.0]", "search.warmup_fraction: must stay below 1"),
         ("rangetest.steps=60", "rangetest.steps: has no effect in probe mode"),
         ("train.seq_len=7", "train.seq_len: must be at least 8"),

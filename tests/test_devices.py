@@ -104,3 +104,16 @@ def test_measure_first_steps_on_cpu_runs_nothing(monkeypatch: pytest.MonkeyPatch
     use, attempt = measure_first_steps(base, LoraSettings(), train_cfg, torch.zeros(8, 16))
     assert memory_line(use).startswith("peak memory: n/a on cpu")
     assert attempt.train == train_cfg and attempt.retries == 0
+
+
+def test_a_cuda_index_past_the_machine_s_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.device = cuda:7 on a machine with 2 GPUs (faked: this one has none)."""
+    from lrsweep.config import TrainConfig
+    from lrsweep.errors import ModelError
+    from lrsweep.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ModelError, match="cuda:7 but this machine has 2 CUDA devices"):
+        resolve_device(TrainConfig(device="cuda:7"))
+    assert resolve_device(TrainConfig(device="cuda:1")) == torch.device("cuda:1")

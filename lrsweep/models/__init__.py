@@ -84,6 +84,9 @@ def resolve_device(train: TrainConfig) -> torch.device:
     if want.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ModelError(f"train.device = {want} but CUDA is not available; use auto or cpu")
+        index, count = torch.device(want).index, torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise ModelError(f"train.device = {want} but this machine has {count} CUDA devices")
     if want == "mps" and not torch.backends.mps.is_available():
         raise ModelError("train.device = mps but MPS is not available; use auto or cpu")
     return torch.device(want)

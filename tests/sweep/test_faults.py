@@ -348,6 +348,7 @@ BAD_INPUT = [
     ("non-UTF-8 study", ("sweep", "{latin1}"), "not a UTF-8 text file"),
     ("report of nothing", ("report", "{out}"), "no sweep here"),
     ("worker without a study", ("worker", "--out", "{out}", "--wait", "1s"), "no study here"),
+    ("worker --wait 0", ("worker", "--out", "{out}", "--wait", "0"), "no study here"),
     ("report, missing journal", ("report", "{out}", "--storage", "{out}/x/s.journal"), "no study"),
 ]
 
