@@ -20,14 +20,12 @@ import dataclasses
 import itertools
 import logging
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_callback import PrinterCallback
@@ -49,6 +47,7 @@ from lrsweep.config import (
 from lrsweep.errors import StudyError
 from lrsweep.find import FindResult, measure, save_and_draw
 from lrsweep.memory import free_memory
+from lrsweep.rangetest import RngState
 from lrsweep.record import StudyRecord, TrialRecord
 from lrsweep.schedules import Schedule
 from lrsweep.sweep.trial import Runner, TrialRun, diverged, report_eval
@@ -148,20 +147,6 @@ def _rangetest_config(
     return RangeTestConfig(mode=mode, signal=signal, **settings)
 
 
-def _rng_state() -> tuple[Any, ...]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return torch.get_rng_state(), cuda, random.getstate(), np.random.get_state()
-
-
-def _set_rng_state(state: tuple[Any, ...]) -> None:
-    cpu, cuda, python, numpy = state
-    torch.set_rng_state(cpu)
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-    random.setstate(python)
-    np.random.set_state(numpy)
-
-
 def find_lr(
     trainer: Trainer,
     *,
@@ -189,7 +174,7 @@ def find_lr(
     assert model is not None, "find_lr needs the Trainer's model"
     # A data loader's iterator draws its seed from the global generators: keep the RNG state
     # the Trainer would have started from.
-    rng = _rng_state()
+    rng = RngState.now()
     had_optimizer = trainer.optimizer is not None
     was_training = model.training
     probe = None
@@ -213,7 +198,7 @@ def find_lr(
         model.train(was_training)
         if not had_optimizer:
             trainer.optimizer = None
-        _set_rng_state(rng)
+        rng.restore()
     dataset = trainer.train_dataset
     sequences = len(dataset) if isinstance(dataset, Sized) else 0
     result = FindResult(curve, suggestion, _config_of(trainer, cfg), None, sequences).carried()

@@ -79,15 +79,38 @@ class RangeTestCurve:
         )
 
 
+@dataclass(frozen=True)
+class RngState:
+    """Every global RNG a training step or a data loader draws from (dropout, data order)."""
+
+    torch_rng: torch.Tensor
+    cuda_rng: list[torch.Tensor]
+    python_rng: object
+    numpy_rng: Any
+
+    @staticmethod
+    def now() -> RngState:
+        return RngState(
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            random.getstate(),
+            np.random.get_state(),
+        )
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch_rng)
+        if self.cuda_rng:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
+        random.setstate(self.python_rng)  # type: ignore[arg-type]
+        np.random.set_state(self.numpy_rng)
+
+
 @dataclass
 class _Snapshot:
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scaler: dict[str, Any] | None
-    torch_rng: torch.Tensor
-    cuda_rng: list[torch.Tensor]
-    python_rng: object
-    numpy_rng: dict[str, Any]
+    rng: RngState
 
 
 def _snapshot(
@@ -97,10 +120,7 @@ def _snapshot(
         weights=trainable_state(model),
         optimizer=copy.deepcopy(optimizer.state_dict()),
         scaler=copy.deepcopy(precision.scaler.state_dict()) if precision.scaler else None,
-        torch_rng=torch.get_rng_state(),
-        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        python_rng=random.getstate(),
-        numpy_rng=np.random.get_state(),
+        rng=RngState.now(),
     )
 
 
@@ -116,11 +136,7 @@ def _restore(
     optimizer.load_state_dict(copy.deepcopy(saved.optimizer))
     if precision.scaler is not None and saved.scaler is not None:
         precision.scaler.load_state_dict(saved.scaler)
-    torch.set_rng_state(saved.torch_rng)
-    if saved.cuda_rng:
-        torch.cuda.set_rng_state_all(saved.cuda_rng)
-    random.setstate(saved.python_rng)  # type: ignore[arg-type]
-    np.random.set_state(saved.numpy_rng)
+    saved.rng.restore()
 
 
 def run_range_test(
