@@ -25,6 +25,7 @@ from lrsweep.oom import Attempt, run_with_retry
 from lrsweep.record import TrialRecord
 from lrsweep.schedules import Schedule
 from lrsweep.suggest import ema
+from lrsweep.sweep.space import loraplus_ratio_of
 from lrsweep.sweep.storage import retry
 from lrsweep.training import Loop, Precision, StepRecord, make_optimizer, train
 
@@ -223,5 +224,5 @@ def _watch(
 def _identity(trial: Trial, cfg: StudyConfig) -> tuple[int, bool, float]:
     """The trial's seed, whether it may be pruned (not a confirmation run), its LoRA+ ratio."""
     record = retry(lambda: TrialRecord.of(trial), what="start a trial")
-    ratio = trial.params.get("loraplus_lr_ratio", cfg.train.loraplus_lr_ratio)
+    ratio = loraplus_ratio_of(trial.params, cfg)
     return record.seed_or(cfg.seed), not record.is_confirmation, ratio
