@@ -15,7 +15,7 @@ import pandas as pd
 from lrsweep.config import StudyConfig
 from lrsweep.ranking import Comparison, Configuration, Recommendation
 from lrsweep.results import RANGETEST_PLOT, SWEEP_PLOTS, atomic_write, read_find
-from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION
+from lrsweep.schedules import FAMILIES, FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION
 from lrsweep.suggest import Suggestion
 
 
@@ -155,7 +155,7 @@ def format_trainer_snippet(lr: float, config: StudyConfig) -> str:
     return (
         "TrainingArguments(\n"
         f"    learning_rate={lr:.3g},\n"
-        '    lr_scheduler_type="cosine_with_min_lr",\n'
+        f'    lr_scheduler_type="{FAMILIES["cosine"]}",\n'
         f'    lr_scheduler_kwargs={{"min_lr_rate": {FIRST_MIN_LR_RATIO}}},\n'
         f"    warmup_steps={FIRST_WARMUP_FRACTION},  # < 1 is read as a fraction of max_steps\n"
         f"    per_device_train_batch_size={train.batch_size},\n"
