@@ -17,7 +17,7 @@ import pandas as pd
 
 from lrsweep.config import ALL_LINEAR, StudyConfig
 from lrsweep.errors import StudyError
-from lrsweep.interop import Planned, fill, llamacpp, llamafactory, read_run, schedule_keys
+from lrsweep.interop import Planned, fill, llamacpp, llamafactory, read_length, schedule_keys
 from lrsweep.interop.edit import yaml_scalar
 from lrsweep.ranking import Recommendation, recommend
 from lrsweep.record import BASELINE_ORIGIN, FIRST_ORIGIN
@@ -73,8 +73,7 @@ def planned_run(
     schedule = schedule_of_row(trial, config)
     source = "--max-steps / --epochs"
     if not (max_steps or epochs) and into is not None:
-        values = read_run(into).values
-        max_steps, epochs = values.get("planned.max_steps", 0), values.get("planned.epochs", 0)
+        max_steps, epochs = read_length(into)
         source = str(into)
     if not (max_steps or epochs):
         max_steps, epochs = config.planned.max_steps, config.planned.epochs

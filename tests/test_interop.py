@@ -508,3 +508,15 @@ def test_a_config_lrsweep_cannot_read_is_one_line_and_exit_2(
         "bad dataset_info.json": "not valid JSON",
     }[case] in err
     assert not (tmp_path / "f").exists()
+
+
+def test_export_into_reads_only_the_length_of_the_user_s_file(tmp_path: Path) -> None:
+    """Where its data is not (no dataset_info.json here), the file still takes a schedule."""
+    from lrsweep.interop import read_length
+
+    path = _llamafactory_folder(tmp_path)
+    (tmp_path / "data" / "dataset_info.json").unlink()
+    with pytest.raises(ConfigError, match="no dataset_info.json"):
+        read_run(path)
+    expected = yaml.safe_load(LLAMAFACTORY)
+    assert read_length(path) == (0, float(expected["num_train_epochs"]))

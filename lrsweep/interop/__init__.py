@@ -136,6 +136,16 @@ def _module(tool: str) -> Any:
     return {"transformers": transformers, "axolotl": axolotl, "llamafactory": llamafactory}[tool]
 
 
+def read_length(path: Path) -> tuple[int, float]:
+    """The planned length of the user's config (max_steps, else epochs), read alone: writing
+    a schedule into a copy needs neither its data nor its model."""
+    raw, _ = load_file(path)
+    tool = detect(raw)
+    run = UserRun(tool, path)
+    length(run, raw.get("max_steps"), raw.get(*_module(tool).EPOCHS))
+    return run.values.get("planned.max_steps", 0), run.values.get("planned.epochs", 0.0)
+
+
 def read_run(path: Path) -> UserRun:
     """Read the user's config into lrsweep's study keys."""
     raw, _ = load_file(path)

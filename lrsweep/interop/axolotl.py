@@ -26,6 +26,10 @@ from lrsweep.interop import (
 )
 
 
+# The epochs key and its default (the run length when max_steps is not set).
+EPOCHS = ("num_epochs", 1.0)
+
+
 HANDLED = (
     "learning_rate",
     "lr_scheduler",
@@ -78,7 +82,7 @@ DATASET_TYPES = {"alpaca": "prompt_completion", "chat_template": "chat", "comple
 
 def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
     map_keys(raw, run, MAPPING, IGNORED, HANDLED)
-    length(run, raw.get("max_steps"), raw.get("num_epochs", 1.0))
+    length(run, raw.get("max_steps"), raw.get(*EPOCHS))
     set_dtype(run, raw)
     if raw.get("load_in_4bit") or raw.get("adapter") == "qlora":
         run.values["model.quantization"] = "4bit"

@@ -32,6 +32,10 @@ from lrsweep.interop.edit import yaml_scalar
 from lrsweep.interop.transformers import scheduler_keys
 
 
+# The epochs key and its default (the run length when max_steps is not set).
+EPOCHS = ("num_train_epochs", 3.0)
+
+
 HANDLED = (
     "learning_rate",
     "lr_scheduler_type",
@@ -76,7 +80,7 @@ ALPACA = {"prompt": "instruction", "query": "input", "response": "output"}
 
 def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
     map_keys(raw, run, MAPPING, IGNORED, HANDLED)
-    length(run, raw.get("max_steps"), raw.get("num_train_epochs", 3.0))
+    length(run, raw.get("max_steps"), raw.get(*EPOCHS))
     set_dtype(run, raw)
     if raw.get("stage", "sft") != "sft":
         run.notes.append(f"stage: {raw['stage']}; lrsweep measures supervised fine-tuning (sft)")

@@ -26,6 +26,10 @@ from lrsweep.interop import (
 from lrsweep.schedules import FAMILIES
 
 
+# The epochs key and its default (the run length when max_steps is not set).
+EPOCHS = ("num_train_epochs", 3.0)
+
+
 # Keys that read() handles itself or that the export decides (the schedule, the length).
 HANDLED = (
     "learning_rate",
@@ -87,7 +91,7 @@ MAPPING: dict[str, Any] = {
 
 def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
     map_keys(raw, run, MAPPING, IGNORED, HANDLED)
-    length(run, raw.get("max_steps"), raw.get("num_train_epochs", 3.0))
+    length(run, raw.get("max_steps"), raw.get(*EPOCHS))
     set_dtype(run, raw)
     if raw.get("load_in_4bit") or raw.get("load_in_8bit"):
         run.values["model.quantization"] = "4bit" if raw.get("load_in_4bit") else "8bit"
