@@ -471,8 +471,12 @@ def differences(a: StudyConfig, b: StudyConfig, keys: tuple[str, ...]) -> list[s
     """The ``keys`` (sections, or ``section.key``) in which ``a`` and ``b`` differ;
     ``train.device`` never counts (a worker may run on another device)."""
     flat_a, flat_b = a.to_dict(), b.to_dict()
+    # Where both count the trial in epochs, sweep.steps has no effect.
+    epochs = a.sweep.epochs > 0 and b.sweep.epochs > 0
     for flat in (flat_a, flat_b):
         flat["train"].pop("device")
+        if epochs:
+            flat["sweep"].pop("steps")
     diff = []
     for key in keys:
         section, _, name = key.partition(".")

@@ -137,3 +137,14 @@ def test_a_saved_config_from_before_run_schedule_reads_as_the_constant_runs_it_m
     assert config_mod.from_stored(config_mod.StudyConfig().to_dict()) == config_mod.StudyConfig()
     with pytest.raises(ConfigError, match="cooldown_steps"):
         config_mod.from_dict(raw)  # today's default (cosine) refuses the cooldown
+
+
+def test_a_resume_compares_the_trial_length_that_counts() -> None:
+    """sweep.steps has no effect where sweep.epochs sets the trial length."""
+    keys = config_mod.STUDY_KEYS
+    a = config_mod.load(None, ["sweep.epochs=2.0", "sweep.steps=300"])
+    assert config_mod.differences(a, config_mod.load(None, ["sweep.epochs=2.0"]), keys) == []
+    b = config_mod.load(None, ["sweep.epochs=3.0"])
+    assert config_mod.differences(a, b, keys) == ["sweep.epochs"]
+    c, d = config_mod.load(None, ["sweep.steps=50"]), config_mod.load(None, ["sweep.steps=60"])
+    assert config_mod.differences(c, d, keys) == ["sweep.steps"]
