@@ -89,7 +89,7 @@ def _train_config(trainer: Trainer) -> TrainConfig:
     )
 
 
-def lora_of(model: Any) -> LoraSettings:
+def _lora_of(model: Any) -> LoraSettings:
     """The LoRA adapter of a Trainer's model (its active peft LoraConfig) in lrsweep's terms,
     for the study's metadata and the export; the defaults where it has none."""
     configs = getattr(model, "peft_config", None) or {}
@@ -114,7 +114,7 @@ def _config_of(trainer: Trainer, rangetest: RangeTestConfig) -> StudyConfig:
         seed=trainer.args.seed,
         model=ModelConfig(path=f"trainer:{name}"),
         data=DataConfig(path="trainer"),
-        lora=lora_of(trainer.model),
+        lora=_lora_of(trainer.model),
         train=_train_config(trainer),
         rangetest=rangetest,
         planned=_planned_of(trainer.args),
@@ -410,7 +410,7 @@ def sweep(
                 stored.seed,
                 trainer.args.seed,
             )
-        train, lora = _train_config(trainer), lora_of(trainer.model)
+        train, lora = _train_config(trainer), _lora_of(trainer.model)
         if (stored.train, stored.lora) != (train, lora):
             record.write_study(study, config=stored.replace(train=train, lora=lora).to_dict())
 
