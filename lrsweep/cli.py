@@ -306,7 +306,7 @@ def _print_results(out: Path, storage: str | None, study_name: str) -> None:
     "--wait",
     default="10m",
     show_default=True,
-    help="How long to wait for the study to appear (start workers with the sweep).",
+    help="How long to wait for the study to appear (start workers with the sweep; 0: not at all).",
 )
 @click.option("--sweep-json", hidden=True, help="The [sweep] section to use, as JSON.")
 @click.option("--deadline", type=float, hidden=True, help="Start no trial after this epoch time.")
