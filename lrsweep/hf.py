@@ -136,6 +136,11 @@ def _cycle(loader: Any) -> Iterator[Batch]:
 def _rangetest_config(
     trainer: Trainer, mode: str | None, settings: dict[str, Any]
 ) -> RangeTestConfig:
+    if taken := {"signal", "probe_blocks"} & settings.keys():
+        raise TypeError(
+            f"hf.find_lr() sets {sorted(taken)} itself: the signal from the Trainer's "
+            "eval_dataset and mode=, the probe batches with probe_batches="
+        )
     signal = "eval" if trainer.eval_dataset is not None else "train"
     mode = mode or ("probe" if signal == "eval" else "ramp")
     if mode == "probe" and signal == "train":

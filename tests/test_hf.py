@@ -91,6 +91,8 @@ def test_find_lr_leaves_the_trainer_as_it_was(ctx: Context, tmp_path: Path, mode
         other = {"runs": 3} if mode == "ramp" else {"steps": 12}
         with pytest.raises(ConfigError, match=f"has no effect in {mode} mode"):
             hf.find_lr(trainer, mode=mode, progress=False, **other)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="probe_batches="):
+            hf.find_lr(trainer, mode=mode, progress=False, probe_blocks=2)
         result = hf.find_lr(
             trainer,
             start_lr=1e-4,
