@@ -321,7 +321,8 @@ def run_sweep(
 ) -> optuna.Study:
     """Run (or resume) the sweep in ``out`` from Python; returns the Optuna study.
     ``overrides`` apply to whatever ``study`` is: a path, a config, or None (the study's
-    stored config, or the defaults for a new one)."""
+    stored config; for a new study, the defaults when ``overrides`` are given, else a
+    StudyError, as ``lrsweep sweep`` without a study file)."""
     if isinstance(study, StudyConfig):
         raw = config_mod.apply_overrides(study.to_dict(), overrides)
         cfg: StudyConfig | None = config_mod.from_dict(raw)
