@@ -24,6 +24,9 @@ DEFAULT_STUDY = "lrsweep"  # the study name in a storage when none is given
 QUANTIZATIONS = ("none", "4bit", "8bit")
 ATTENTIONS = ("auto", "sdpa", "flash_attention_2", "eager")
 ALL_LINEAR = "all-linear"  # peft's target_modules for every linear layer but the head
+# LoRA+: the LR of LoRA'd embeddings as a factor of the schedule's LR (peft's default 1e-6,
+# which it gives as an absolute LR; lrsweep's loop and every export scale it alike).
+LORAPLUS_EMBEDDING_FACTOR = 1e-6
 
 
 def _fail(key: str, problem: str) -> typing.NoReturn:

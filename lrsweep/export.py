@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from lrsweep.config import ALL_LINEAR, StudyConfig
+from lrsweep.config import ALL_LINEAR, LORAPLUS_EMBEDDING_FACTOR, StudyConfig
 from lrsweep.errors import StudyError
 from lrsweep.interop import Planned, fill, llamacpp, llamafactory, read_length, schedule_keys
 from lrsweep.interop.edit import yaml_scalar
@@ -222,6 +222,7 @@ def loraplus_snippet(kwargs: dict[str, Any], ratio: float) -> list[str]:
         "    optimizer_cls=torch.optim.AdamW,",
         f"    lr={kwargs['learning_rate']!r},",
         f"    loraplus_lr_ratio={ratio!r},",
+        f"    loraplus_lr_embedding={LORAPLUS_EMBEDDING_FACTOR * kwargs['learning_rate']!r},",
         f"    loraplus_weight_decay={kwargs['weight_decay']!r},",
         f"    betas=({kwargs['adam_beta1']!r}, {kwargs['adam_beta2']!r}),",
         f"    eps={kwargs['adam_epsilon']!r},",

@@ -33,6 +33,7 @@ from transformers.trainer_callback import PrinterCallback
 from lrsweep import record
 from lrsweep.config import (
     DEFAULT_STUDY,
+    LORAPLUS_EMBEDDING_FACTOR,
     DataConfig,
     LoraSettings,
     ModelConfig,
@@ -334,6 +335,8 @@ def loraplus_optimizer(trainer: Trainer, ratio: float) -> torch.optim.Optimizer:
         torch.optim.AdamW,
         lr=args.learning_rate,
         loraplus_lr_ratio=ratio,
+        # An absolute LR for peft, which the Trainer's scheduler then scales like the others.
+        loraplus_lr_embedding=LORAPLUS_EMBEDDING_FACTOR * args.learning_rate,
         loraplus_weight_decay=args.weight_decay,
         betas=(args.adam_beta1, args.adam_beta2),
         eps=args.adam_epsilon,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from lrsweep.config import TrainConfig
+from lrsweep.config import LORAPLUS_EMBEDDING_FACTOR, TrainConfig
 
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Op
             torch.optim.AdamW,
             lr=1.0,
             loraplus_lr_ratio=train.loraplus_lr_ratio,
+            loraplus_lr_embedding=LORAPLUS_EMBEDDING_FACTOR,
             loraplus_weight_decay=train.weight_decay,
             **adam,
         )

@@ -327,7 +327,9 @@ def test_loraplus_is_searched_and_the_export_builds_the_same_optimizer(tmp_path:
     from lrsweep.export import recommendation, to_python, training_arguments
     from lrsweep.models import attach_lora, detach_lora
 
-    cfg = tiny_config(FIXED, "search.loraplus_lr_ratio=[4, 32]", "sweep.steps=10")
+    # With LoRA on the embeddings too: peft gives their group an absolute LR of its own.
+    embeddings = "lora.target_modules=['q_proj', 'v_proj', 'embed_tokens']"
+    cfg = tiny_config(FIXED, "search.loraplus_lr_ratio=[4, 32]", "sweep.steps=10", embeddings)
     prepared = prepare_sweep(cfg, tmp_path, trials=2, progress=False)
     study = execute(prepared, progress=False)
     assert all(4 <= t.params["loraplus_lr_ratio"] <= 32 for t in study.trials)
@@ -348,6 +350,7 @@ def test_loraplus_is_searched_and_the_export_builds_the_same_optimizer(tmp_path:
     ours = curves[curves["number"] == best["number"]]["lr"].tolist()
     assert [g[0] for g in groups] == pytest.approx(ours, rel=1e-12)  # the A matrices
     assert [g[2] for g in groups] == pytest.approx([ratio * lr for lr in ours], rel=1e-12)
+    assert [g[1] for g in groups] == pytest.approx([1e-6 * lr for lr in ours], rel=1e-12)
 
 
 def test_the_range_test_honours_loraplus(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
