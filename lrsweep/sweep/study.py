@@ -110,6 +110,12 @@ def check_joinable(study: optuna.Study, config: StudyConfig | None) -> StudyConf
             "use a new --out (or --study) for a new study, or leave out the study file and "
             "the --set options to resume with the stored config"
         )
+    if config.planned != stored.planned:
+        logger.warning(
+            "planned.*: the study keeps the planned run it was made with (%s); give lrsweep "
+            "export --max-steps / --epochs for another",
+            stored.planned,
+        )
     return stored.replace(
         sweep=config.sweep,
         rangetest=config.rangetest,

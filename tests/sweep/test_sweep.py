@@ -61,7 +61,9 @@ def test_worker_seeds_differ_per_worker_and_restart() -> None:
 # ---------------------------------------------------------------- whole sweeps
 
 
-def test_sweep_runs_the_budget_and_resumes_without_adding_to_it(tmp_path: Path) -> None:
+def test_sweep_runs_the_budget_and_resumes_without_adding_to_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = tiny_config()
     prepared = prepare_sweep(cfg, tmp_path, trials=3, progress=False)
     study = execute(prepared, progress=False)
@@ -74,7 +76,11 @@ def test_sweep_runs_the_budget_and_resumes_without_adding_to_it(tmp_path: Path) 
     # The same budget again: nothing to do. A larger one: only the difference.
     study = execute(prepare_sweep(cfg, tmp_path, trials=3, progress=False), progress=False)
     assert len(study.trials) == 3
-    study = execute(prepare_sweep(None, tmp_path, trials=5, progress=False), progress=False)
+    # The planned run stays the study's: a resume that sets another is told so.
+    later = ("planned.max_steps=500",)
+    prepared = prepare_sweep(None, tmp_path, overrides=later, trials=5, progress=False)
+    assert "the study keeps the planned run it was made with" in caplog.text
+    study = execute(prepared, progress=False)
     assert len(_finished(study)) == 5 and len(study.trials) == 5
     params = [tuple(t.params.values()) for t in study.trials]
     assert len(set(params)) == len(params)
