@@ -594,6 +594,8 @@ def _sweep_figures(folder: Path) -> dict[str, Any]:
         "trial_seconds": round(seconds, 1),
         "tokens_per_s": round(float(trials["tokens"].sum()) / seconds, 1) if seconds else None,
         "peak_memory_mb": round(float(trials["peak_memory_mb"].max()), 1),
+        # What "auto" ran as, and so what lrsweep export writes as bf16 / fp16.
+        "dtype": sorted(set(trials["dtype"].dropna())) if "dtype" in trials else None,
     }
 
 
