@@ -26,7 +26,7 @@ LONGER_RUN_SHIFT = 0.75
 # it): the probe's worst development cell within an epoch, its worst held-out cell (too high),
 # and the ramp's range (too low) on the base shape.
 PROBE_DEVELOPMENT = 1.8
-PROBE_HELD_OUT = 3.6
+PROBE_HELD_OUT = 11.0
 RAMP_LOW = (4.9, 19.0)
 
 
@@ -36,9 +36,9 @@ def how_sure(mode: str) -> str:
         return (
             f"How sure: on lrsweep's benchmark the probe's number was within "
             f"{PROBE_DEVELOPMENT:.2g}x of the best peak LR of complete fine-tunes in every "
-            f"development cell within an epoch, and {PROBE_HELD_OUT:.2g}x too high on held-out "
-            "data the model already predicted well; take it as the first trial, and let "
-            "lrsweep sweep search around it."
+            f"development cell within an epoch, and up to {PROBE_HELD_OUT:.2g}x too high on "
+            "held-out data the model already predicted well; take it as the first trial, and "
+            "let lrsweep sweep search around it."
         )
     low, high = RAMP_LOW
     return (
