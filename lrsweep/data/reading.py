@@ -158,8 +158,9 @@ def read_data(config: DataConfig) -> Data:
         return Data("text", "stdlib", documents=docs)
     path = Path(config.path).expanduser()
     # A missing runs/train.jsonl is a mistyped file, not a Hub dataset: a data file's suffix.
-    local = path.suffix.lower() in (*TEXT_SUFFIXES, *TABLE_SUFFIXES, *JSON_SUFFIXES)
-    if not path.exists() and not (local and path.suffix) and HUB_ID.fullmatch(config.path):
+    suffix = path.suffix.lower()
+    local = bool(suffix) and suffix in (*TEXT_SUFFIXES, *TABLE_SUFFIXES, *JSON_SUFFIXES)
+    if not path.exists() and not local and HUB_ID.fullmatch(config.path):
         columns, plain = _read_hub(config.path)
         return _from_records(
             config, path, columns, [(f"row {i}", r) for i, r in enumerate(plain, 1)], "columns are"
@@ -169,7 +170,6 @@ def read_data(config: DataConfig) -> Data:
             f"data.path: {path} does not exist; give a .txt, .jsonl, .json, "
             ".parquet, .csv file or a save_to_disk folder, or 'stdlib' / 'stdlib-instruct'"
         )
-    suffix = path.suffix.lower()
     if not path.is_dir() and suffix in TEXT_SUFFIXES:
         if config.format not in ("auto", "text"):
             raise DataError(
