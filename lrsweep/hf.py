@@ -86,7 +86,7 @@ def _train_config(trainer: Trainer) -> TrainConfig:
         adam_beta2=args.adam_beta2,
         adam_epsilon=args.adam_epsilon,
         device=str(args.device.type),
-        dtype=str(precision_of(trainer).dtype).removeprefix("torch."),
+        dtype=precision_of(trainer).dtype_name,
     )
 
 
@@ -296,7 +296,7 @@ def _trainer_runner(
                 "TrainingArguments(**overrides)"
             )
         on_trainer(trainer)
-        result.dtype = str(precision_of(trainer).dtype).removeprefix("torch.")
+        result.dtype = precision_of(trainer).dtype_name
         if ratio is not None:
             trainer.optimizer = loraplus_optimizer(trainer, ratio)
         watch = _Watch(trainer, trial, result, sweep, not queued.is_confirmation)

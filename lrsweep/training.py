@@ -41,6 +41,11 @@ class Precision:
         if self.dtype == torch.float16 and self.scaler is None:
             self.scaler = torch.amp.GradScaler(self.device.type)
 
+    @property
+    def dtype_name(self) -> str:
+        """The dtype as a study's ``train.dtype`` names it: float32, bfloat16 or float16."""
+        return str(self.dtype).removeprefix("torch.")
+
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()

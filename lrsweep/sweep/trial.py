@@ -162,7 +162,7 @@ def _train_once(
     torch.manual_seed(seed)
     model = attach_lora(ctx.base, cfg.lora, seed)
     precision = Precision(device, ctx.precision.dtype)  # a fresh GradScaler for fp16
-    run = TrialRun(schedule, ratio, dtype=str(precision.dtype).removeprefix("torch."))
+    run = TrialRun(schedule, ratio, dtype=precision.dtype_name)
     start = time.perf_counter()
     finished, started = False, list[TrialWatcher]()
     optimizer: torch.optim.Optimizer | None = None
