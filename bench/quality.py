@@ -211,7 +211,7 @@ def table(held_out: bool = False) -> None:
     grid_table(rows)
     scored = readings(rows)
     if held_out:
-        sure = how_sure_figures(rows)
+        sure = how_sure_figures(rows, scored)
         print(
             f"How sure (lrsweep.horizon): the probe within {sure.development:.2g}x on the "
             f"development cells within an epoch, {sure.held_out:.2g}x on the held-out ones; "
@@ -443,9 +443,10 @@ class HowSure:
     ramp_low: tuple[float, float]  # best / the ramp's recommendation, least and most
 
 
-def how_sure_figures(rows: list[dict]) -> HowSure:
+def how_sure_figures(rows: list[dict], scored: list[Reading]) -> HowSure:
+    """From the grid's ``rows`` and their ``readings``."""
     default = f"cosine, {RangeTestConfig().run_steps} steps"
-    cells = [r for r in readings(rows) if r.method == default and r.final]
+    cells = [r for r in scored if r.method == default and r.final]
     development = [
         abs(r.error) for r in cells if r.corpus != HELD_OUT and r.shape in WITHIN_AN_EPOCH
     ]

@@ -5,12 +5,13 @@ until lrsweep.horizon (and the README and BENCHMARKS.md with it) says the new on
 from __future__ import annotations
 
 from bench.grid import load_rows
-from bench.quality import how_sure_figures
+from bench.quality import how_sure_figures, readings
 from lrsweep import horizon
 
 
 def test_how_sure_figures_are_the_benchmarks() -> None:
-    sure = how_sure_figures(load_rows())
+    rows = load_rows()
+    sure = how_sure_figures(rows, readings(rows))
     said = (horizon.PROBE_DEVELOPMENT, horizon.PROBE_HELD_OUT, *horizon.RAMP_LOW)
     measured = (sure.development, sure.held_out, *sure.ramp_low)
     assert [f"{x:.2g}" for x in said] == [f"{x:.2g}" for x in measured]
