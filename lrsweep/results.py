@@ -11,12 +11,14 @@ files without torch, transformers or peft.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,18 @@ def check_writable(folder: Path, option: str) -> None:
         raise StudyError(f"{option} {folder}: {existing} is a file; choose another folder")
     if not writable(existing):
         raise StudyError(f"{option} {folder}: {existing} is not writable; choose another folder")
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """``folder``'s exclusive lock among processes (flock on the folder itself: no lock file
+    in it), for read-decide-write steps that several workers may take at once."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

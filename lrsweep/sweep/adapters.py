@@ -10,14 +10,11 @@ better trial finishes; with ``best`` the folder it pointed to is then removed. L
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +28,7 @@ from lrsweep.results import (
     BEST_ADAPTER,
     adapter_folder,
     folder_bytes,
+    locked,
     read_adapter_info,
     size_text,
     umask,
@@ -76,7 +74,7 @@ class AdapterKeeper:
         size = size_text(folder_bytes(folder))
         # Decided again under the lock: another worker may have pointed the link at a better
         # adapter while this one was saved, and must not lose it to this one.
-        with _locked(best.parent):
+        with locked(best.parent):
             better = _beats(loss, best)
             if better:
                 previous = best.resolve() if best.is_symlink() else None
@@ -134,17 +132,6 @@ def save_adapter(model: PeftModel, tokenizer: Tokenizer, out: Path, info: dict[s
 def _beats(loss: float, best: Path) -> bool:
     current = read_adapter_info(best)
     return current is None or loss < current["eval_loss"]
-
-
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """The folder's exclusive lock (flock on the folder itself: no lock file in it)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _point(link: Path, target: str) -> None:

@@ -111,11 +111,15 @@ class PreparedSweep:
         )
 
 
-def _wait_for_journal(path: Path | None, wait: float) -> None:
-    """A worker started together with its sweep may find the journal not written yet."""
+def _wait_for_journal(path: Path | None, wait: float) -> float:
+    """A worker started together with its sweep may find the journal not written yet: wait
+    for it, saying so once; the seconds of ``wait`` left."""
     deadline = time.time() + wait
+    if path is not None and not path.exists() and wait > 0:
+        logger.warning("waiting for the study's journal %s to appear", path)
     while path is not None and not path.exists() and time.time() < deadline:
         time.sleep(1.0)
+    return max(0.0, deadline - time.time())
 
 
 def open_study(
@@ -126,7 +130,7 @@ def open_study(
     heartbeat = (config.sweep if config else SweepConfig()).heartbeat_seconds
     journal = journal_path(out, url)
     if config is None:
-        _wait_for_journal(journal, wait)
+        wait = _wait_for_journal(journal, wait)
     elif journal is not None and not journal.exists():
         return None, None, config  # a new study: its journal is written once it is created
     storage = open_storage(out, url, heartbeat, create=False)

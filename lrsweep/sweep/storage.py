@@ -11,7 +11,6 @@ alive is never failed. On a database, Optuna's own heartbeat does this job.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -20,8 +19,7 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -36,7 +34,7 @@ from lrsweep import record
 from lrsweep.config import SweepConfig
 from lrsweep.errors import StudyError, first_line
 from lrsweep.record import TrialRecord
-from lrsweep.results import JOURNAL_FILE, LIVE_DIR, atomic_write
+from lrsweep.results import JOURNAL_FILE, LIVE_DIR, atomic_write, locked
 
 
 logger = logging.getLogger(__name__)
@@ -377,7 +375,7 @@ def reap_stale_trials(study: optuna.Study, storage: StudyStorage) -> list[int]:
             if fail_trial(study, storage, t, why)
         ]
     storage.live.mkdir(parents=True, exist_ok=True)
-    with _locked(storage.live / ".reap.lock"):
+    with locked(storage.live):
         reaped = []
         for trial, why in stale_trials(study, storage):
             if fail_trial(study, storage, trial, why):
@@ -392,13 +390,6 @@ def _stale_trial_ids(backend: BaseStorage, study: optuna.Study) -> set[int]:
     # Checked against Optuna 5.0.0: RDBStorage._get_stale_trial_ids(study_id).
     study_id = backend.get_study_id_from_name(study.study_name)
     return set(backend._get_stale_trial_ids(study_id))  # type: ignore[attr-defined]
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _started(trial: FrozenTrial) -> float:
