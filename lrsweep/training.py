@@ -184,9 +184,9 @@ class Loop:
     trial and a user's Trainer batches: precision, accumulation, clipping, eval batch."""
 
     precision: Precision
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    eval_batch_size: int = 8
+    grad_accum: int = TrainConfig.grad_accum
+    max_grad_norm: float = TrainConfig.max_grad_norm
+    eval_batch_size: int = TrainConfig().eval_batch_size
 
     @staticmethod
     def of(train: TrainConfig, precision: Precision) -> Loop:
