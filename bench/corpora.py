@@ -13,6 +13,15 @@
   method (issue 20): chosen and written down on 2026-12-03 before any run on it; no choice
   of the method may look at its rows. Its base grid and its 1000-step and 16-row grids are
   the ground truth the chosen method is run against once.
+- ``perlmodules``, ``cmakemodules``: Perl's core modules (/usr/share/perl: Perl with its POD
+  documentation) and CMake's modules (/usr/share/cmake-*/Modules: CMake script with its
+  reStructuredText comments). Added on 2026-12-06 as development corpora of the kind cheaders
+  is: files that ship with every copy of a widely used tool, so that the bundled model has
+  likely seen them many times, to measure whether such data wants lower peak LRs than the
+  probe gives (the held-out miss on cheaders) before any rule is built on it.
+- ``vimruntime``: Vim's runtime scripts (/usr/share/vim/vim*/: Vim script). **Held out** for
+  any rule built on that kind of data: named here on 2026-12-06 before any run on it; nothing
+  runs on it until the rule is chosen, then its grid and the rule's probe, once.
 - ``instruct``: lrsweep's stdlib-instruct task, the standard library's documented functions as
   "write this function" chats, trained on the answers only (an instruction fine-tune).
 
@@ -30,11 +39,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA_DIR = ROOT / "runs" / "bench" / "corpora"
-CORPORA = ("stdlib", "licenses", "manpages", "instruct", "infomanuals", "cheaders")
+CORPORA = (
+    "stdlib",
+    "licenses",
+    "manpages",
+    "instruct",
+    "infomanuals",
+    "cheaders",
+    "perlmodules",
+    "cmakemodules",
+)
 HELD_OUT = "cheaders"
 _MAN_BYTES = 2_000_000  # enough for 100k tokens after the seeded document shuffle
 _MAN_STRIDE = 7
-_HEADER_BYTES = 2_000_000
+_FILE_BYTES = 2_000_000
 
 
 def _licenses() -> list[str]:
@@ -79,22 +97,30 @@ def _infomanuals() -> list[str]:
     return docs
 
 
-def _cheaders() -> list[str]:
-    """Headers drawn in a seeded order from the whole tree (so that no one library fills it)
-    up to ``_HEADER_BYTES``; the forwarding stubs (under 500 characters) and the generated
-    giants (over 100k) are left out."""
+def _source_files(roots: list[Path], pattern: str) -> list[str]:
+    """Files drawn in a seeded order from whole trees (so that no one library fills the
+    corpus) up to ``_FILE_BYTES``; the forwarding stubs (under 500 characters) and the
+    generated giants (over 100k) are left out."""
     docs, size = [], 0
-    headers = sorted(p for p in Path("/usr/include").rglob("*.h") if not p.is_symlink())
-    random.Random(0).shuffle(headers)
-    for path in headers:
+    found = {p.resolve() for root in roots for p in root.rglob(pattern) if not p.is_symlink()}
+    files = sorted(found)
+    random.Random(0).shuffle(files)
+    for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         if not 500 <= len(text) <= 100_000:
             continue
         docs.append(text)
         size += len(text)
-        if size >= _HEADER_BYTES:
+        if size >= _FILE_BYTES:
             break
     return docs
+
+
+def _versioned(pattern: str) -> list[Path]:
+    """The real folders (no version aliases) that ``pattern`` names: /usr/share/perl/5.*."""
+    return sorted(
+        p for p in Path("/").glob(pattern.lstrip("/")) if p.is_dir() and not p.is_symlink()
+    )
 
 
 def corpus_path(name: str) -> str:
@@ -108,7 +134,12 @@ def corpus_path(name: str) -> str:
             "licenses": _licenses,
             "manpages": _manpages,
             "infomanuals": _infomanuals,
-            "cheaders": _cheaders,
+            "cheaders": lambda: _source_files([Path("/usr/include")], "*.h"),
+            "perlmodules": lambda: _source_files(_versioned("/usr/share/perl/5.*"), "*.pm"),
+            "cmakemodules": lambda: _source_files(
+                _versioned("/usr/share/cmake-*/Modules"), "*.cmake"
+            ),
+            "vimruntime": lambda: _source_files(_versioned("/usr/share/vim/vim[0-9]*"), "*.vim"),
         }
         docs = readers[name]()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -413,7 +413,8 @@ def old_and_new(found: list[Reading]) -> None:
         a, b = cells.get((corpus, shape, old)), cells.get((corpus, shape, new))
         if a is None or b is None:
             continue
-        pairs.append((a, b))
+        if a.final:  # the counts below are of complete grids; the others show "so far"
+            pairs.append((a, b))
         print(
             f"| {_name(a)} | {shape} | {_best(a)} | {a.error:+.2f} / {b.error:+.2f} | "
             f"{_regret(a)} / {_regret(b)} |"
