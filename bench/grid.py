@@ -170,12 +170,20 @@ def plan(
 
 
 def _seed_pair(rows: list[dict], corpus: str, shape: str) -> list[Point]:
-    """A second seed for the two best points when they lie within SEED_GAP of each other."""
+    """A second seed for the two best points when they lie within SEED_GAP of each other;
+    then, while the best on the mean is a point with one seed (whose seed-0 loss now beats
+    the pair's means, as when seed 1 ends higher at every LR), that point's second seed, so
+    that the best is always decided between points with the same seeds."""
     seed0 = [r for r in rows if r["corpus"] == corpus and r["seed"] == 0]
     first, second = sorted(seed0, key=score)[:2]
-    if score(second) - score(first) < SEED_GAP * score(first):
-        return [Point(corpus, r["exponent"], 1, shape) for r in (first, second)]
-    return []
+    if score(second) - score(first) >= SEED_GAP * score(first):
+        return []
+    pair = [Point(corpus, r["exponent"], 1, shape) for r in (first, second)]
+    done = {Point.of(r).key for r in rows}
+    top = best(rows, corpus, shape)
+    if all(p.key in done for p in pair) and top is not None and top["seeds"] == 1:
+        return [*pair, Point(corpus, top["exponent"], 1, shape)]
+    return pair
 
 
 def _plan_base(rows: list[dict], corpora: list[str]) -> list[tuple[int, Point]]:
@@ -196,7 +204,12 @@ def _plan_base(rows: list[dict], corpora: list[str]) -> list[tuple[int, Point]]:
         slots += [(n_base + 2 * j + m, p) for m, p in enumerate(refine)]
         if all(p.key in done for p in refine):
             seeds = _seed_pair(rows, corpus, "base")
-            slots += [(n_base + 2 * (len(corpora) + j) + m, p) for m, p in enumerate(seeds)]
+            # The pair's slots, then one slot per corpus for a further second seed.
+            extra = n_base + 4 * len(corpora) + j
+            slots += [
+                (n_base + 2 * (len(corpora) + j) + m if m < 2 else extra, p)
+                for m, p in enumerate(seeds)
+            ]
     return slots
 
 
