@@ -85,7 +85,8 @@ class FindResult:
         """This result with the suggestion carried to the run it is for
         (:func:`lrsweep.horizon.carry`)."""
         steps = self.for_run()["steps"]
-        return dataclasses.replace(self, suggestion=carry(self.suggestion, steps))
+        carried = carry(self.suggestion, steps, self.curve.best_drop)
+        return dataclasses.replace(self, suggestion=carried)
 
     def metadata(self) -> dict[str, Any]:
         return {

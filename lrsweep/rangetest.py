@@ -59,6 +59,14 @@ class RangeTestCurve:
         """What the range test cost in optimizer steps."""
         return self.spent_steps if self.mode == "probe" else len(self.lrs)
 
+    @property
+    def best_drop(self) -> float | None:
+        """Probe mode: the best run's held-out loss drop, as a share of the untrained loss."""
+        finite = [v for v in self.losses if math.isfinite(v)]
+        if self.mode != "probe" or not self.start_loss or not finite:
+            return None
+        return (self.start_loss - min(finite)) / abs(self.start_loss)
+
     def frame(self) -> pd.DataFrame:
         extra: dict[str, list[list[float]]] = {}
         if self.run_losses is not None:

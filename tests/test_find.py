@@ -93,7 +93,8 @@ def test_cli_find_probe_mode_writes_one_point_per_run(
     assert found.curve.optimizer_steps == RangeTestConfig().run_steps * len(frame)
     assert found.curve.start_loss is not None
     suggested = suggest_probe(found.curve.lrs, found.curve.losses, found.curve.start_loss)
-    assert found.suggestion == suggested
+    # Saved as carried to the run it is for (the caveats of lrsweep.horizon added).
+    assert found.suggestion == carry(suggested, found.for_run()["steps"], found.curve.best_drop)
     code, _, err = run_cli(capsys, monkeypatch, *args, "--set", "rangetest.runs=2")
     assert code == 2 and err == "error: rangetest.runs: must be at least 3, got 2\n"
 
@@ -135,7 +136,7 @@ def test_find_says_which_run_the_number_is_for(
     assert "100-step warmup + cosine fine-tune" in out
     assert "How sure: on lrsweep's benchmark the probe's number was within 1.8x" in out
     probe = suggest_probe(found.curve.lrs, found.curve.losses, found.curve.start_loss)
-    assert found.suggestion == carry(probe, run["steps"])
+    assert found.suggestion == carry(probe, run["steps"], found.curve.best_drop)
     saved = json.loads((out_dir / "suggestion.json").read_text())
     assert (
         saved["for_run"]["steps"] == run["steps"] and saved["for_run"]["calibrated_steps"] == 100
