@@ -37,7 +37,7 @@ def no_parabola_at_the_cliff(lrs: list[float], losses: list[float], start: float
 
 
 def main() -> None:
-    rows = [r for r in load_rows() if r["corpus"] != HELD_OUT]
+    rows = [r for r in load_rows() if r["corpus"] not in HELD_OUT]
     corpora = dict.fromkeys(r["corpus"] for r in rows)
     print("| corpus | shape | seed | log10 error, today / candidate | loss regret, same |")
     print("|---|---|---|---|---|")

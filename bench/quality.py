@@ -207,7 +207,7 @@ def grid_table(rows: list[dict]) -> None:
 def table(held_out: bool = False) -> None:
     """Every table, the held-out corpus's rows left out unless ``held_out``: they are read
     once, after the method is chosen."""
-    rows = [r for r in load_rows() if held_out or r["corpus"] != HELD_OUT]
+    rows = [r for r in load_rows() if held_out or r["corpus"] not in HELD_OUT]
     grid_table(rows)
     scored = readings(rows)
     if held_out:
@@ -245,7 +245,7 @@ def table(held_out: bool = False) -> None:
                 seed = "" if mode == "probe" else " seed 1"
                 at_k = FindResult(probe.curve, s, probe.config)
                 lines.append((f"probe k={k}{seed}{default}", s.recommended_lr, at_k))
-        name = corpus + (" (held out)" if corpus == HELD_OUT else "")
+        name = corpus + (" (held out)" if corpus in HELD_OUT else "")
         for i, (method, lr, found) in enumerate(lines):
             ratio = f"{math.log10(lr / top['peak_lr']):+.2f}" if lr else "-"
             interval = _contains(found.suggestion.interval, top["peak_lr"]) if found else ""
@@ -375,7 +375,7 @@ def meets_targets(error: float, regret: float) -> bool:
 
 
 def _name(r: Reading) -> str:
-    return r.corpus + (" (held out)" if r.corpus == HELD_OUT else "")
+    return r.corpus + (" (held out)" if r.corpus in HELD_OUT else "")
 
 
 def _regret(r: Reading) -> str:
@@ -449,9 +449,9 @@ def how_sure_figures(rows: list[dict], scored: list[Reading]) -> HowSure:
     default = f"cosine, {RangeTestConfig().run_steps} steps"
     cells = [r for r in scored if r.method == default and r.final]
     development = [
-        abs(r.error) for r in cells if r.corpus != HELD_OUT and r.shape in WITHIN_AN_EPOCH
+        abs(r.error) for r in cells if r.corpus not in HELD_OUT and r.shape in WITHIN_AN_EPOCH
     ]
-    held_out = [r.error for r in cells if r.corpus == HELD_OUT]
+    held_out = [r.error for r in cells if r.corpus in HELD_OUT]
     ramp = []
     for corpus in _corpora(rows):
         top, found = best(rows, corpus), load_find(find_dir(corpus, "ramp"))
@@ -471,7 +471,9 @@ def main() -> None:
     parser.add_argument("--modes", default="ramp,probe")
     parser.add_argument("--shape", default="base", choices=list(SHAPES))
     parser.add_argument(
-        "--held-out", action="store_true", help=f"show {HELD_OUT}'s figures (read them once)"
+        "--held-out",
+        action="store_true",
+        help=f"show the figures of {' and '.join(HELD_OUT)} (read them once)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
