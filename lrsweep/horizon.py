@@ -6,7 +6,9 @@ runs with, so the batch is read by the probe. The run length is not: on the benc
 (bench/grid.py, BENCHMARKS.md) ten times the steps on the same data moved the best peak LR
 0.75 decade down on one corpus and not down at all on another, so no one factor carries the
 number to a longer run. What a longer run changes is how sure the number is: the interval
-reaches as far down as the largest shift measured. Pure functions, no torch.
+reaches as far down as the largest shift measured. The probe's own loss drop bears on it
+too: a small one marks data the model already predicts well, where the number was too high,
+and a warning says so. Pure functions, no torch.
 """
 
 from __future__ import annotations
