@@ -440,6 +440,7 @@ class HowSure:
     of the grid's best peak LR, over the cells whose grid is complete."""
 
     development: float  # the default probe's worst development cell within an epoch
+    development_regret: float  # its worst loss regret there (relative final loss)
     held_out: float  # its worst held-out cell (signed: above 1 too high)
     ramp_low: tuple[float, float]  # best / the ramp's recommendation, least and most
 
@@ -448,9 +449,8 @@ def how_sure_figures(rows: list[dict], scored: list[Reading]) -> HowSure:
     """From the grid's ``rows`` and their ``readings``."""
     default = f"cosine, {RangeTestConfig().run_steps} steps"
     cells = [r for r in scored if r.method == default and r.final]
-    development = [
-        abs(r.error) for r in cells if r.corpus not in HELD_OUT and r.shape in WITHIN_AN_EPOCH
-    ]
+    within = [r for r in cells if r.corpus not in HELD_OUT and r.shape in WITHIN_AN_EPOCH]
+    development = [abs(r.error) for r in within]
     held_out = [r.error for r in cells if r.corpus in HELD_OUT]
     ramp = []
     for corpus in _corpora(rows):
@@ -459,6 +459,7 @@ def how_sure_figures(rows: list[dict], scored: list[Reading]) -> HowSure:
             ramp.append(top["peak_lr"] / found.recommended_lr)
     return HowSure(
         10 ** max(development),
+        max(r.regret for r in within if not math.isnan(r.regret)),
         10 ** max(held_out, key=abs),
         (min(ramp), max(ramp)),
     )

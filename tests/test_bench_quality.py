@@ -12,6 +12,16 @@ from lrsweep import horizon
 def test_how_sure_figures_are_the_benchmarks() -> None:
     rows = load_rows()
     sure = how_sure_figures(rows, readings(rows))
-    said = (horizon.PROBE_DEVELOPMENT, horizon.PROBE_HELD_OUT, *horizon.RAMP_LOW)
-    measured = (sure.development, sure.held_out, *sure.ramp_low)
+    said = (
+        horizon.PROBE_DEVELOPMENT,
+        100 * horizon.PROBE_DEVELOPMENT_REGRET,
+        horizon.PROBE_HELD_OUT,
+        *horizon.RAMP_LOW,
+    )
+    measured = (
+        sure.development,
+        100 * sure.development_regret,
+        sure.held_out,
+        *sure.ramp_low,
+    )
     assert [f"{x:.2g}" for x in said] == [f"{x:.2g}" for x in measured]
