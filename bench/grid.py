@@ -204,12 +204,9 @@ def _plan_base(rows: list[dict], corpora: list[str]) -> list[tuple[int, Point]]:
         slots += [(n_base + 2 * j + m, p) for m, p in enumerate(refine)]
         if all(p.key in done for p in refine):
             seeds = _seed_pair(rows, corpus, "base")
-            # The pair's slots, then one slot per corpus for a further second seed.
-            extra = n_base + 4 * len(corpora) + j
-            slots += [
-                (n_base + 2 * (len(corpora) + j) + m if m < 2 else extra, p)
-                for m, p in enumerate(seeds)
-            ]
+            # The pair's two slots, then one per corpus for a further second seed.
+            pair = n_base + 2 * (len(corpora) + j)
+            slots += zip((pair, pair + 1, n_base + 4 * len(corpora) + j), seeds, strict=False)
     return slots
 
 
