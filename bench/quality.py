@@ -220,7 +220,8 @@ def table(held_out: bool = False) -> None:
     old_and_new(scored)
     quality_by_shape(scored)
     print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
-    print("sweep's default bounds (recommendation / 10 .. divergence) checked for containing it")
+    print("sweep's default bounds (recommendation / 10 or the interval's low end .. divergence)")
+    print("checked for containing it")
     print(
         f"{'corpus':<20} {'best':>8}  {'method':<26} {'suggested':>9} {'log10':>6} "
         f"{'interval':>8} {'bounds':>6}"
@@ -341,7 +342,7 @@ def readings(rows: list[dict]) -> list[Reading]:
                 if found is None or not same_data(rows, corpus, shape, found):
                     continue
                 for method, probed in _readings(mode, found):
-                    s = carry(probed, steps)
+                    s = carry(probed, steps, found.curve.best_drop)
                     if s.recommended_lr is None:
                         continue
                     bounds = _bounds(FindResult(found.curve, s, found.config))

@@ -74,9 +74,9 @@ class FindResult:
         }
 
     def sweep_bounds(self) -> tuple[float, float]:
-        """The peak-LR bounds ``lrsweep sweep`` takes from this range test (a tenth of the
-        recommendation up to the divergence LR, else the highest LR tested): ``hf.sweep``'s
-        ``peak_lr``. A StudyError when the range test gave no recommendation."""
+        """The peak-LR bounds ``lrsweep sweep`` takes from this range test
+        (:func:`lrsweep.sweep.space.peak_lr_bounds`): ``hf.sweep``'s ``peak_lr``. A
+        StudyError when the range test gave no recommendation."""
         from lrsweep.sweep.space import peak_lr_bounds
 
         return peak_lr_bounds(self.config, self.suggestion, max(self.curve.lrs))

@@ -8,7 +8,7 @@ runs with, so the batch is read by the probe. The run length is not: on the benc
 number to a longer run. What a longer run changes is how sure the number is: the interval
 reaches as far down as the largest shift measured. The probe's own loss drop bears on it
 too: a small one marks data the model already predicts well, where the number was too high,
-and a warning says so. Pure functions, no torch.
+so the interval reaches lower there, and a warning says so. Pure functions, no torch.
 """
 
 from __future__ import annotations
@@ -80,20 +80,23 @@ def lowest_factor(steps: int) -> float:
 
 def carry(suggestion: Suggestion, steps: int, best_drop: float | None = None) -> Suggestion:
     """The suggestion for a planned run of ``steps`` optimizer steps: the same number, the
-    interval's low end down by :func:`lowest_factor`, and a warning that says so; and a
-    warning when the probe's best run lowered the held-out loss by less than
-    ``KNOWN_DATA_DROP`` of it (``best_drop``), where the number was too high on the benchmark."""
-    if suggestion.interval is None:
+    interval's low end down by :func:`lowest_factor`, and a warning that says so. When the
+    probe's best run lowered the held-out loss by less than ``KNOWN_DATA_DROP`` of it
+    (``best_drop``), where the number was up to ``PROBE_HELD_OUT`` times too high on the
+    benchmark, the interval reaches that far below the number first, with a warning too: a
+    caveat the sweep's bounds follow, not a correction of the number."""
+    if suggestion.interval is None or suggestion.recommended_lr is None:
         return suggestion
     warnings = list(suggestion.warnings)
+    low, high = suggestion.interval
     if best_drop is not None and best_drop < KNOWN_DATA_DROP:
+        low = min(low, suggestion.recommended_lr / PROBE_HELD_OUT)
         warnings.append(
             f"the best probe run lowered the held-out loss by only {best_drop:.1%}: the model "
             "already predicts this data well, and on such data (C headers) lrsweep's benchmark "
-            f"found the best peak LR up to {PROBE_HELD_OUT:.2g}x below the probe's number; "
-            "let the sweep search down to a tenth of it (its default bounds) or below"
+            f"found the best peak LR up to {PROBE_HELD_OUT:.2g}x below the probe's number "
+            "(the interval and the sweep's default bounds reach down that far)"
         )
-    low, high = suggestion.interval
     factor = lowest_factor(steps)
     if factor < 1.0:
         warnings.append(

@@ -144,7 +144,8 @@ def test_find_says_which_run_the_number_is_for(
     assert saved["interval"] == list(found.suggestion.interval or ())
     # The bounds hf.sweep takes: as lrsweep sweep sets them, numbers also without divergence.
     low, high = found.sweep_bounds()
-    assert found.recommended_lr is not None and low == found.recommended_lr / 10
+    assert found.recommended_lr is not None and found.suggestion.interval is not None
+    assert low == min(found.recommended_lr / 10, found.suggestion.interval[0])
     assert high == max(found.suggestion.divergence_lr or max(found.curve.lrs), 10 * low)
 
 

@@ -19,7 +19,9 @@ def peak_lr_bounds(
     config: StudyConfig, suggestion: Suggestion | None, highest_tested: float = math.inf
 ) -> tuple[float, float]:
     """The log-uniform bounds of the peak LR: the study file's, or from the range test:
-    a tenth of the recommendation up to the divergence LR (or the highest LR tested)."""
+    a tenth of the recommendation (or the interval's low end, where the planned run's length
+    or data the model already knows carried it lower) up to the divergence LR (or the highest
+    LR tested)."""
     if config.search.peak_lr:
         low, high = config.search.peak_lr
         return low, high
@@ -30,6 +32,8 @@ def peak_lr_bounds(
             "set search.peak_lr = [low, high] in the study file"
         )
     low = suggestion.recommended_lr / 10
+    if suggestion.interval is not None:
+        low = min(low, suggestion.interval[0])
     high = suggestion.divergence_lr or highest_tested
     return low, max(high, low * 10)
 

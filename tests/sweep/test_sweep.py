@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 from pathlib import Path
@@ -47,6 +48,10 @@ def test_bounds_follow_the_documented_rule() -> None:
     assert peak_lr_bounds(cfg, _found(1e-3, 2e-2)) == pytest.approx((1e-4, 2e-2))
     # Never diverged: up to the highest LR tested.
     assert peak_lr_bounds(cfg, _found(1e-3, None), 1e-1) == pytest.approx((1e-4, 1e-1))
+    # An interval carried further down (a long planned run, data the model already knows):
+    # the sweep searches all of it.
+    reaching = dataclasses.replace(_found(1e-3, 2e-2), interval=(4e-5, 3e-3))
+    assert peak_lr_bounds(cfg, reaching) == pytest.approx((4e-5, 2e-2))
     assert peak_lr_bounds(tiny_config("search.peak_lr=[1e-5, 1e-3]"), None) == (1e-5, 1e-3)
     with pytest.raises(StudyError, match="search.peak_lr: the range test gave no"):
         peak_lr_bounds(cfg, _found(None, None))
