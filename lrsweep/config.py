@@ -190,15 +190,15 @@ class TrainConfig:
 class RangeTestConfig:
     """Args:
     mode: ``probe`` (``runs`` short runs at peak LRs, each from the same start on the same
-        batches, scored by the held-out loss at their end; the default: on the quality
-        benchmark it predicts the best peak LR of complete fine-tunes within a factor of 2,
-        where the ramp's suggestions miss by up to 34x) or ``ramp`` (one run whose LR grows
-        every step, the classic range test).
+        batches, scored by the held-out loss at their end; the default, and the one the
+        quality benchmark calibrates: ``lrsweep.horizon.how_sure`` says how close it came to
+        the best peak LR of complete fine-tunes, and the ramp) or ``ramp`` (one run whose LR
+        grows every step, the classic range test).
     start_lr, end_lr: the lowest and highest LR tested. steps: the ramp's optimizer steps.
     spacing: ``exp`` (geometric) or ``linear`` LRs between start_lr and end_lr.
     runs, run_steps: probe mode's number of runs and optimizer steps per run (12: with the
-        cosine runs, within 0.25 decade of the best peak LR of complete fine-tunes in the 14
-        development cells of the quality benchmark within an epoch).
+        cosine runs, the candidate closest to the best peak LR of complete fine-tunes on the
+        quality benchmark's development cells; BENCHMARKS.md).
     cooldown_steps: probe mode: steps after each run's fixed-LR ones in which its LR falls
         linearly to a tenth (the first trial's floor), so that a run is scored decayed, as the
         fine-tune it predicts is (``run_schedule = "constant"`` only).

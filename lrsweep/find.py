@@ -74,19 +74,20 @@ class FindResult:
         }
 
     def sweep_bounds(self) -> tuple[float, float]:
-        """The peak-LR bounds ``lrsweep sweep`` takes from this range test
-        (:func:`lrsweep.sweep.space.peak_lr_bounds`): ``hf.sweep``'s ``peak_lr``. A
-        StudyError when the range test gave no recommendation."""
+        """The peak-LR bounds ``lrsweep sweep`` takes from this range test for trials of the
+        run it is for (:func:`lrsweep.sweep.space.peak_lr_bounds`): ``hf.sweep``'s
+        ``peak_lr``. A StudyError when the range test gave no recommendation."""
         from lrsweep.sweep.space import peak_lr_bounds
 
         return peak_lr_bounds(self.config, self.suggestion, max(self.curve.lrs))
 
-    def carried(self) -> FindResult:
-        """This result with the suggestion carried to the run it is for
-        (:func:`lrsweep.horizon.carry`)."""
-        steps = self.for_run()["steps"]
-        carried = carry(self.suggestion, steps, self.curve.best_drop)
-        return dataclasses.replace(self, suggestion=carried)
+    def carried(self, steps: int | None = None) -> FindResult:
+        """This result with its curve's suggestion carried to a run of ``steps`` optimizer
+        steps (default: the run it is for, :meth:`for_run`; :func:`lrsweep.horizon.carry`).
+        Always from the curve, so that a result carried once and again is carried once."""
+        steps = self.for_run()["steps"] if steps is None else steps
+        measured = suggestion_of(self.curve, self.config.rangetest)
+        return dataclasses.replace(self, suggestion=carry(measured, steps, self.curve.best_drop))
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -132,7 +133,12 @@ def measure(
 def suggestion_of(curve: RangeTestCurve, config: RangeTestConfig) -> Suggestion:
     """The suggestion of a measured range test: its mode's rule on its curve."""
     if config.mode == "ramp":
-        return suggest(curve.lrs, curve.losses, diverge_factor=config.diverge_factor)
+        return suggest(
+            curve.lrs,
+            curve.losses,
+            diverge_factor=config.diverge_factor,
+            smoothing=config.smoothing,
+        )
     assert curve.start_loss is not None
     if curve.seed_losses is not None:
         return suggest_probe_seeds(curve.lrs, curve.seed_losses, curve.start_loss)
@@ -208,7 +214,7 @@ def find_lr(
 
     With ``out``, the three result files are written there. Example::
 
-        result = lrsweep.find_lr("studies/tiny.toml", overrides=["rangetest.steps=40"])
+        result = lrsweep.find_lr("studies/tiny.toml", overrides=["rangetest.runs=5"])
         print(result.recommended_lr, result.suggestion.interval)
     """
     cfg = study if isinstance(study, StudyConfig) else config_mod.load(study, overrides)

@@ -329,17 +329,33 @@ def write_sweep(trials: list[Any], folder: Path, metadata: dict[str, Any]) -> bo
     return True
 
 
-def sweep_states(out: Path) -> dict[int, str] | None:
+def sweep_states(out: Path, study: str) -> dict[int, str] | None:
     """Trial number -> state in ``out``'s trials.parquet (None when it is missing, damaged,
-    or its curves.parquet is), to see whether the files lag behind the storage."""
+    holds another study's trials, or its curves.parquet is missing or damaged), to see
+    whether the files lag behind the storage."""
     if not (out / CURVES_FILE).exists() or not (out / TRIALS_FILE).exists():
         return None
     try:
         read_parquet(out / CURVES_FILE)
-        frame, _ = read_parquet(out / TRIALS_FILE)
+        frame, meta = read_parquet(out / TRIALS_FILE)
     except StudyError:
         return None
+    if meta.get("study", study) != study:
+        return None
     return dict(zip(frame["number"], frame["state"], strict=True))
+
+
+def results_study(out: Path) -> str | None:
+    """The study whose trials ``out``'s result files (or a worker's part files there) hold,
+    if any: their trial numbers, curves and adapters are that study's."""
+    for path in [out / TRIALS_FILE, *sorted((out / PARTS_DIR).glob(f"*/{TRIALS_FILE}"))]:
+        try:
+            meta = json.loads((pq.read_schema(path).metadata or {}).get(META_KEY, b"{}"))
+        except (pa.ArrowException, OSError, ValueError):
+            continue  # missing or damaged: it names no study
+        if meta.get("study"):
+            return str(meta["study"])
+    return None
 
 
 def merged_parts(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]] | None:
@@ -380,8 +396,8 @@ def merge_parts(out: Path) -> bool:
     if merged is None:
         return False
     trials, curves, meta = merged
-    write_parquet(curves, out / CURVES_FILE, meta)
-    write_parquet(trials, out / TRIALS_FILE, meta)
+    write_parquet(curves, out / CURVES_FILE, {**meta, "columns": CURVE_COLUMNS})
+    write_parquet(trials, out / TRIALS_FILE, {**meta, "columns": TRIAL_COLUMNS})
     return True
 
 

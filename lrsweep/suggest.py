@@ -29,7 +29,6 @@ _HEAD = 10  # the first n // _HEAD points are early noise (fastai trims num_it /
 _NOISE_SIGMAS = 3.0
 NEVER_DIVERGED = "never diverged: end_lr may be too low"
 _MIN_DROP = 0.002  # a descent must also exceed 0.2% of the start loss (LoRA drops are small)
-_DIVERGE_BETA = 0.9
 _MIN_WIDTH = 3.0  # the interval spans at least this factor
 _DIVERGENCE_MARGIN = 2.0  # the interval stays this factor below divergence_lr
 _EDGE = 0.1  # fraction of the tested log-LR range that counts as an edge
@@ -284,11 +283,11 @@ _IMPLS: dict[str, _Impl] = {
 
 
 def _divergence_lr(
-    lrs: Sequence[float], losses: Sequence[float], c: _Curve, factor: float
+    lrs: Sequence[float], losses: Sequence[float], c: _Curve, factor: float, beta: float
 ) -> float | None:
     x = np.asarray(lrs, dtype=float)
     found = []
-    i = divergence_index(losses, _DIVERGE_BETA, factor)
+    i = divergence_index(losses, beta, factor)
     if i is not None and math.isfinite(x[i]):
         found.append(float(x[i]))
     if c.rise is not None:
@@ -313,15 +312,18 @@ def suggest(
     losses: Sequence[float],
     *,
     diverge_factor: float = 4.0,
+    smoothing: float = 0.9,
     basis: str = "valley",
 ) -> Suggestion:
     """Run every method, recommend the ``basis`` one (``steep`` if it has no answer) and
-    bracket the recommendation with an interval for the sweep."""
+    bracket the recommendation with an interval for the sweep. The divergence LR is where
+    the ramp stops (:func:`divergence_index` with the ramp's ``smoothing`` and
+    ``diverge_factor``), or lower where the curve rises for good first."""
     if basis not in METHODS:
         raise ValueError(f"unknown basis {basis!r}; choose from {sorted(METHODS)}")
     c = _prepare(lrs, losses)
     methods = {name: _run(impl, c) for name, impl in _IMPLS.items()}
-    divergence = _divergence_lr(lrs, losses, c, diverge_factor)
+    divergence = _divergence_lr(lrs, losses, c, diverge_factor, smoothing)
     warnings: list[str] = []
     used = basis
     if methods[basis].lr is None and methods["steep"].lr is not None:
@@ -385,9 +387,9 @@ def suggest_probe(lrs: Sequence[float], losses: Sequence[float], start_loss: flo
     The best run's LR, refined by a parabola through it and its neighbours in log10(LR); the
     interval spans the runs whose loss drop is within 75% of the best drop, and at least one
     run spacing either side of the recommendation. No correction factor: on the quality
-    benchmark (BENCHMARKS.md) the best peak LR of 12-step cosine runs landed within 0.25
-    decade of that of complete cosine fine-tunes in every development cell of up to 300
-    steps, unscaled (and 0.55 decade high on the held-out corpus)."""
+    benchmark (BENCHMARKS.md) the best peak LR of 12-step cosine runs, unscaled, landed
+    close to that of complete cosine fine-tunes (``lrsweep.horizon`` holds how close, on
+    the development and the held-out data)."""
     x = np.log10(np.asarray(lrs, dtype=float))
     y = np.asarray(losses, dtype=float)
     drops = start_loss - y

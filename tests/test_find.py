@@ -95,6 +95,8 @@ def test_cli_find_probe_mode_writes_one_point_per_run(
     suggested = suggest_probe(found.curve.lrs, found.curve.losses, found.curve.start_loss)
     # Saved as carried to the run it is for (the caveats of lrsweep.horizon added).
     assert found.suggestion == carry(suggested, found.for_run()["steps"], found.curve.best_drop)
+    # Carried from the curve each time: carrying the saved result again changes nothing.
+    assert found.carried() == found and found.carried().carried() == found
     code, _, err = run_cli(capsys, monkeypatch, *args, "--set", "rangetest.runs=2")
     assert code == 2 and err == "error: rangetest.runs: must be at least 3, got 2\n"
 

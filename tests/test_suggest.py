@@ -336,3 +336,30 @@ def test_probe_over_seeds_diverges_where_the_first_seed_did() -> None:
     seeds = suggest_probe_seeds(lrs, list(zip(seed0, seed1, strict=True)), 3.0)
     assert seeds.divergence_lr == lrs[7] and NEVER_DIVERGED not in seeds.warnings
     assert seeds.interval is not None and seeds.interval[1] <= lrs[7] / 2
+
+
+def test_the_divergence_lr_is_where_the_ramp_stops_at_its_own_smoothing() -> None:
+    """One spike of 40x: the ramp's default EMA (0.9) stops there, a slower one (0.98, as in
+    fastai) rides it out, and the suggestion's divergence LR follows rangetest.smoothing."""
+    from lrsweep.config import RangeTestConfig
+    from lrsweep.find import suggestion_of
+    from lrsweep.rangetest import RangeTestCurve
+
+    loss = noisy(clean_loss(LRS, blowup=False), 0)
+    loss[70] = 40.0
+    n = len(LRS)
+    curve = RangeTestCurve(
+        LRS.tolist(),
+        loss.tolist(),
+        loss.tolist(),
+        loss.tolist(),
+        [0] * n,
+        [0.0] * n,
+        None,
+        1.0,
+        "ramp",
+    )
+    for beta, stop in ((0.9, 70), (0.98, None)):
+        assert divergence_index(loss, beta, 4.0) == stop
+        found = suggestion_of(curve, RangeTestConfig(mode="ramp", smoothing=beta))
+        assert found.divergence_lr == (None if stop is None else LRS[stop])

@@ -109,7 +109,7 @@ def load_results(
         return merged
     study, storage = opened
     trials = study.get_trials(deepcopy=False)
-    if sweep_states(out) == {t.number: t.state.name for t in trials}:
+    if sweep_states(out, study.study_name) == {t.number: t.state.name for t in trials}:
         return read_sweep(out)
     logger.info("results in %s lag the study: reading the study itself", out)
     return sweep_frames(trials, _metadata(study, storage))

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from lrsweep import config as config_mod
-from lrsweep.config import DEFAULT_STUDY, StudyConfig, SweepConfig
+from lrsweep.config import DEFAULT_STUDY, RANGETEST_KEYS, StudyConfig, SweepConfig
 from lrsweep.context import Context, prepare
 from lrsweep.durations import format_duration
 from lrsweep.errors import StudyError
-from lrsweep.find import FindResult, load_find, run_find, save_find
+from lrsweep.find import load_find, run_find, save_find
 from lrsweep.memory import check_memory
 from lrsweep.record import StudyRecord, TrialRecord
+from lrsweep.results import results_study
 from lrsweep.sweep.adapters import AdapterKeeper
 from lrsweep.sweep.confirm import runs_left
 from lrsweep.sweep.space import first_trial, peak_lr_bounds, total_steps
@@ -184,17 +185,35 @@ def settle(
     steps: int,
     trials: int | None,
     deadline: float | None = None,
+    dry_run: bool = False,
 ) -> tuple[SweepPlan, StudyConfig]:
     """The plan of a study: created now when it is new (its config, bounds, budget and
-    first trials stored in it), with the budget of ``trials`` when given. The one planning
-    step ``lrsweep sweep``, ``lrsweep worker`` and ``hf.sweep`` share."""
+    first trials stored in it), with the budget of ``trials`` when given (stored, except on
+    a dry run, which only plans an existing study). The one planning step ``lrsweep
+    sweep``, ``lrsweep worker`` and ``hf.sweep`` share."""
+    _one_study_per_folder(out, name, backend, url)
     if study is None:
         backend = backend or open_storage(out, url, cfg.sweep.heartbeat_seconds)
         study, cfg = create_study(backend, name, cfg, bounds, first, trials or cfg.sweep.trials)
     assert backend is not None
     stored = StudyRecord.of(study).peak_lr_bounds or bounds
-    goal = budget(study, trials, cfg)
+    goal = budget(study, trials, cfg, store=not dry_run)
     return SweepPlan(out, study, backend, stored, steps, goal, deadline), cfg
+
+
+def _one_study_per_folder(
+    out: Path, name: str, backend: StudyStorage | None, url: str | None
+) -> None:
+    """Refuse a second study in an output folder: its result files, curves and adapters are
+    numbered by trial, and two studies' trial numbers overlap."""
+    others = {results_study(out)} - {None, name}
+    if backend is not None and journal_path(out, url) is not None:  # the folder's own journal
+        others |= set(optuna.get_all_study_names(backend.backend)) - {name}
+    if others:
+        raise StudyError(
+            f"{out} holds study {min(others)!r}: give study {name!r} its own --out (result "
+            "files and adapters there are numbered by trial)"
+        )
 
 
 def prepare_sweep(
@@ -235,19 +254,24 @@ def prepare_sweep(
     found = load_find(out, cfg)
     ran_find = False
     needs_find = study is None and found is None and not cfg.search.peak_lr
+    if needs_find:
+        _keep_other_find(out, cfg)
     if needs_find and not dry_run:
         logger.info("no range test in %s yet: running it for the bounds", out)
         found, ran_find = run_find(ctx, progress=progress, start=fits), True
         save_find(found, out)
+    steps = total_steps(
+        cfg.sweep, len(ctx.blocks.train), cfg.train.batch_size * cfg.train.grad_accum
+    )
     if study is not None:
         bounds = StudyRecord.of(study).peak_lr_bounds or (math.nan, math.nan)
     elif needs_find and dry_run:
         bounds = (math.nan, math.nan)  # the range test that would set them has not run
+    elif found is None:
+        bounds = peak_lr_bounds(cfg, None)  # search.peak_lr, else a StudyError
     else:
-        bounds = peak_lr_bounds(cfg, found.suggestion if found else None, _highest(found))
-    steps = total_steps(
-        cfg.sweep, len(ctx.blocks.train), cfg.train.batch_size * cfg.train.grad_accum
-    )
+        # Carried to this sweep's trials, whatever run the saved range test was carried to.
+        bounds = peak_lr_bounds(cfg, found.carried(steps).suggestion, max(found.curve.lrs))
     if deadline is None and timeout:
         deadline = time.time() + timeout
     plan: SweepPlan | None = None
@@ -267,6 +291,7 @@ def prepare_sweep(
             steps=steps,
             trials=trials,
             deadline=deadline,
+            dry_run=dry_run,
         )
     goal = plan.trials if plan else trials or cfg.sweep.trials
     seconds_per_step = found.curve.seconds_per_step if found else _seconds_per_step(study)
@@ -275,8 +300,15 @@ def prepare_sweep(
     )
 
 
-def _highest(found: FindResult | None) -> float:
-    return max(found.curve.lrs) if found else math.inf
+def _keep_other_find(out: Path, cfg: StudyConfig) -> None:
+    """Refuse to replace a saved range test made with other settings by this sweep's own."""
+    other = load_find(out)
+    if other is not None:
+        keys = ", ".join(config_mod.differences(other.config, cfg, RANGETEST_KEYS))
+        raise StudyError(
+            f"{out} holds a range test made with another {keys}: sweep with its settings, "
+            "give this sweep its own --out, or run `lrsweep find` with these settings there first"
+        )
 
 
 def _seconds_per_step(study: optuna.Study | None) -> float:

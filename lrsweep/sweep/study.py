@@ -180,12 +180,14 @@ def create_study(
     return study, config
 
 
-def budget(study: optuna.Study, trials: int | None, config: StudyConfig) -> int:
+def budget(
+    study: optuna.Study, trials: int | None, config: StudyConfig, store: bool = True
+) -> int:
     """Finished trials the study aims for: ``trials`` when given (and then stored in the
-    study), else the study's own budget."""
+    study, unless not to ``store``: a dry run), else the study's own budget."""
     stored = StudyRecord.of(study).trials
     if trials is None:
         return stored or config.sweep.trials
-    if trials != stored:
+    if trials != stored and store:
         retry(lambda: record.write_study(study, trials=trials), what="store the budget")
     return trials

@@ -12,9 +12,10 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from lrsweep.config import RangeTestConfig
+from lrsweep.config import DEFAULT_STUDY, RangeTestConfig
 from lrsweep.errors import StudyError
 from lrsweep.find import load_find
+from lrsweep.record import StudyRecord
 from lrsweep.results import read_parquet
 from lrsweep.suggest import MethodResult, Suggestion
 from lrsweep.sweep import plan as plan_mod
@@ -320,6 +321,32 @@ def test_dry_run_creates_no_study(
     code, out, err = dry_run(tmp_path)
     assert code == 0 and "s/step" in out and "peak_lr in [" in out, out
     assert not (tmp_path / "study.journal").exists()
+    # Trials far longer than the ones the range test was saved for: its interval is carried
+    # to them again, and the bounds reach below a tenth of the number.
+    found = load_find(tmp_path)
+    assert found is not None and found.recommended_lr is not None
+    low, high = found.carried(2000).sweep_bounds()
+    assert low < found.recommended_lr / 10
+    code, out, err = dry_run(tmp_path, "--set", "sweep.steps=2000")
+    assert code == 0 and f"peak_lr in [{low:.2e}, {high:.2e}]" in out, out
+    # A sweep that would run a range test of its own refuses to replace a different one.
+    saved = (tmp_path / "suggestion.json").read_bytes()
+    for extra in ((), ("--dry-run",)):
+        code, _, err = run_cli(
+            capsys,
+            monkeypatch,
+            "sweep",
+            str(ROOT / "studies" / "tiny.toml"),
+            "--out",
+            str(tmp_path),
+            "--set",
+            "rangetest.runs=4",
+            "-q",
+            *extra,
+        )
+        assert code == 2 and "another rangetest" in err and err.count("\n") == 1, err
+    assert (tmp_path / "suggestion.json").read_bytes() == saved
+    assert not (tmp_path / "study.journal").exists()
     code, out, err = dry_run(tmp_path / "fixed", "--set", "search.peak_lr=[1e-4, 1e-2]")
     # Fixed bounds: no range test ran, so no step was timed, and the estimate says so.
     assert code == 0, err
@@ -342,6 +369,24 @@ def test_changed_config_is_refused(
         capsys, monkeypatch, "sweep", tiny, "--set", "lora.r=2", "--out", str(tmp_path), "-q"
     )
     assert code == 2 and "different lora" in err and err.count("\n") == 1
+    # A dry run plans with another budget and leaves the study's own as it was.
+    code, out, err = run_cli(
+        capsys, monkeypatch, "sweep", tiny, "--out", str(tmp_path), "--trials", "5", "--dry-run"
+    )
+    assert code == 0 and out.startswith("Estimate: 4 trials"), err  # 5 less the one done
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal"))
+    )
+    study = optuna.load_study(study_name=DEFAULT_STUDY, storage=journal)
+    assert StudyRecord.of(study).trials == 1
+    # A second study in the same folder would overwrite the first one's trial-numbered files.
+    before = (tmp_path / "trials.parquet").read_bytes()
+    code, _, err = run_cli(
+        capsys, monkeypatch, "sweep", tiny, "--study", "other", "--out", str(tmp_path), "-q"
+    )
+    assert code == 2 and f"holds study '{DEFAULT_STUDY}'" in err and err.count("\n") == 1, err
+    assert (tmp_path / "trials.parquet").read_bytes() == before
+    assert optuna.get_all_study_names(journal) == [DEFAULT_STUDY]
 
 
 def test_report_reads_past_lagging_results_and_reap_rebuilds_them(
