@@ -15,7 +15,7 @@ import psutil
 import pytest
 from optuna.trial import TrialState
 
-from lrsweep.results import read_parquet
+from lrsweep.results import CURVE_COLUMNS, TRIAL_COLUMNS, merge_parts, read_parquet
 from lrsweep.sweep.collect import load_results
 from lrsweep.sweep.plan import prepare_sweep
 from lrsweep.sweep.storage import open_storage
@@ -65,6 +65,10 @@ def _check_merged(server: Server, out: Path, name: str) -> None:
     merged, _, _ = load_results(out)
     done = merged[merged["state"].isin(["COMPLETE", "PRUNED"])]
     assert sorted(done["number"]) == sorted(t.number for t in finished)
+    # Written back (as lrsweep reap does without a storage), each file notes its own columns.
+    assert merge_parts(out)
+    assert read_parquet(out / "curves.parquet")[1]["columns"] == CURVE_COLUMNS
+    assert read_parquet(out / "trials.parquet")[1]["columns"] == TRIAL_COLUMNS
 
 
 def test_three_workers_share_a_study(postgres: Server, tmp_path: Path) -> None:  # noqa: F811
