@@ -293,8 +293,9 @@ def test_dry_run_creates_no_study(
 ) -> None:
     from tests.conftest import ROOT
 
+    tiny = str(ROOT / "studies" / "tiny.toml")
+
     def dry_run(out: Path, *extra: str) -> tuple[int, str, str]:
-        tiny = str(ROOT / "studies" / "tiny.toml")
         return run_cli(
             capsys, monkeypatch, "sweep", tiny, "--out", str(out), "--dry-run", "-q", *extra
         )
@@ -308,15 +309,7 @@ def test_dry_run_creates_no_study(
     assert code == 0 and f"(probe: {2 * probe} optimizer steps" in out  # each seed's probe
     # It plans, and writes nothing: no study, and no range test run for the bounds.
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
-    code, out, err = run_cli(
-        capsys,
-        monkeypatch,
-        "find",
-        str(ROOT / "studies" / "tiny.toml"),
-        "--out",
-        str(tmp_path),
-        "-q",
-    )
+    code, out, err = run_cli(capsys, monkeypatch, "find", tiny, "--out", str(tmp_path), "-q")
     assert code == 0, err
     code, out, err = dry_run(tmp_path)
     assert code == 0 and "s/step" in out and "peak_lr in [" in out, out
@@ -332,18 +325,8 @@ def test_dry_run_creates_no_study(
     # A sweep that would run a range test of its own refuses to replace a different one.
     saved = (tmp_path / "suggestion.json").read_bytes()
     for extra in ((), ("--dry-run",)):
-        code, _, err = run_cli(
-            capsys,
-            monkeypatch,
-            "sweep",
-            str(ROOT / "studies" / "tiny.toml"),
-            "--out",
-            str(tmp_path),
-            "--set",
-            "rangetest.runs=4",
-            "-q",
-            *extra,
-        )
+        other = ("--set", "rangetest.runs=4", "-q", *extra)
+        code, _, err = run_cli(capsys, monkeypatch, "sweep", tiny, "--out", str(tmp_path), *other)
         assert code == 2 and "another rangetest" in err and err.count("\n") == 1, err
     assert (tmp_path / "suggestion.json").read_bytes() == saved
     assert not (tmp_path / "study.journal").exists()
