@@ -172,6 +172,8 @@ def evaluate(
     for batch in blocks:
         inputs = _inputs(batch, precision.device)
         n = _predicted_tokens(inputs)
+        if n == 0:  # NaN x 0 is NaN: a batch with no answer token adds nothing
+            continue
         total += _loss(model, inputs, precision).double() * n
         count += n
     model.train(was_training)
@@ -193,14 +195,20 @@ class Loop:
         return Loop(precision, train.grad_accum, train.max_grad_norm, train.eval_batch_size)
 
 
-def _accumulate(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], loop: Loop) -> float:
+def _accumulate(
+    model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], loop: Loop
+) -> float | None:
     """Forward and backward over one step's micro-batches, each loss weighted by its share
-    of the step's predicted tokens; the step's loss."""
+    of the step's predicted tokens; the step's loss (None when it predicts no token)."""
     counts = [_predicted_tokens(inputs) for inputs in micro]
     step_tokens = sum(counts)
+    if step_tokens == 0:
+        return None
     step_loss = torch.zeros((), device=loop.precision.device)
     scaler = loop.precision.scaler
     for inputs, n in zip(micro, counts, strict=True):
+        if n == 0:  # its mean loss is NaN (0 / 0), and NaN x 0 is NaN: it adds nothing
+            continue
         loss = _loss(model, inputs, loop.precision) * (n / step_tokens)
         step_loss += loss.detach().float()
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -256,6 +264,9 @@ def train(
                 group["lr"] = lr * scale
             micro = [_inputs(next(batches), loop.precision.device) for _ in range(loop.grad_accum)]
             loss = _accumulate(model, micro, loop)
+            if loss is None:
+                optimizer.zero_grad(set_to_none=True)
+                return TrainResult(records, f"no trained token in step {step}: every label -100")
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 return TrainResult(records, f"non-finite loss at step {step} (lr {lr:.3g})")

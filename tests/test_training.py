@@ -25,6 +25,12 @@ def _fixed(blocks: torch.Tensor, size: int):  # type: ignore[no-untyped-def]
 
 
 def _one_step(ctx, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return _sgd_step(ctx, _fixed(ctx.blocks.train, batch_size), grad_accum)[0]
+
+
+def _sgd_step(ctx, batches, grad_accum: int):  # type: ignore[no-untyped-def]
+    """The adapter after one SGD step at LR 1 over ``grad_accum`` of ``batches``, and the
+    loop's result."""
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
         # SGD: the update is the gradient itself, so the comparison is not blurred by Adam's
@@ -34,15 +40,8 @@ def _one_step(ctx, batch_size: int, grad_accum: int) -> dict[str, torch.Tensor]:
                 if "lora_B" in name:
                     p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-        train(
-            model,
-            opt,
-            _fixed(ctx.blocks.train, batch_size),
-            [1.0],
-            Loop(CPU, grad_accum, 1.0),
-            progress=False,
-        )
-        return trainable_state(model)
+        result = train(model, opt, batches, [1.0], Loop(CPU, grad_accum, 1.0), progress=False)
+        return trainable_state(model), result
     finally:
         detach_lora(model)
 
@@ -52,6 +51,22 @@ def test_grad_accumulation_matches_the_full_batch(ctx) -> None:  # type: ignore[
     accumulated = _one_step(ctx, batch_size=2, grad_accum=2)
     for name, value in whole.items():
         torch.testing.assert_close(accumulated[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_micro_batch_with_no_trained_token_adds_nothing(ctx) -> None:  # type: ignore[no-untyped-def]
+    """A Trainer's micro-batch whose answers were all cut off (every label -100) adds 0 to
+    the step, as the Trainer's summed loss does, not NaN; a step with no trained token at
+    all stops the run and says why."""
+    ids = ctx.blocks.train[:2]
+    trained = {"input_ids": ids, "labels": ids.clone()}
+    empty = {"input_ids": ids, "labels": torch.full_like(ids, -100)}
+    alone, _ = _sgd_step(ctx, iter([trained]), 1)
+    both, result = _sgd_step(ctx, iter([trained, empty]), 2)
+    assert result.stop_reason is None and torch.isfinite(torch.tensor(result.records[0].loss))
+    for name, value in alone.items():
+        torch.testing.assert_close(both[name], value, rtol=1e-5, atol=1e-6)
+    _, result = _sgd_step(ctx, iter([empty, empty]), 2)
+    assert not result.records and "no trained token in step 0" in str(result.stop_reason)
 
 
 def test_each_step_uses_its_lr_and_evaluates_on_schedule(ctx) -> None:  # type: ignore[no-untyped-def]
