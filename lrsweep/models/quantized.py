@@ -26,6 +26,7 @@ from lrsweep.models.sources import (
     gguf_file,
     load_gguf,
     load_tokenizer,
+    model_folder,
     tiny_model,
     write_cache,
 )
@@ -69,7 +70,7 @@ def load_quantized(
             folder, name = Path(tmp) / "model", "tiny"
             write_cache(tiny_model(seed), ByteTokenizer(), folder)
         else:
-            folder, name = Path(path).expanduser(), path
+            folder, name = model_folder(path), path
         check_folder(folder)
         net = _from_pretrained_kbit(folder, model, dtype, device)
         tokenizer = load_tokenizer(folder)

@@ -44,10 +44,16 @@ def load_source(path: str, seed: int) -> tuple[PreTrainedModel, Tokenizer, str]:
         return *load_gguf(bundled_gguf()), BUNDLED_NAME
     if path.endswith(".gguf"):
         return *load_gguf(gguf_file(path)), path
+    return *_load_folder(model_folder(path)), path
+
+
+def model_folder(path: str) -> Path:
+    """The folder of a saved model: ``path`` itself, or the Hub snapshot of an ``org/name``
+    ID that is no local path."""
     folder = Path(path).expanduser()
     if not folder.exists() and _HUB_ID.fullmatch(path):
-        folder = hub_snapshot(path)
-    return *_load_folder(folder), path
+        return hub_snapshot(path)
+    return folder
 
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")

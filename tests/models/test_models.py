@@ -504,3 +504,15 @@ def test_a_hub_model_id_loads_from_the_hugging_face_cache(
     # Not cached, and the Hub out of reach: one line that says what to do.
     with pytest.raises(ModelError, match="someorg/other is not a local folder.*download"):
         load_base_model(ModelConfig(path="someorg/other"), TrainConfig(device="cpu"))
+    # Quantised while loading (QLoRA), from the same snapshot; transformers' load is a spy
+    # here, as bitsandbytes quantises on a GPU.
+    folders: list[Path] = []
+
+    def from_pretrained(folder: Path, **kwargs: Any) -> torch.nn.Module:
+        folders.append(Path(folder))
+        return tiny_model(0)
+
+    monkeypatch.setattr(quantized.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    cfg = ModelConfig(path="someorg/tiny-llama", quantization="4bit")
+    _, _, name = quantized.load_quantized(cfg, torch.bfloat16, torch.device("cpu"), 0)
+    assert name == "someorg/tiny-llama" and folders == [repo / "snapshots" / "0123abcd"]
