@@ -17,7 +17,16 @@ import pandas as pd
 
 from lrsweep.config import ALL_LINEAR, LORAPLUS_EMBEDDING_FACTOR, StudyConfig
 from lrsweep.errors import StudyError
-from lrsweep.interop import Planned, fill, llamacpp, llamafactory, read_length, schedule_keys
+from lrsweep.interop import (
+    Planned,
+    detect,
+    fill,
+    llamacpp,
+    llamafactory,
+    load_file,
+    read_length,
+    schedule_keys,
+)
 from lrsweep.interop.edit import yaml_scalar
 from lrsweep.ranking import Recommendation, recommend
 from lrsweep.record import BASELINE_ORIGIN, FIRST_ORIGIN
@@ -103,30 +112,37 @@ def training_arguments(
     ``optim`` stays theirs."""
     train = config.train
     values, _ = schedule_keys("transformers", planned or planned_run(trial, config)[0])
-    # The shape that ran: after an out-of-memory retry, a smaller micro-batch with more
-    # accumulation (the same rows per optimizer step).
-    micro, accum = trial.get("micro_batch_size"), trial.get("grad_accum")
-    ran = micro is not None and not pd.isna(micro)
-    kwargs: dict[str, Any] = {
+    micro, accum = _ran_shape(trial, config)
+    return {
         **values,
-        "per_device_train_batch_size": int(micro) if ran else train.batch_size,
-        "gradient_accumulation_steps": int(accum) if ran else train.grad_accum,
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": accum,
         "adam_beta1": train.adam_beta1,
         "adam_beta2": train.adam_beta2,
         "adam_epsilon": train.adam_epsilon,
         "weight_decay": train.weight_decay,
         "max_grad_norm": train.max_grad_norm,
         "seed": config.seed,
+        **_precision(trial, config),
     }
-    # bf16 stated either way: TRL's SFTConfig defaults to bf16=True, TrainingArguments to False.
-    # The dtype that ran (train.dtype "auto" is bf16 or fp16 on CUDA); studies before it was
-    # recorded give the configured one.
-    ran_dtype = trial.get("dtype")
-    dtype = ran_dtype if isinstance(ran_dtype, str) else train.dtype
-    kwargs["bf16"] = dtype == "bfloat16"
-    if dtype == "float16":
-        kwargs["fp16"] = True
-    return kwargs
+
+
+def _ran_shape(trial: pd.Series, config: StudyConfig) -> tuple[int, int]:
+    """The micro-batch and accumulation the trial ran: after an out-of-memory retry, a
+    smaller micro-batch with more accumulation (the same rows per optimizer step)."""
+    micro, accum = trial.get("micro_batch_size"), trial.get("grad_accum")
+    if micro is None or pd.isna(micro):  # studies from before the shape was recorded
+        return config.train.batch_size, config.train.grad_accum
+    return int(micro), int(accum)
+
+
+def _precision(trial: pd.Series, config: StudyConfig) -> dict[str, bool]:
+    """bf16 stated either way (TRL's SFTConfig defaults to bf16=True, TrainingArguments to
+    False; Axolotl and LLaMA-Factory read the same keys), fp16 where it ran: the dtype that
+    ran (train.dtype "auto" is bf16 or fp16 on CUDA), else the configured one."""
+    ran = trial.get("dtype")
+    dtype = ran if isinstance(ran, str) else config.train.dtype
+    return {"bf16": dtype == "bfloat16", **({"fp16": True} if dtype == "float16" else {})}
 
 
 def render(
@@ -136,7 +152,13 @@ def render(
     and one line for each thing the format cannot say."""
     header = f"lrsweep trial {int(trial['number'])}: the schedule for {planned.length}"
     if into is not None:
-        return fill(into, planned, header), []
+        notes = []
+        if planned.loraplus_lr_ratio is not None and detect(load_file(into)[0]) == "transformers":
+            notes.append(
+                f"LoRA+ has no TrainingArguments key, so {into.name} does not get it: "
+                "--format python prints the optimizer to pass to the Trainer"
+            )
+        return fill(into, planned, header), notes
     kwargs = training_arguments(trial, config, planned)
     notes = []
     if planned.loraplus_lr_ratio is not None and fmt in ("json", "yaml"):
@@ -148,9 +170,10 @@ def render(
     if fmt == "python":
         return to_python(kwargs, trial), notes
     if fmt == "axolotl":
-        return _yaml(header, {**schedule_keys("axolotl", planned)[0], **_axolotl(config)}), []
+        keys = {**schedule_keys("axolotl", planned)[0], **_axolotl(trial, config)}
+        return _yaml(header, keys), []
     if fmt == "llamafactory":
-        keys = {**schedule_keys("llamafactory", planned)[0], **_llamafactory(config)}
+        keys = {**schedule_keys("llamafactory", planned)[0], **_llamafactory(trial, config)}
         return _yaml(header, keys), []
     if fmt == "llamafactory-cli":
         return llamafactory.cli_overrides(planned), []
@@ -168,15 +191,19 @@ def _targets(config: StudyConfig) -> list[str] | None:
     return None if targets == [ALL_LINEAR] else list(targets)
 
 
-def _axolotl(config: StudyConfig) -> dict[str, Any]:
-    """The batch shape and adapter the trials ran, in Axolotl's keys."""
-    train, lora = config.train, config.lora
+def _axolotl(trial: pd.Series, config: StudyConfig) -> dict[str, Any]:
+    """The batch shape, precision and adapter the trial ran, in Axolotl's keys (its QLoRA
+    needs load_in_4bit as well as the adapter's name)."""
+    train, lora, quantization = config.train, config.lora, config.model.quantization
     targets = _targets(config)
+    micro, accum = _ran_shape(trial, config)
     return {
-        "micro_batch_size": train.batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
+        "micro_batch_size": micro,
+        "gradient_accumulation_steps": accum,
         "sequence_len": train.seq_len,
-        "adapter": "qlora" if config.model.quantization == "4bit" else "lora",
+        **_precision(trial, config),
+        "adapter": "qlora" if quantization == "4bit" else "lora",
+        **({f"load_in_{quantization}": True} if quantization in ("4bit", "8bit") else {}),
         "lora_r": lora.r,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
@@ -187,16 +214,18 @@ def _axolotl(config: StudyConfig) -> dict[str, Any]:
     }
 
 
-def _llamafactory(config: StudyConfig) -> dict[str, Any]:
-    """The batch shape and adapter the trials ran, in LLaMA-Factory's keys."""
+def _llamafactory(trial: pd.Series, config: StudyConfig) -> dict[str, Any]:
+    """The batch shape, precision and adapter the trial ran, in LLaMA-Factory's keys."""
     train, lora = config.train, config.lora
     targets = _targets(config)
     quantized = config.model.quantization in ("4bit", "8bit")
+    micro, accum = _ran_shape(trial, config)
     return {
         "finetuning_type": "lora",
-        "per_device_train_batch_size": train.batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
+        "per_device_train_batch_size": micro,
+        "gradient_accumulation_steps": accum,
         "cutoff_len": train.seq_len,
+        **_precision(trial, config),
         "lora_rank": lora.r,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
