@@ -215,21 +215,28 @@ def _accumulate(
     return step_loss.item()
 
 
-def _update(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loop: Loop) -> float:
-    """Unscale, clip and apply the accumulated gradients; the gradient norm (NaN unclipped)."""
+def _update(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], loop: Loop
+) -> tuple[float, bool]:
+    """Unscale, clip and apply the accumulated gradients; the gradient norm (NaN unclipped),
+    and whether float16's GradScaler skipped the update (inf gradients: it lowers its scale,
+    which is how accelerate tells too)."""
     scaler = loop.precision.scaler
     if scaler is not None:
         scaler.unscale_(optimizer)
     grad_norm = math.nan
     if loop.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, loop.max_grad_norm).item()
+    skipped = False
     if scaler is not None:
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        skipped = scaler.get_scale() < scale
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, skipped
 
 
 def train(
@@ -246,7 +253,9 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Run ``len(lrs)`` optimizer steps, step ``s`` with LR ``lrs[s]`` times each param
-    group's factor (:func:`lr_scales`; 1 but for LoRA+ groups).
+    group's factor (:func:`lr_scales`; 1 but for LoRA+ groups). An update that float16's
+    GradScaler skips does not advance the schedule, as in the Trainer (whose scheduler
+    steps only after an update), so a trial's LRs stay the Trainer's step for step.
 
     ``on_step`` sees each record (after its evaluation) and may return a reason to stop, or
     raise (the sweep raises ``optuna.TrialPruned``).
@@ -258,7 +267,9 @@ def train(
     tokens, train_seconds, start = 0, 0.0, time.perf_counter()
     bar = tqdm(total=len(lrs), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     try:
-        for step, lr in enumerate(lrs):
+        applied = 0  # updates made: the schedule's position
+        for step in range(len(lrs)):
+            lr = lrs[applied]
             step_start = time.perf_counter()
             for group, scale in zip(optimizer.param_groups, scales, strict=True):
                 group["lr"] = lr * scale
@@ -270,7 +281,8 @@ def train(
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 return TrainResult(records, f"non-finite loss at step {step} (lr {lr:.3g})")
-            grad_norm = _update(optimizer, params, loop)
+            grad_norm, skipped = _update(optimizer, params, loop)
+            applied += not skipped
             tokens += sum(_real_tokens(inputs) for inputs in micro)
             now = time.perf_counter()
             train_seconds += now - step_start

@@ -179,6 +179,28 @@ def test_mixed_precision_paths_train(ctx, dtype: torch.dtype) -> None:  # type: 
     assert all(v.dtype == torch.float32 for v in after.values())  # adapters stay fp32
 
 
+def test_an_update_the_grad_scaler_skips_does_not_advance_the_schedule(ctx) -> None:  # type: ignore[no-untyped-def]
+    """float16: a scale so large that the first step's gradients overflow, then one that
+    fits. The Trainer steps its scheduler only after an update, so the second step runs at
+    the first step's LR again."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)
+    precision = Precision(torch.device("cpu"), torch.float16, scaler)
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    try:
+        result = train(
+            model,
+            make_optimizer(model, ctx.config.train),
+            _fixed(ctx.blocks.train, 4),
+            [1e-3, 2e-3, 3e-3],
+            Loop(precision, 1, 1.0),
+            progress=False,
+        )
+    finally:
+        detach_lora(model)
+    assert scaler.get_scale() == 2.0**10  # one overflow, then no more
+    assert [r.lr for r in result.records] == [1e-3, 1e-3, 2e-3]
+
+
 def test_tokens_count_what_was_trained_on_not_padding(ctx) -> None:  # type: ignore[no-untyped-def]
     """A padded batch (an instruction batch, a Trainer's) counts its real tokens only, so
     that tokens and tokens/s are not inflated by padding."""
