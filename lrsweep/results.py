@@ -182,7 +182,7 @@ def read_find(out: Path) -> tuple[pd.DataFrame, dict[str, Any]] | None:
 
 TRIAL_COLUMNS = {
     "number": "trial number in the study",
-    "state": "COMPLETE, PRUNED, FAIL or RUNNING",
+    "state": "COMPLETE, PRUNED, FAIL, RUNNING or WAITING (queued, e.g. a retry)",
     "peak_lr": "peak learning rate",
     "warmup_fraction": "sampled warmup fraction of total_steps",
     "warmup_steps": "ceil(warmup_fraction * total_steps), as TrainingArguments computes it",

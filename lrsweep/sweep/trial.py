@@ -134,14 +134,8 @@ def run_trial(
     def attempt_run(attempt: Attempt) -> TrialRun:
         return _train_once(ctx, trial, schedule, attempt, progress, watchers)
 
-    def retrying(attempt: Attempt) -> None:
-        logger.warning(
-            "trial %d out of memory: retrying with %s", trial.number, attempt.describe()
-        )
-
-    run, used = run_with_retry(
-        attempt_run, cfg.train, device=ctx.base.device, on_retry=retrying, start=start
-    )
+    # run_with_retry logs each retry itself.
+    run, used = run_with_retry(attempt_run, cfg.train, device=ctx.base.device, start=start)
     run.shape = used
     return run
 
