@@ -226,6 +226,47 @@ def test_a_json_edit_keeps_the_rest_of_the_text() -> None:
         edit_json("[1, 2]", {"a": 1})
 
 
+EPOCHS_EXPORT = ({"warmup_ratio": 0.2, "num_epochs": 2.0}, ("warmup_steps", "max_steps"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"base_model": "x", "warmup_ratio": 0.1, "warmup_steps": 10, "max_steps": 100}',
+        '{"warmup_steps": 10, "max_steps": 100}',
+        '{\n  "base_model": "x",\n  "warmup_steps": 10,\n  "max_steps": 100\n}\n',
+        '{\n  "warmup_steps": 10,\n  "max_steps": 100,\n  "base_model": "x"\n}\n',
+        '{"warmup_steps": 10, "base_model": "x", "max_steps": 100}',
+    ],
+)
+def test_removing_adjacent_keys_of_a_json_config_keeps_it_json(text: str) -> None:
+    """An epochs export removes warmup_steps and max_steps: at the end, alone or anywhere."""
+    values, remove = EPOCHS_EXPORT
+    kept = {k: v for k, v in json.loads(text).items() if k not in remove}
+    assert json.loads(edit_json(text, values, remove)) == {**kept, **values}
+    assert json.loads(edit_json(text, {}, remove)) == kept
+
+
+def test_an_axolotl_json_config_takes_an_epochs_export(tmp_path: Path) -> None:
+    raw = yaml.safe_load(AXOLOTL)
+    del raw["warmup_steps"]
+    path = tmp_path / "lora.json"
+    path.write_text(json.dumps({**raw, "warmup_steps": 10, "max_steps": 100}, indent=2))
+    filled = json.loads(fill(path, Planned(3e-4, 0.1, 0.2, epochs=2.0), "lrsweep"))
+    values, _ = schedule_keys("axolotl", Planned(3e-4, 0.1, 0.2, epochs=2.0))
+    assert filled == {**raw, **values}
+
+
+def test_a_json_edit_that_would_not_parse_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard: each removed entry as its own span (overlapping ones) breaks the text, and
+    the edit says so instead of returning it."""
+    from lrsweep.interop import edit
+
+    monkeypatch.setattr(edit, "_runs", lambda indices: [(n, n) for n in indices])
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        edit_json('{"a": 1, "warmup_steps": 10, "max_steps": 100}', *EPOCHS_EXPORT)
+
+
 # ---------------------------------------------------------------- config in
 
 
@@ -410,6 +451,20 @@ def test_llama_cpp_gets_the_peak_and_floor_and_is_told_what_it_cannot_run() -> N
     assert any("warmup" in line for line in lost) and any("geometric" in line for line in lost)
 
 
+@pytest.mark.parametrize("family", ["cosine", "wsd", "linear"])
+def test_llama_cpp_is_told_a_decay_to_0_is_a_constant_lr_there(family: str) -> None:
+    """llama-finetune's LR is -lr throughout without a positive -lr-min (lr_opt::get_lr)."""
+    planned = Planned(2e-4, 0.1, 0.0, family, 0.2 if family == "wsd" else 0.0, epochs=2.0)
+    command, lost = flags(planned, 0.0)
+    assert command == "llama-finetune -lr 0.0002 -epochs 2"
+    assert [line for line in lost if "decay" in line] == [
+        f"{family} decay to 0: llama-finetune's LR is constant at -lr without a positive "
+        "-lr-min (its decay halves toward -lr-min, never to 0)"
+    ]
+    _, lost = flags(Planned(2e-4, 0.1, 0.0, "constant", epochs=2.0), 0.0)
+    assert not any("decay" in line for line in lost)
+
+
 @pytest.mark.parametrize("tool", ["axolotl", "llamafactory", "trl"])
 def test_a_round_trip_changes_nothing_but_the_schedule_keys(tmp_path: Path, tool: str) -> None:
     _alpaca(tmp_path)
@@ -484,7 +539,9 @@ def test_find_from_the_user_s_config_then_export_into_it(
     assert code == 2 and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("case", ["not utf-8", "a date", "bad dataset_info.json"])
+@pytest.mark.parametrize(
+    "case", ["not utf-8", "a date", "bad dataset_info.json", "axolotl's custom format"]
+)
 def test_a_config_lrsweep_cannot_read_is_one_line_and_exit_2(
     tmp_path: Path,
     case: str,
@@ -497,6 +554,11 @@ def test_a_config_lrsweep_cannot_read_is_one_line_and_exit_2(
         path.write_bytes(TRL.encode() + b"# caf\xe9\n")
     elif case == "a date":
         path.write_text(TRL + "seed: 2024-01-01\n")
+    elif case == "axolotl's custom format":
+        _alpaca(tmp_path)
+        path = tmp_path / "lora.yml"
+        custom = "    type:\n      field_instruction: instruction\n      field_output: output\n"
+        path.write_text(AXOLOTL.replace("    type: alpaca\n", custom))
     else:
         path = _llamafactory_folder(tmp_path)
         (tmp_path / "data" / "dataset_info.json").write_text("{not json")
@@ -506,6 +568,7 @@ def test_a_config_lrsweep_cannot_read_is_one_line_and_exit_2(
         "not utf-8": "not UTF-8",
         "a date": "seed: ",
         "bad dataset_info.json": "not valid JSON",
+        "axolotl's custom format": "datasets[0].type: a custom format (a mapping) is not one",
     }[case] in err
     assert not (tmp_path / "f").exists()
 

@@ -220,6 +220,13 @@ def _same(value: Any) -> Any:
     return value
 
 
+def tool_defaults(run: UserRun, values: dict[str, Any]) -> None:
+    """The tool's own value of each study key its file leaves out (by lrsweep key): the run it
+    trains, where lrsweep's defaults would measure another batch shape, length or LoRA."""
+    for key, value in values.items():
+        run.values.setdefault(key, value)
+
+
 def length(run: UserRun, max_steps: Any, epochs: Any) -> None:
     """The planned length (max_steps wins, as in transformers) and the sweep's trials as long."""
     if isinstance(max_steps, int) and max_steps > 0:

@@ -23,11 +23,22 @@ from lrsweep.interop import (
     map_keys,
     optimizer,
     set_dtype,
+    tool_defaults,
 )
 
 
 # The epochs key and its default (the run length when max_steps is not set).
 EPOCHS = ("num_epochs", 1.0)
+# Axolotl's defaults for the keys a config leaves out, from its schema and config reference
+# (docs/config-reference.qmd; src/axolotl/utils/schemas/{training,config,peft}.py):
+# micro_batch_size 1, gradient_accumulation_steps 1, sequence_len 512, lora_dropout 0.0.
+# lora_r and lora_alpha have none (None, which peft refuses), so lrsweep's stay.
+DEFAULTS = {
+    "train.batch_size": 1,
+    "train.grad_accum": 1,
+    "train.seq_len": 512,
+    "lora.dropout": 0.0,
+}
 
 
 HANDLED = (
@@ -52,6 +63,7 @@ HANDLED = (
     "train_on_inputs",
     "flash_attention",
     "sdp_attention",
+    "batch_size",
 )
 MAPPING: dict[str, Any] = {
     **ADAMW_KEYS,
@@ -82,6 +94,8 @@ DATASET_TYPES = {"alpaca": "prompt_completion", "chat_template": "chat", "comple
 
 def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
     map_keys(raw, run, MAPPING, IGNORED, HANDLED)
+    _batch(raw, run)
+    tool_defaults(run, DEFAULTS)
     length(run, raw.get("max_steps"), raw.get(*EPOCHS))
     set_dtype(run, raw)
     if raw.get("load_in_4bit") or raw.get("adapter") == "qlora":
@@ -110,6 +124,21 @@ def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
     _dataset(raw.get("datasets"), folder, run)
 
 
+def _batch(raw: dict[str, Any], run: UserRun) -> None:
+    """Axolotl wants two of micro_batch_size, gradient_accumulation_steps and batch_size (the
+    total); the third is derived from them on one GPU (its normalize_config:
+    gradient_accumulation_steps = batch_size // micro_batch_size)."""
+    total, micro, accum = (
+        raw.get(k) for k in ("batch_size", "micro_batch_size", "gradient_accumulation_steps")
+    )
+    if not isinstance(total, int) or total < 1:
+        return
+    if isinstance(micro, int) and micro > 0 and not accum:
+        run.values["train.grad_accum"] = max(1, total // micro)
+    elif isinstance(accum, int) and accum > 0 and not micro:
+        run.values["train.batch_size"] = max(1, total // accum)
+
+
 def _dataset(datasets: Any, folder: Path, run: UserRun) -> None:
     if not isinstance(datasets, list) or not datasets or not isinstance(datasets[0], dict):
         raise ConfigError("datasets: Axolotl's config needs a list of {path, type} entries")
@@ -120,9 +149,11 @@ def _dataset(datasets: Any, folder: Path, run: UserRun) -> None:
     local = folder / path
     run.values["data.path"] = str(local) if path and local.exists() else path
     kind = first.get("type", "alpaca")
-    if kind not in DATASET_TYPES:
+    if not isinstance(kind, str) or kind not in DATASET_TYPES:
+        # A mapping is Axolotl's custom prompt format ({field_instruction: ..., format: ...}).
+        what = "a custom format (a mapping)" if isinstance(kind, dict) else kind
         raise ConfigError(
-            f"datasets[0].type: {kind} is not one lrsweep reads "
+            f"datasets[0].type: {what} is not one lrsweep reads "
             f"({', '.join(DATASET_TYPES)}); convert the rows to one of them"
         )
     run.values["data.format"] = DATASET_TYPES[kind]

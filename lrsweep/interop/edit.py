@@ -134,28 +134,52 @@ def edit_json(text: str, values: dict[str, Any], remove: tuple[str, ...] = ()) -
         raise ConfigError(f"not valid JSON ({err})") from None
     found = {key for key, *_ in entries}
     edits: list[tuple[int, int, str]] = []
-    for n, (key, start, vstart, vend) in enumerate(entries):
+    for key, _, vstart, vend in entries:
         if key in values:
             edits.append((vstart, vend, json.dumps(values[key])))
-        elif key in remove:
-            # The entry with the comma and space after it (or before it, for the last one).
-            if n + 1 < len(entries):
-                edits.append((start, entries[n + 1][1], ""))
-            elif n > 0:
-                edits.append((entries[n - 1][3], vend, ""))
-            else:
-                edits.append((start, vend, ""))
+    gone = [n for n, (key, *_) in enumerate(entries) if key in remove and key not in values]
+    for first, last in _runs(gone):
+        # A run of adjacent entries goes as one span: with the separator after it, or for a
+        # run at the end the one before it; a run that is every entry leaves the braces.
+        if last + 1 < len(entries):
+            edits.append((entries[first][1], entries[last + 1][1], ""))
+        elif first > 0:
+            edits.append((entries[first - 1][3], entries[last][3], ""))
+        else:
+            edits.append((entries[first][1], entries[last][3], ""))
     added = [(k, v) for k, v in values.items() if k not in found]
     if added:
         indent_match = re.search(r"\n([ \t]*)\S", text[: entries[0][1] + 1]) if entries else None
         indent = indent_match.group(1) if indent_match else ""
         sep = f",\n{indent}" if indent_match else ", "
         body = sep.join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in added)
-        last_end = max((e[3] for e in entries if e[0] not in remove), default=None)
-        if last_end is None:
-            edits.append((close, close, body + ("\n" if indent_match else "")))
-        else:
+        kept = [n for n in range(len(entries)) if n not in gone]
+        if kept:
+            last_end = entries[kept[-1]][3]
             edits.append((last_end, last_end, sep + body))
+        elif entries:  # every entry removed: the new ones take their place
+            edits.append((entries[0][1], entries[0][1], body))
+        else:
+            edits.append((close, close, body + ("\n" if indent_match else "")))
+    # At one offset the removal (the longer span) goes first, then the insertion before it.
     for start, end, new in sorted(edits, reverse=True):
         text = text[:start] + new + text[end:]
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:  # a bug of this function, caught before any write
+        raise ConfigError(
+            f"lrsweep's edit of the JSON config is not valid JSON ({err}); nothing was written, "
+            "please report it with the config"
+        ) from None
     return text
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as (first, last) runs of consecutive ones: [1, 2, 4] -> [(1, 2), (4, 4)]."""
+    runs: list[tuple[int, int]] = []
+    for n in indices:
+        if runs and runs[-1][1] == n - 1:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return runs

@@ -27,6 +27,7 @@ from lrsweep.interop import (
     map_keys,
     optimizer,
     set_dtype,
+    tool_defaults,
 )
 from lrsweep.interop.edit import yaml_scalar
 from lrsweep.interop.transformers import scheduler_keys
@@ -34,6 +35,21 @@ from lrsweep.interop.transformers import scheduler_keys
 
 # The epochs key and its default (the run length when max_steps is not set).
 EPOCHS = ("num_train_epochs", 3.0)
+# LLaMA-Factory's defaults for the keys a config leaves out (src/llamafactory/hparams/):
+# data_args.py cutoff_len 2048; finetuning_args.py lora_rank 8, lora_dropout 0.0 and
+# lora_alpha None, read as lora_rank * 2 (set in read()). Its training keys are transformers'
+# Seq2SeqTrainingArguments (training_args.py), whose batch shape is read from transformers.
+DEFAULTS = {"train.seq_len": 2048, "lora.r": 8, "lora.dropout": 0.0}
+
+
+def _trainer_defaults() -> dict[str, Any]:
+    from transformers import Seq2SeqTrainingArguments
+
+    fields = Seq2SeqTrainingArguments.__dataclass_fields__
+    return {
+        "train.batch_size": fields["per_device_train_batch_size"].default,
+        "train.grad_accum": fields["gradient_accumulation_steps"].default,
+    }
 
 
 HANDLED = (
@@ -80,14 +96,16 @@ ALPACA = {"prompt": "instruction", "query": "input", "response": "output"}
 
 def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
     map_keys(raw, run, MAPPING, IGNORED, HANDLED)
+    tool_defaults(run, {**DEFAULTS, **_trainer_defaults()})
     length(run, raw.get("max_steps"), raw.get(*EPOCHS))
     set_dtype(run, raw)
     if raw.get("stage", "sft") != "sft":
         run.notes.append(f"stage: {raw['stage']}; lrsweep measures supervised fine-tuning (sft)")
     if raw.get("finetuning_type", "lora") != "lora":
         run.notes.append(f"finetuning_type: {raw['finetuning_type']}; lrsweep measures LoRA")
-    if "lora_alpha" not in raw and "lora_rank" in raw:
-        run.values["lora.alpha"] = 2 * int(raw["lora_rank"])  # LLaMA-Factory's default
+    rank = run.values["lora.r"]
+    if not raw.get("lora_alpha") and isinstance(rank, int):  # its lora_alpha or lora_rank * 2
+        run.values["lora.alpha"] = 2 * rank
     target = str(raw.get("lora_target", "all"))
     run.values["lora.target_modules"] = (
         [ALL_LINEAR] if target == "all" else [t.strip() for t in target.split(",") if t.strip()]

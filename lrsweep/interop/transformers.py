@@ -8,6 +8,9 @@ ceil(fraction x total steps) and has no ``warmup_ratio``).
 
 from __future__ import annotations
 
+import csv
+import json
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from lrsweep.interop import (
     map_keys,
     optimizer,
     set_dtype,
+    tool_defaults,
 )
 from lrsweep.schedules import FAMILIES
 
@@ -95,13 +99,134 @@ def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
     set_dtype(run, raw)
     if raw.get("load_in_4bit") or raw.get("load_in_8bit"):
         run.values["model.quantization"] = "4bit" if raw.get("load_in_4bit") else "8bit"
-    if raw.get("completion_only_loss") is False or raw.get("assistant_only_loss") is False:
-        if raw.get("assistant_only_loss") is not True:
-            run.values["data.train_on"] = "all"
     optimizer(run, "optim", raw.get("optim"))
     path = run.values.get("data.path")
     if isinstance(path, str) and not Path(path).is_absolute() and (folder / path).exists():
         run.values["data.path"] = str(folder / path)
+    trl = _is_trl(raw)
+    tool_defaults(run, _defaults(run, trl))
+    if trl:
+        _loss_mask(raw, run)
+
+
+def _is_trl(raw: dict[str, Any]) -> bool:
+    """Whether the file is for TRL (SFTConfig, or its CLI's file): it names a key read here that
+    TRL has and TrainingArguments has not. A file of TrainingArguments keys alone is for the
+    user's own Trainer code, whose sequence length, LoRA and loss mask it does not say."""
+    from transformers import TrainingArguments
+
+    loss = ("completion_only_loss", "assistant_only_loss")
+    trl_keys = {*MAPPING, *loss, "use_peft", "load_in_4bit", "load_in_8bit"}
+    return bool((trl_keys - set(TrainingArguments.__dataclass_fields__)) & raw.keys())
+
+
+def _defaults(run: UserRun, trl: bool) -> dict[str, Any]:
+    """What the tool runs for the keys the file leaves out, read from the installed classes:
+    the Trainer's batch shape, and for a TRL file SFTConfig's max_length and the LoRA of TRL's
+    CLI (ModelConfig: lora_r, lora_alpha, lora_dropout)."""
+    from transformers import TrainingArguments
+
+    trainer = TrainingArguments.__dataclass_fields__
+    values = {
+        "train.batch_size": trainer["per_device_train_batch_size"].default,
+        "train.grad_accum": trainer["gradient_accumulation_steps"].default,
+    }
+    if not trl:
+        return values
+    try:
+        from trl import ModelConfig, SFTConfig
+    except ImportError:
+        keys = {"max_length": "train.seq_len", "lora_r": "lora.r", "lora_alpha": "lora.alpha"}
+        if missing := [key for key, name in keys.items() if name not in run.values]:
+            run.notes.append(
+                f"{', '.join(missing)}: not in the file, and TRL is not installed here to read "
+                "its defaults; lrsweep measures with the study's (pip install 'lrsweep[trl]')"
+            )
+        return values
+    sft, cli = SFTConfig.__dataclass_fields__, ModelConfig.__dataclass_fields__
+    values["train.seq_len"] = sft["max_length"].default  # None: TRL does not truncate
+    for key in ("r", "alpha", "dropout"):
+        values[f"lora.{key}"] = cli[f"lora_{key}"].default
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _loss_mask(raw: dict[str, Any], run: UserRun) -> None:
+    """data.train_on as SFTTrainer masks the loss (trl 1.16, SFTTrainer.__init__ and its
+    tokenize_fn): prompt-completion rows train on the completion unless completion_only_loss
+    is false (None, the default, is the completion; assistant_only_loss on conversational
+    rows masks to the assistant's tokens, the completion too), messages rows on every token
+    unless assistant_only_loss is true. Text trains on every token either way.
+
+    lrsweep has one train_on for both formats and learns the format when it reads the data
+    (data.reading.detect_format, TRL's own rule), so it is read here from the data file's
+    first record. Where that is not possible (a Hub dataset, or the data named by the study)
+    and the two formats would differ, which is TRL's default, a note says so."""
+    answers = {
+        "prompt_completion": raw.get("completion_only_loss") is not False
+        or raw.get("assistant_only_loss") is True,
+        "chat": raw.get("assistant_only_loss") is True,
+    }
+    path, field = run.values.get("data.path"), run.values.get("data.text_field", "text")
+    fmt = _data_format(path, field) if isinstance(path, str) else None
+    if fmt == "text":
+        return
+    if fmt in answers:
+        on_answers = answers[fmt]
+    elif answers["prompt_completion"] == answers["chat"]:
+        on_answers = answers["chat"]
+    else:
+        run.notes.append(
+            "loss mask: TRL trains messages rows on every token (assistant_only_loss: false) "
+            "and prompt-completion rows on the completion; the data's format is known only "
+            "when it is read, so lrsweep measures on the answers (--set data.train_on=all for "
+            "messages rows)"
+        )
+        return
+    run.values["data.train_on"] = "answers" if on_answers else "all"
+
+
+def _data_format(path: str, text_field: str) -> str | None:
+    """The format lrsweep's reader will find in a local data file, from its columns (a JSON
+    file's first record's keys), or None where they are not known before the data is read:
+    a Hub dataset, a save_to_disk folder, a file that does not read."""
+    from lrsweep.data.reading import TEXT_SUFFIXES, detect_format
+
+    file = Path(path).expanduser()
+    suffix = file.suffix.lower()
+    if not file.is_file():
+        return None
+    if suffix in TEXT_SUFFIXES:
+        return "text"
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            columns = pq.read_schema(file).names
+        elif suffix == ".csv":
+            with file.open(encoding="utf-8", errors="replace", newline="") as f:
+                columns = next(csv.reader(f), [])
+        elif suffix in (".jsonl", ".json"):
+            columns = _first_keys(file)
+        else:
+            return None
+    except (OSError, ValueError):  # pyarrow's ArrowInvalid and JSONDecodeError are ValueErrors
+        return None
+    return detect_format(columns, text_field)
+
+
+def _first_keys(file: Path) -> list[str]:
+    """The keys of the first record of a .jsonl or .json file, read as lrsweep's reader does
+    (a record a line, unless a .json file holds one list)."""
+    with file.open(encoding="utf-8", errors="replace") as lines:
+        head = next((line for line in lines if line.strip()), "")
+        if file.suffix.lower() == ".json" and head.lstrip().startswith("["):
+            records = json.loads(file.read_text(encoding="utf-8", errors="replace"))
+            records = records if isinstance(records, list) else []
+            return list(next((r for r in records if isinstance(r, dict)), {}))
+        for line in chain([head], lines):
+            if line.strip() and isinstance(record := json.loads(line), dict):
+                return list(record)
+    return []
 
 
 def scheduler_keys(planned: Planned) -> dict[str, Any]:
