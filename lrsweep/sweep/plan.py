@@ -206,7 +206,7 @@ def _one_study_per_folder(
 ) -> None:
     """Refuse a second study in an output folder: its result files, curves and adapters are
     numbered by trial, and two studies' trial numbers overlap."""
-    others = {results_study(out)} - {None, name}
+    others = {s for s in [results_study(out)] if s is not None and s != name}
     if backend is not None and journal_path(out, url) is not None:  # the folder's own journal
         others |= set(optuna.get_all_study_names(backend.backend)) - {name}
     if others:
