@@ -84,8 +84,10 @@ class DataConfig:
     text_field: column holding the text in structured files.
     chat_template: a Jinja file (or the template itself) used instead of the tokenizer's own
         chat template.
-    train_on: ``answers`` (the loss on the completion / the assistant turns only) or ``all``
-        (every token). Text is always trained on every token.
+    train_on: ``answers`` (the loss on the completion / the assistant turns only), ``all``
+        (every token), or ``completions`` (the completion of prompt-completion rows and every
+        token of ``messages`` rows: TRL's SFTTrainer default, what ``--from`` a TRL file
+        without its loss keys sets). Text is always trained on every token.
     packing: put several examples into one sequence of ``train.seq_len`` tokens; they never
         attend to each other (position ids restart per example). Text is always packed.
     max_tokens: cap on the tokens read, so that loading stays fast.
@@ -105,8 +107,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             _fail("data.format", f"must be {', '.join(FORMATS)}, got {self.format!r}")
-        if self.train_on not in ("answers", "all"):
-            _fail("data.train_on", f"must be 'answers' or 'all', got {self.train_on!r}")
+        if self.train_on not in TRAIN_ON:
+            _fail("data.train_on", f"must be {', '.join(TRAIN_ON)}, got {self.train_on!r}")
         _at_least("data", self, max_tokens=1000, eval_blocks=1)
         if self.path == "stdlib" and self.format not in ("auto", "text"):
             _fail("data.format", f"the stdlib corpus is text, got {self.format!r}")
@@ -115,6 +117,7 @@ class DataConfig:
 
 
 FORMATS = ("auto", "text", "chat", "prompt_completion")
+TRAIN_ON = ("answers", "all", "completions")
 
 
 @dataclass(frozen=True)

@@ -135,40 +135,25 @@ def test_a_llamafactory_file_leaving_keys_out_gets_llamafactory_s_defaults(
 
 
 @pytest.mark.parametrize(
-    ("data", "keys", "train_on"),
+    ("keys", "train_on"),
     [
-        ("prompt-completion", {}, "answers"),
-        ("prompt-completion", {"assistant_only_loss": False}, "answers"),
-        ("prompt-completion", {"completion_only_loss": True}, "answers"),
-        ("prompt-completion", {"completion_only_loss": False}, "all"),
-        ("messages", {}, "all"),
-        ("messages", {"completion_only_loss": True}, "all"),
-        ("messages", {"assistant_only_loss": True}, "answers"),
+        ({}, "completions"),
+        ({"assistant_only_loss": False}, "completions"),
+        ({"completion_only_loss": True}, "completions"),
+        ({"completion_only_loss": False}, "all"),
+        ({"assistant_only_loss": True}, "answers"),
+        ({"assistant_only_loss": True, "completion_only_loss": False}, "answers"),
     ],
 )
-def test_trl_s_loss_mask_follows_the_data_format(
-    tmp_path: Path, data: str, keys: dict[str, Any], train_on: str
+def test_trl_s_loss_mask_is_its_keys_for_either_data_format(
+    tmp_path: Path, keys: dict[str, Any], train_on: str
 ) -> None:
-    """SFTTrainer: prompt-completion rows on the completion unless completion_only_loss is
-    false; messages rows on every token unless assistant_only_loss is true."""
-    rows = _alpaca(tmp_path) if data == "prompt-completion" else _messages(tmp_path)
+    """SFTTrainer trains on the answers of either format with assistant_only_loss, on every
+    token with completion_only_loss false, and by default on the completion of
+    prompt-completion rows and every token of messages rows (``completions``; the masks
+    themselves are compared with TRL's in tests/data/test_trl_masks.py)."""
+    rows = _messages(tmp_path)
     path = tmp_path / "sft.yaml"
     text = f"model_name_or_path: tiny\ndataset_name: {rows.name}\nmax_steps: 50\n"
     path.write_text(text + "".join(f"{k}: {str(v).lower()}\n" for k, v in keys.items()))
     assert _study(path).data.train_on == train_on and read_run(path).notes == []
-
-
-def test_trl_s_loss_mask_on_data_not_read_yet_is_a_note() -> None:
-    """A Hub dataset's format is known only when it is read: by default TRL's mask differs
-    between the formats, so lrsweep says so; where the keys make them agree, it is set."""
-    from lrsweep.interop import UserRun
-    from lrsweep.interop.transformers import read
-
-    raw = {"model_name_or_path": "tiny", "dataset_name": "org/set", "max_steps": 50}
-    run = UserRun("transformers", Path("sft.yaml"))
-    read(raw, Path("."), run)
-    assert "data.train_on" not in run.values
-    assert [n for n in run.notes if n.startswith("loss mask: ")]
-    run = UserRun("transformers", Path("sft.yaml"))
-    read({**raw, "assistant_only_loss": True}, Path("."), run)
-    assert run.values["data.train_on"] == "answers" and run.notes == []

@@ -74,12 +74,13 @@ def hf_tokenizer(tokenizer: Tokenizer) -> Any:
 
 class Renderer:
     """Turns rows into :class:`Encoded` examples; labels are ``IGNORE`` outside the answers
-    (``train_on = "answers"``) or nowhere (``"all"``)."""
+    (``train_on = "answers"``; ``"completions"`` on prompt-completion rows only) or nowhere
+    (``"all"``)."""
 
     def __init__(self, tokenizer: Tokenizer, config: DataConfig) -> None:
         self.tokenizer = tokenizer
         self.hf = hf_tokenizer(tokenizer)
-        self.answers = config.train_on == "answers"
+        self.train_on = config.train_on
         self.template = load_template(config.chat_template)
         self.stats = RenderStats()
 
@@ -131,14 +132,23 @@ class Renderer:
         if self.hf is None or not eos_text:  # no EOS text to append: append its id
             full_ids = [ids + [self.tokenizer.eos_token_id] for ids in full_ids]
         out = []
-        for p_ids, ids in zip(prompt_ids, full_ids, strict=True):
+        for row, p_ids, ids in zip(rows, prompt_ids, full_ids, strict=True):
             start = common_prefix_length(p_ids, ids)
             self.stats.diverged += start < len(p_ids)
-            out.append(Encoded(ids, self._labels(ids, [(start, len(ids))])))
+            spans = [(start, len(ids))] if self._answers(row) else None
+            out.append(Encoded(ids, self._labels(ids, spans)))
         return out
 
-    def _labels(self, ids: list[int], spans: list[tuple[int, int]]) -> list[int]:
-        if not self.answers:
+    def _answers(self, row: Row) -> bool:
+        """Whether the row's loss is on its answers only (TRL's default, ``completions``,
+        trains a prompt-completion row on its completion, a messages row on every token)."""
+        return self.train_on == "answers" or (
+            self.train_on == "completions" and row.messages is None
+        )
+
+    def _labels(self, ids: list[int], spans: list[tuple[int, int]] | None) -> list[int]:
+        """The labels of ``ids``: the answer ``spans``, or every token where None."""
+        if spans is None:
             return list(ids)
         labels = [IGNORE] * len(ids)
         for start, end in spans:
@@ -164,7 +174,7 @@ class Renderer:
         texts: list[str] = []
         # per row: index of its full text, and per answer (prompt text index, through index
         # or None when the answer runs to the end)
-        plans: list[tuple[int, list[tuple[int, int | None]]]] = []
+        plans: list[tuple[int, list[tuple[int, int | None]] | None]] = []
         for row in rows:
             if row.messages is not None:
                 messages = row.messages
@@ -174,8 +184,9 @@ class Renderer:
                 turns = [len(row.prompt)]  # type: ignore[arg-type]
             texts.append(self._render(row, messages, source, gen=False))
             full = len(texts) - 1
-            answers: list[tuple[int, int | None]] = []
-            if self.answers:
+            answers: list[tuple[int, int | None]] | None = None
+            if self._answers(row):
+                answers = []
                 for k in turns:
                     texts.append(self._render(row, messages[:k], source, gen=True))
                     prompt = len(texts) - 1
@@ -190,6 +201,9 @@ class Renderer:
         out = []
         for full, answers in plans:
             ids = ids_of[full]
+            if answers is None:
+                out.append(Encoded(ids, self._labels(ids, None)))
+                continue
             spans = []
             diverged = unstable = False
             for prompt, through in answers:

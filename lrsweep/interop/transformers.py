@@ -8,9 +8,6 @@ ceil(fraction x total steps) and has no ``warmup_ratio``).
 
 from __future__ import annotations
 
-import csv
-import json
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -152,81 +149,15 @@ def _defaults(run: UserRun, trl: bool) -> dict[str, Any]:
 
 def _loss_mask(raw: dict[str, Any], run: UserRun) -> None:
     """data.train_on as SFTTrainer masks the loss (trl 1.16, SFTTrainer.__init__ and its
-    tokenize_fn): prompt-completion rows train on the completion unless completion_only_loss
-    is false (None, the default, is the completion; assistant_only_loss on conversational
-    rows masks to the assistant's tokens, the completion too), messages rows on every token
-    unless assistant_only_loss is true. Text trains on every token either way.
-
-    lrsweep has one train_on for both formats and learns the format when it reads the data
-    (data.reading.detect_format, TRL's own rule), so it is read here from the data file's
-    first record. Where that is not possible (a Hub dataset, or the data named by the study)
-    and the two formats would differ, which is TRL's default, a note says so."""
-    answers = {
-        "prompt_completion": raw.get("completion_only_loss") is not False
-        or raw.get("assistant_only_loss") is True,
-        "chat": raw.get("assistant_only_loss") is True,
-    }
-    path, field = run.values.get("data.path"), run.values.get("data.text_field", "text")
-    fmt = _data_format(path, field) if isinstance(path, str) else None
-    if fmt == "text":
-        return
-    if fmt in answers:
-        on_answers = answers[fmt]
-    elif answers["prompt_completion"] == answers["chat"]:
-        on_answers = answers["chat"]
+    tokenize_fn): assistant_only_loss true trains on the answers of either format;
+    completion_only_loss false (without it) on every token; by default, prompt-completion
+    rows on their completion and messages rows on every token (``completions``)."""
+    if raw.get("assistant_only_loss") is True:
+        run.values["data.train_on"] = "answers"
+    elif raw.get("completion_only_loss") is False:
+        run.values["data.train_on"] = "all"
     else:
-        run.notes.append(
-            "loss mask: TRL trains messages rows on every token (assistant_only_loss: false) "
-            "and prompt-completion rows on the completion; the data's format is known only "
-            "when it is read, so lrsweep measures on the answers (--set data.train_on=all for "
-            "messages rows)"
-        )
-        return
-    run.values["data.train_on"] = "answers" if on_answers else "all"
-
-
-def _data_format(path: str, text_field: str) -> str | None:
-    """The format lrsweep's reader will find in a local data file, from its columns (a JSON
-    file's first record's keys), or None where they are not known before the data is read:
-    a Hub dataset, a save_to_disk folder, a file that does not read."""
-    from lrsweep.data.reading import TEXT_SUFFIXES, detect_format
-
-    file = Path(path).expanduser()
-    suffix = file.suffix.lower()
-    if not file.is_file():
-        return None
-    if suffix in TEXT_SUFFIXES:
-        return "text"
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            columns = pq.read_schema(file).names
-        elif suffix == ".csv":
-            with file.open(encoding="utf-8", errors="replace", newline="") as f:
-                columns = next(csv.reader(f), [])
-        elif suffix in (".jsonl", ".json"):
-            columns = _first_keys(file)
-        else:
-            return None
-    except (OSError, ValueError):  # pyarrow's ArrowInvalid and JSONDecodeError are ValueErrors
-        return None
-    return detect_format(columns, text_field)
-
-
-def _first_keys(file: Path) -> list[str]:
-    """The keys of the first record of a .jsonl or .json file, read as lrsweep's reader does
-    (a record a line, unless a .json file holds one list)."""
-    with file.open(encoding="utf-8", errors="replace") as lines:
-        head = next((line for line in lines if line.strip()), "")
-        if file.suffix.lower() == ".json" and head.lstrip().startswith("["):
-            records = json.loads(file.read_text(encoding="utf-8", errors="replace"))
-            records = records if isinstance(records, list) else []
-            return list(next((r for r in records if isinstance(r, dict)), {}))
-        for line in chain([head], lines):
-            if line.strip() and isinstance(record := json.loads(line), dict):
-                return list(record)
-    return []
+        run.values["data.train_on"] = "completions"
 
 
 def scheduler_keys(planned: Planned) -> dict[str, Any]:

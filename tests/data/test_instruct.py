@@ -202,7 +202,7 @@ def test_a_bad_row_stops_the_cli_before_training(
 def test_config_keys_are_checked() -> None:
     for key, value, message in [
         ("format", "yaml", "data.format: must be auto, text, chat, prompt_completion"),
-        ("train_on", "prompts", "data.train_on: must be 'answers' or 'all'"),
+        ("train_on", "prompts", "data.train_on: must be answers, all, completions"),
     ]:
         with pytest.raises(ConfigError, match=message):
             tiny_config(f"data.{key}={value}")

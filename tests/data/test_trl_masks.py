@@ -178,7 +178,9 @@ def test_chat_masks_match_trl_assistant_only_loss(
     assert tokenizer.decode([t for t in ours[2][1] if t != -100]) == (
         " Hello, how can I help?<|im_end|>\n"
     )
-    _same(_ours(tokenizer, rows, "all"), _trl_labels(tokenizer, model, rows, tmp_path / "all"))
+    default = _trl_labels(tokenizer, model, rows, tmp_path / "all")  # TRL's: every token
+    _same(_ours(tokenizer, rows, "all"), default)
+    _same(_ours(tokenizer, rows, "completions"), default)
 
 
 def test_conversational_prompt_completion_masks_match_trl(
@@ -186,7 +188,9 @@ def test_conversational_prompt_completion_masks_match_trl(
 ) -> None:
     rows = _conversational_pc_rows()
     ours = _ours(tokenizer, rows, "answers")
-    _same(ours, _trl_labels(tokenizer, model, rows, tmp_path))  # completion_only_loss default
+    default = _trl_labels(tokenizer, model, rows, tmp_path)  # completion_only_loss default
+    _same(ours, default)
+    _same(_ours(tokenizer, rows, "completions"), default)
     stock = tokenizer.chat_template
     tokenizer.chat_template = marked
     try:  # the combination TRL's docs recommend gives the same labels here
@@ -209,7 +213,9 @@ def test_prompt_completion_masks_match_trl(
 ) -> None:
     rows = _pc_rows()
     ours = _ours(tokenizer, rows, "answers")
-    _same(ours, _trl_labels(tokenizer, model, rows, tmp_path))
+    default = _trl_labels(tokenizer, model, rows, tmp_path)
+    _same(ours, default)
+    _same(_ours(tokenizer, rows, "completions"), default)
     assert tokenizer.decode([t for t in ours[1][1] if t != -100]) == " Paris.<|im_end|>"
     all_ours = _ours(tokenizer, rows, "all")
     _same(
