@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lrsweep.config import LORAPLUS_EMBEDDING_FACTOR, TrainConfig
+from lrsweep.errors import DataError
 
 
 if TYPE_CHECKING:
@@ -251,11 +252,13 @@ def train(
     on_step: Callable[[StepRecord], str | None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    hold_on_skip: bool = False,
 ) -> TrainResult:
     """Run ``len(lrs)`` optimizer steps, step ``s`` with LR ``lrs[s]`` times each param
-    group's factor (:func:`lr_scales`; 1 but for LoRA+ groups). An update that float16's
-    GradScaler skips does not advance the schedule, as in the Trainer (whose scheduler
-    steps only after an update), so a trial's LRs stay the Trainer's step for step.
+    group's factor (:func:`lr_scales`; 1 but for LoRA+ groups). With ``hold_on_skip``, an
+    update that float16's GradScaler skips does not advance the schedule, as in the Trainer
+    (whose scheduler steps only after an update), so that a trial's LRs stay the exported
+    run's step for step; a range test's LRs advance regardless (a ramp's must increase).
 
     ``on_step`` sees each record (after its evaluation) and may return a reason to stop, or
     raise (the sweep raises ``optuna.TrialPruned``).
@@ -267,7 +270,7 @@ def train(
     tokens, train_seconds, start = 0, 0.0, time.perf_counter()
     bar = tqdm(total=len(lrs), desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     try:
-        applied = 0  # updates made: the schedule's position
+        applied = 0  # the schedule's position
         for step in range(len(lrs)):
             lr = lrs[applied]
             step_start = time.perf_counter()
@@ -275,14 +278,17 @@ def train(
                 group["lr"] = lr * scale
             micro = [_inputs(next(batches), loop.precision.device) for _ in range(loop.grad_accum)]
             loss = _accumulate(model, micro, loop)
-            if loss is None:
+            if loss is None:  # every run on these batches would stop here: the data's fault
                 optimizer.zero_grad(set_to_none=True)
-                return TrainResult(records, f"no trained token in step {step}: every label -100")
+                raise DataError(
+                    f"step {step}: its batches have no trained token (every label is -100); "
+                    "check that the rows' answers survive train.seq_len"
+                )
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 return TrainResult(records, f"non-finite loss at step {step} (lr {lr:.3g})")
             grad_norm, skipped = _update(optimizer, params, loop)
-            applied += not skipped
+            applied += not (skipped and hold_on_skip)
             tokens += sum(_real_tokens(inputs) for inputs in micro)
             now = time.perf_counter()
             train_seconds += now - step_start

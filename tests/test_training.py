@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lrsweep.context import prepare
+from lrsweep.errors import DataError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
 from lrsweep.training import Loop, Precision, make_optimizer, train
 from tests.conftest import tiny_config
@@ -56,7 +57,7 @@ def test_grad_accumulation_matches_the_full_batch(ctx) -> None:  # type: ignore[
 def test_a_micro_batch_with_no_trained_token_adds_nothing(ctx) -> None:  # type: ignore[no-untyped-def]
     """A Trainer's micro-batch whose answers were all cut off (every label -100) adds 0 to
     the step, as the Trainer's summed loss does, not NaN; a step with no trained token at
-    all stops the run and says why."""
+    all is the data's fault, and says so (every run on those batches would stop there)."""
     ids = ctx.blocks.train[:2]
     trained = {"input_ids": ids, "labels": ids.clone()}
     empty = {"input_ids": ids, "labels": torch.full_like(ids, -100)}
@@ -65,8 +66,8 @@ def test_a_micro_batch_with_no_trained_token_adds_nothing(ctx) -> None:  # type:
     assert result.stop_reason is None and torch.isfinite(torch.tensor(result.records[0].loss))
     for name, value in alone.items():
         torch.testing.assert_close(both[name], value, rtol=1e-5, atol=1e-6)
-    _, result = _sgd_step(ctx, iter([empty, empty]), 2)
-    assert not result.records and "no trained token in step 0" in str(result.stop_reason)
+    with pytest.raises(DataError, match="step 0: its batches have no trained token"):
+        _sgd_step(ctx, iter([empty, empty]), 2)
 
 
 def test_each_step_uses_its_lr_and_evaluates_on_schedule(ctx) -> None:  # type: ignore[no-untyped-def]
@@ -181,24 +182,28 @@ def test_mixed_precision_paths_train(ctx, dtype: torch.dtype) -> None:  # type: 
 
 def test_an_update_the_grad_scaler_skips_does_not_advance_the_schedule(ctx) -> None:  # type: ignore[no-untyped-def]
     """float16: a scale so large that the first step's gradients overflow, then one that
-    fits. The Trainer steps its scheduler only after an update, so the second step runs at
-    the first step's LR again."""
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)
-    precision = Precision(torch.device("cpu"), torch.float16, scaler)
-    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
-    try:
-        result = train(
-            model,
-            make_optimizer(model, ctx.config.train),
-            _fixed(ctx.blocks.train, 4),
-            [1e-3, 2e-3, 3e-3],
-            Loop(precision, 1, 1.0),
-            progress=False,
-        )
-    finally:
-        detach_lora(model)
-    assert scaler.get_scale() == 2.0**10  # one overflow, then no more
-    assert [r.lr for r in result.records] == [1e-3, 1e-3, 2e-3]
+    fits. The Trainer steps its scheduler only after an update, so a trial's second step runs
+    at the first step's LR again; a range test's LRs go on (a ramp's must increase)."""
+    lrs = {}
+    for hold in (True, False):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)
+        precision = Precision(torch.device("cpu"), torch.float16, scaler)
+        model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+        try:
+            result = train(
+                model,
+                make_optimizer(model, ctx.config.train),
+                _fixed(ctx.blocks.train, 4),
+                [1e-3, 2e-3, 3e-3],
+                Loop(precision, 1, 1.0),
+                progress=False,
+                hold_on_skip=hold,
+            )
+        finally:
+            detach_lora(model)
+        assert scaler.get_scale() == 2.0**10  # one overflow, then no more
+        lrs[hold] = [r.lr for r in result.records]
+    assert lrs == {True: [1e-3, 1e-3, 2e-3], False: [1e-3, 2e-3, 3e-3]}
 
 
 def test_tokens_count_what_was_trained_on_not_padding(ctx) -> None:  # type: ignore[no-untyped-def]

@@ -179,6 +179,7 @@ def _train_once(
             on_step=on_step,
             desc=f"trial {trial.number}",
             progress=progress,
+            hold_on_skip=True,
         )
         run.reason = result.stop_reason
         finished = run.reason is None
