@@ -133,8 +133,10 @@ def open_study(
     if config is None:
         wait = _wait_for_journal(journal, wait)
     elif journal is not None and not journal.exists():
+        _one_study_per_folder(out, name, None, url)
         return None, None, config  # a new study: its journal is written once it is created
     storage = open_storage(out, url, heartbeat, create=False)
+    _one_study_per_folder(out, name, storage, url)
     study, cfg = join_study(storage, name, config, wait=wait)
     assert cfg is not None
     if cfg.sweep.heartbeat_seconds != heartbeat:
@@ -191,7 +193,6 @@ def settle(
     first trials stored in it), with the budget of ``trials`` when given (stored, except on
     a dry run, which only plans an existing study). The one planning step ``lrsweep
     sweep``, ``lrsweep worker`` and ``hf.sweep`` share."""
-    _one_study_per_folder(out, name, backend, url)
     if study is None:
         backend = backend or open_storage(out, url, cfg.sweep.heartbeat_seconds)
         study, cfg = create_study(backend, name, cfg, bounds, first, trials or cfg.sweep.trials)
@@ -204,10 +205,12 @@ def settle(
 def _one_study_per_folder(
     out: Path, name: str, backend: StudyStorage | None, url: str | None
 ) -> None:
-    """Refuse a second study in an output folder: its result files, curves and adapters are
-    numbered by trial, and two studies' trial numbers overlap."""
+    """Refuse a second study in an output folder, before anything runs: its result files,
+    curves and adapters are numbered by trial, and two studies' trial numbers overlap. The
+    studies of a storage given with --storage (a database, a shared journal) have their
+    own folders; those of the folder's own journal share this one."""
     others = {s for s in [results_study(out)] if s is not None and s != name}
-    if backend is not None and journal_path(out, url) is not None:  # the folder's own journal
+    if backend is not None and url is None:
         others |= set(optuna.get_all_study_names(backend.backend)) - {name}
     if others:
         raise StudyError(

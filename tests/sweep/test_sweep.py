@@ -362,14 +362,36 @@ def test_changed_config_is_refused(
     )
     study = optuna.load_study(study_name=DEFAULT_STUDY, storage=journal)
     assert StudyRecord.of(study).trials == 1
-    # A second study in the same folder would overwrite the first one's trial-numbered files.
-    before = (tmp_path / "trials.parquet").read_bytes()
-    code, _, err = run_cli(
-        capsys, monkeypatch, "sweep", tiny, "--study", "other", "--out", str(tmp_path), "-q"
-    )
+
+
+def test_one_study_per_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second study in a folder would overwrite the first one's trial-numbered files: it is
+    refused before anything runs. Studies of a shared storage each have their own folder."""
+    from tests.conftest import ROOT
+
+    def sweep(out: Path, *extra: str) -> tuple[int, str, str]:
+        fixed = ("--set", "search.peak_lr=[1e-4, 1e-2]", "--trials", "1", "-q")
+        tiny = str(ROOT / "studies" / "tiny.toml")
+        return run_cli(capsys, monkeypatch, "sweep", tiny, "--out", str(out), *fixed, *extra)
+
+    first = tmp_path / "first"
+    assert sweep(first)[0] == 0
+    before = (first / "trials.parquet").read_bytes()
+    code, _, err = sweep(first, "--study", "other", "--set", "search.peak_lr=[]")
     assert code == 2 and f"holds study '{DEFAULT_STUDY}'" in err and err.count("\n") == 1, err
-    assert (tmp_path / "trials.parquet").read_bytes() == before
+    # Nothing ran for it: no range test for its bounds, no study, the files as they were.
+    assert not (first / "rangetest.parquet").exists()
+    assert (first / "trials.parquet").read_bytes() == before
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(first / "study.journal"))
+    )
     assert optuna.get_all_study_names(journal) == [DEFAULT_STUDY]
+    shared = str(tmp_path / "shared.journal")
+    for name in ("a", "b"):
+        code, _, err = sweep(tmp_path / name, "--storage", shared, "--study", name)
+        assert code == 0, err
 
 
 def test_report_reads_past_lagging_results_and_reap_rebuilds_them(
