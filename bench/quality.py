@@ -38,12 +38,11 @@ from bench.grid import (
 from lrsweep.config import RangeTestConfig
 from lrsweep.context import prepare
 from lrsweep.data import batches
-from lrsweep.find import FindResult, load_find, run_find, save_and_draw
+from lrsweep.find import FindResult, load_find, run_find, save_and_draw, suggestion_of
 from lrsweep.horizon import carry
 from lrsweep.models import attach_lora, detach_lora
 from lrsweep.rangetest import combine_seeds, run_probes
 from lrsweep.suggest import Suggestion, suggest_probe, suggest_probe_seeds
-from lrsweep.sweep.space import peak_lr_bounds
 from lrsweep.training import Loop, make_optimizer
 
 
@@ -151,11 +150,12 @@ def _contains(span: tuple[float, float] | None, lr: float) -> str:
     return "-" if span is None else ("yes" if span[0] <= lr <= span[1] else "NO")
 
 
-def _bounds(found: FindResult) -> tuple[float, float] | None:
-    """The sweep's default peak-LR bounds from this range test, as the sweep sets them."""
+def _bounds(found: FindResult, steps: int) -> tuple[float, float] | None:
+    """The sweep's default peak-LR bounds from this range test for trials of ``steps``
+    steps, as the sweep sets them."""
     if found.recommended_lr is None:
         return None
-    return peak_lr_bounds(found.config, found.suggestion, max(found.curve.lrs))
+    return found.sweep_bounds(steps)
 
 
 def _corpora(rows: list[dict]) -> list[str]:
@@ -220,8 +220,7 @@ def table(held_out: bool = False) -> None:
     old_and_new(scored)
     quality_by_shape(scored)
     print("log10(suggested / best); best = the grid's best peak LR; the interval and the")
-    print("sweep's default bounds (recommendation / 10 or the interval's low end .. divergence)")
-    print("checked for containing it")
+    print("sweep's default bounds (lrsweep.sweep.space.peak_lr_bounds) checked for containing it")
     print(
         f"{'corpus':<20} {'best':>8}  {'method':<26} {'suggested':>9} {'log10':>6} "
         f"{'interval':>8} {'bounds':>6}"
@@ -250,7 +249,7 @@ def table(held_out: bool = False) -> None:
         for i, (method, lr, found) in enumerate(lines):
             ratio = f"{math.log10(lr / top['peak_lr']):+.2f}" if lr else "-"
             interval = _contains(found.suggestion.interval, top["peak_lr"]) if found else ""
-            bounds = _contains(_bounds(found), top["peak_lr"]) if found else ""
+            bounds = _contains(_bounds(found, top["steps"]), top["peak_lr"]) if found else ""
             head = f"{name:<20} {top['peak_lr']:>8.2e}" if i == 0 else " " * 29
             print(
                 f"{head}  {method:<26} {lr or math.nan:>9.2e} {ratio:>6} {interval:>8} {bounds:>6}"
@@ -286,20 +285,25 @@ def grid_loss(rows: list[dict], corpus: str, shape: str, exponent: float) -> flo
     return math.nan
 
 
+def _measured(found: FindResult) -> Suggestion:
+    """A saved probe's suggestion as measured, before it was carried to any run."""
+    return suggestion_of(found.curve, found.config.rangetest)
+
+
 def _readings(mode: str, found: FindResult) -> list[tuple[str, Suggestion]]:
     """What a saved probe suggests, named: a cooldown or cosine probe as it ran; a constant one
     at 3 steps per run (the default before issue 13) and at OLD_K (the default before 20)."""
     if COOLED.fullmatch(mode):
         rt = found.config.rangetest
-        return [(f"k={rt.run_steps} + {rt.cooldown_steps} cooldown", found.suggestion)]
+        return [(f"k={rt.run_steps} + {rt.cooldown_steps} cooldown", _measured(found))]
     if cosine := COSINE.fullmatch(mode):
         name = f"cosine, {found.config.rangetest.run_steps} steps"
         if cosine[2] is None:
-            return [(name, found.suggestion)]
+            return [(name, _measured(found))]
         # With the seed-0 probe, what rangetest.seeds = 2 would have suggested.
         assert found.out is not None
         first = load_find(found.out.parent / found.out.name.removesuffix(f"-seed{cosine[2]}"))
-        readings = [(f"{name}, seed {cosine[2]}", found.suggestion)]
+        readings = [(f"{name}, seed {cosine[2]}", _measured(found))]
         if first is not None:
             curve = combine_seeds([first.curve, found.curve])
             assert curve.seed_losses is not None and curve.start_loss is not None
@@ -345,7 +349,7 @@ def readings(rows: list[dict]) -> list[Reading]:
                     s = carry(probed, steps, found.curve.best_drop)
                     if s.recommended_lr is None:
                         continue
-                    bounds = _bounds(FindResult(found.curve, s, found.config))
+                    bounds = _bounds(FindResult(found.curve, s, found.config), steps)
                     out.append(
                         Reading(
                             corpus,

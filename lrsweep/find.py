@@ -73,19 +73,22 @@ class FindResult:
             "source": source,
         }
 
-    def sweep_bounds(self) -> tuple[float, float]:
-        """The peak-LR bounds ``lrsweep sweep`` takes from this range test for trials of the
-        run it is for (:func:`lrsweep.sweep.space.peak_lr_bounds`): ``hf.sweep``'s
-        ``peak_lr``. A StudyError when the range test gave no recommendation."""
+    def sweep_bounds(self, steps: int | None = None) -> tuple[float, float]:
+        """The peak-LR bounds ``lrsweep sweep`` takes from this range test for trials of
+        ``steps`` optimizer steps (default: the run it is for;
+        :func:`lrsweep.sweep.space.peak_lr_bounds`): ``hf.sweep``'s ``peak_lr``. A
+        StudyError when the range test gave no recommendation."""
         from lrsweep.sweep.space import peak_lr_bounds
 
-        return peak_lr_bounds(self.config, self.suggestion, max(self.curve.lrs))
-
-    def carried(self, steps: int | None = None) -> FindResult:
-        """This result with its curve's suggestion carried to a run of ``steps`` optimizer
-        steps (default: the run it is for, :meth:`for_run`; :func:`lrsweep.horizon.carry`).
-        Always from the curve, so that a result carried once and again is carried once."""
         steps = self.for_run()["steps"] if steps is None else steps
+        highest = max(self.curve.lrs)
+        return peak_lr_bounds(self.config, self.suggestion, highest, steps, self.curve.best_drop)
+
+    def carried(self) -> FindResult:
+        """This result with its curve's suggestion carried to the run it is for
+        (:meth:`for_run`, :func:`lrsweep.horizon.carry`). Always from the curve, so that a
+        result carried once and again is carried once."""
+        steps = self.for_run()["steps"]
         measured = suggestion_of(self.curve, self.config.rangetest)
         return dataclasses.replace(self, suggestion=carry(measured, steps, self.curve.best_drop))
 

@@ -78,6 +78,11 @@ def lowest_factor(steps: int) -> float:
     return float((CALIBRATION_STEPS / steps) ** LONGER_RUN_SHIFT)
 
 
+def known_data(best_drop: float | None) -> bool:
+    """Whether a probe's best run's drop marks data the model already predicts well."""
+    return best_drop is not None and best_drop < KNOWN_DATA_DROP
+
+
 def carry(suggestion: Suggestion, steps: int, best_drop: float | None = None) -> Suggestion:
     """The suggestion for a planned run of ``steps`` optimizer steps: the same number, the
     interval's low end down by :func:`lowest_factor`, and a warning that says so. When the
@@ -89,7 +94,8 @@ def carry(suggestion: Suggestion, steps: int, best_drop: float | None = None) ->
         return suggestion
     warnings = list(suggestion.warnings)
     low, high = suggestion.interval
-    if best_drop is not None and best_drop < KNOWN_DATA_DROP:
+    if known_data(best_drop):
+        assert best_drop is not None
         low = min(low, suggestion.recommended_lr / PROBE_HELD_OUT)
         warnings.append(
             f"the best probe run lowered the held-out loss by only {best_drop:.1%}: the model "

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from lrsweep.config import RangeTestConfig
+
 
 log = logging.getLogger(__name__)
 
@@ -311,8 +313,8 @@ def suggest(
     lrs: Sequence[float],
     losses: Sequence[float],
     *,
-    diverge_factor: float = 4.0,
-    smoothing: float = 0.9,
+    diverge_factor: float = RangeTestConfig.diverge_factor,
+    smoothing: float = RangeTestConfig.smoothing,
     basis: str = "valley",
 ) -> Suggestion:
     """Run every method, recommend the ``basis`` one (``steep`` if it has no answer) and

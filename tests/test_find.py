@@ -12,7 +12,7 @@ import pytest
 import lrsweep
 from lrsweep.config import RangeTestConfig
 from lrsweep.find import load_find
-from lrsweep.horizon import carry, how_sure
+from lrsweep.horizon import PROBE_HELD_OUT, carry, how_sure, known_data, lowest_factor
 from lrsweep.results import read_parquet
 from lrsweep.suggest import suggest_probe
 from tests.conftest import ROOT, run_cli, tiny_config
@@ -146,8 +146,9 @@ def test_find_says_which_run_the_number_is_for(
     assert saved["interval"] == list(found.suggestion.interval or ())
     # The bounds hf.sweep takes: as lrsweep sweep sets them, numbers also without divergence.
     low, high = found.sweep_bounds()
-    assert found.recommended_lr is not None and found.suggestion.interval is not None
-    assert low == min(found.recommended_lr / 10, found.suggestion.interval[0])
+    assert found.recommended_lr is not None
+    below = PROBE_HELD_OUT if known_data(found.curve.best_drop) else 10  # the tiny model's is
+    assert low == pytest.approx(found.recommended_lr / below * lowest_factor(run["steps"]))
     assert high == max(found.suggestion.divergence_lr or max(found.curve.lrs), 10 * low)
 
 

@@ -69,8 +69,8 @@ def test_without_trl_installed_its_defaults_are_a_note(
     run = read_run(path)
     assert "train.seq_len" not in run.values and run.values["lora.r"] == 8
     assert run.notes == [
-        "max_length, lora_alpha: not in the file, and TRL is not installed here to read its "
-        "defaults; lrsweep measures with the study's (pip install 'lrsweep[trl]')"
+        "max_length, lora_alpha, lora_dropout: not in the file, and TRL is not installed here "
+        "to read its defaults; lrsweep measures with the study's (pip install 'lrsweep[trl]')"
     ]
 
 

@@ -220,6 +220,16 @@ def _same(value: Any) -> Any:
     return value
 
 
+def batch_defaults(arguments: type) -> dict[str, Any]:
+    """The batch shape a TrainingArguments class (or a subclass: TRL's SFTConfig,
+    Seq2SeqTrainingArguments) trains with where a file does not say."""
+    fields = arguments.__dataclass_fields__  # type: ignore[attr-defined]
+    return {
+        "train.batch_size": fields["per_device_train_batch_size"].default,
+        "train.grad_accum": fields["gradient_accumulation_steps"].default,
+    }
+
+
 def tool_defaults(run: UserRun, values: dict[str, Any]) -> None:
     """The tool's own value of each study key its file leaves out (by lrsweep key): the run it
     trains, where lrsweep's defaults would measure another batch shape, length or LoRA."""

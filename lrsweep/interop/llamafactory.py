@@ -23,6 +23,7 @@ from lrsweep.interop import (
     IGNORED,
     Planned,
     UserRun,
+    batch_defaults,
     length,
     map_keys,
     optimizer,
@@ -40,16 +41,6 @@ EPOCHS = ("num_train_epochs", 3.0)
 # lora_alpha None, read as lora_rank * 2 (set in read()). Its training keys are transformers'
 # Seq2SeqTrainingArguments (training_args.py), whose batch shape is read from transformers.
 DEFAULTS = {"train.seq_len": 2048, "lora.r": 8, "lora.dropout": 0.0}
-
-
-def _trainer_defaults() -> dict[str, Any]:
-    from transformers import Seq2SeqTrainingArguments
-
-    fields = Seq2SeqTrainingArguments.__dataclass_fields__
-    return {
-        "train.batch_size": fields["per_device_train_batch_size"].default,
-        "train.grad_accum": fields["gradient_accumulation_steps"].default,
-    }
 
 
 HANDLED = (
@@ -96,7 +87,9 @@ ALPACA = {"prompt": "instruction", "query": "input", "response": "output"}
 
 def read(raw: dict[str, Any], folder: Path, run: UserRun) -> None:
     map_keys(raw, run, MAPPING, IGNORED, HANDLED)
-    tool_defaults(run, {**DEFAULTS, **_trainer_defaults()})
+    from transformers import Seq2SeqTrainingArguments
+
+    tool_defaults(run, {**DEFAULTS, **batch_defaults(Seq2SeqTrainingArguments)})
     length(run, raw.get("max_steps"), raw.get(*EPOCHS))
     set_dtype(run, raw)
     if raw.get("stage", "sft") != "sft":

@@ -18,6 +18,7 @@ from lrsweep.interop import (
     IGNORED,
     Planned,
     UserRun,
+    batch_defaults,
     length,
     map_keys,
     optimizer,
@@ -119,29 +120,31 @@ def _is_trl(raw: dict[str, Any]) -> bool:
 
 def _defaults(run: UserRun, trl: bool) -> dict[str, Any]:
     """What the tool runs for the keys the file leaves out, read from the installed classes:
-    the Trainer's batch shape, and for a TRL file SFTConfig's max_length and the LoRA of TRL's
-    CLI (ModelConfig: lora_r, lora_alpha, lora_dropout)."""
+    the Trainer's batch shape, and for a TRL file SFTConfig's (with its max_length) and the
+    LoRA of TRL's CLI (ModelConfig: lora_r, lora_alpha, lora_dropout)."""
     from transformers import TrainingArguments
 
-    trainer = TrainingArguments.__dataclass_fields__
-    values = {
-        "train.batch_size": trainer["per_device_train_batch_size"].default,
-        "train.grad_accum": trainer["gradient_accumulation_steps"].default,
-    }
     if not trl:
-        return values
+        return batch_defaults(TrainingArguments)
     try:
         from trl import ModelConfig, SFTConfig
     except ImportError:
-        keys = {"max_length": "train.seq_len", "lora_r": "lora.r", "lora_alpha": "lora.alpha"}
+        keys = {
+            "max_length": "train.seq_len",
+            "lora_r": "lora.r",
+            "lora_alpha": "lora.alpha",
+            "lora_dropout": "lora.dropout",
+        }
         if missing := [key for key, name in keys.items() if name not in run.values]:
             run.notes.append(
                 f"{', '.join(missing)}: not in the file, and TRL is not installed here to read "
                 "its defaults; lrsweep measures with the study's (pip install 'lrsweep[trl]')"
             )
-        return values
-    sft, cli = SFTConfig.__dataclass_fields__, ModelConfig.__dataclass_fields__
-    values["train.seq_len"] = sft["max_length"].default  # None: TRL does not truncate
+        return batch_defaults(TrainingArguments)
+    values = batch_defaults(SFTConfig)
+    # None: TRL does not truncate, and the study's seq_len stays.
+    values["train.seq_len"] = SFTConfig.__dataclass_fields__["max_length"].default
+    cli = ModelConfig.__dataclass_fields__
     for key in ("r", "alpha", "dropout"):
         values[f"lora.{key}"] = cli[f"lora_{key}"].default
     return {k: v for k, v in values.items() if v is not None}

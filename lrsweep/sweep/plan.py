@@ -273,8 +273,9 @@ def prepare_sweep(
     elif found is None:
         bounds = peak_lr_bounds(cfg, None)  # search.peak_lr, else a StudyError
     else:
-        # Carried to this sweep's trials, whatever run the saved range test was carried to.
-        bounds = peak_lr_bounds(cfg, found.carried(steps).suggestion, max(found.curve.lrs))
+        # For this sweep's trials, whatever run the saved range test was carried to.
+        highest, drop = max(found.curve.lrs), found.curve.best_drop
+        bounds = peak_lr_bounds(cfg, found.suggestion, highest, steps, drop)
     if deadline is None and timeout:
         deadline = time.time() + timeout
     plan: SweepPlan | None = None

@@ -10,18 +10,23 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from lrsweep.config import StudyConfig, SweepConfig
 from lrsweep.errors import StudyError
-from lrsweep.horizon import planned_steps
+from lrsweep.horizon import PROBE_HELD_OUT, known_data, lowest_factor, planned_steps
 from lrsweep.schedules import FIRST_MIN_LR_RATIO, FIRST_WARMUP_FRACTION, FLOORED, Schedule
 from lrsweep.suggest import Suggestion
 
 
 def peak_lr_bounds(
-    config: StudyConfig, suggestion: Suggestion | None, highest_tested: float = math.inf
+    config: StudyConfig,
+    suggestion: Suggestion | None,
+    highest_tested: float = math.inf,
+    steps: int = 0,
+    best_drop: float | None = None,
 ) -> tuple[float, float]:
-    """The log-uniform bounds of the peak LR: the study file's, or from the range test:
-    a tenth of the recommendation (or the interval's low end, where the planned run's length
-    or data the model already knows carried it lower) up to the divergence LR (or the highest
-    LR tested)."""
+    """The log-uniform bounds of the peak LR: the study file's, or from the range test: a
+    tenth of the recommendation (an eleventh on data the model already knows, where the
+    number was that far too high: ``lrsweep.horizon``), and lower by the factor the
+    interval reaches down for trials of ``steps`` past the calibration's, up to the
+    divergence LR (or the highest LR tested)."""
     if config.search.peak_lr:
         low, high = config.search.peak_lr
         return low, high
@@ -31,9 +36,8 @@ def peak_lr_bounds(
             f"search.peak_lr: the range test gave no recommendation ({reason}); "
             "set search.peak_lr = [low, high] in the study file"
         )
-    low = suggestion.recommended_lr / 10
-    if suggestion.interval is not None:
-        low = min(low, suggestion.interval[0])
+    below = max(10.0, PROBE_HELD_OUT) if known_data(best_drop) else 10.0
+    low = suggestion.recommended_lr / below * lowest_factor(steps)
     high = suggestion.divergence_lr or highest_tested
     return low, max(high, low * 10)
 

@@ -15,6 +15,13 @@ from optuna.trial import TrialState
 from lrsweep.config import DEFAULT_STUDY, RangeTestConfig
 from lrsweep.errors import StudyError
 from lrsweep.find import load_find
+from lrsweep.horizon import (
+    CALIBRATION_STEPS,
+    KNOWN_DATA_DROP,
+    PROBE_HELD_OUT,
+    known_data,
+    lowest_factor,
+)
 from lrsweep.record import StudyRecord
 from lrsweep.results import read_parquet
 from lrsweep.suggest import MethodResult, Suggestion
@@ -49,10 +56,15 @@ def test_bounds_follow_the_documented_rule() -> None:
     assert peak_lr_bounds(cfg, _found(1e-3, 2e-2)) == pytest.approx((1e-4, 2e-2))
     # Never diverged: up to the highest LR tested.
     assert peak_lr_bounds(cfg, _found(1e-3, None), 1e-1) == pytest.approx((1e-4, 1e-1))
-    # An interval carried further down (a long planned run, data the model already knows):
-    # the sweep searches all of it.
-    reaching = dataclasses.replace(_found(1e-3, 2e-2), interval=(4e-5, 3e-3))
-    assert peak_lr_bounds(cfg, reaching) == pytest.approx((4e-5, 2e-2))
+    # A wide interval alone changes nothing; trials past the calibration's length and data
+    # the model already knows reach further down, as the interval does for them.
+    wide = dataclasses.replace(_found(1e-3, 2e-2), interval=(1e-6, 3e-3))
+    assert peak_lr_bounds(cfg, wide) == pytest.approx((1e-4, 2e-2))
+    longer = peak_lr_bounds(cfg, wide, steps=10 * CALIBRATION_STEPS)
+    assert longer == pytest.approx((1e-4 * 10**-0.75, 2e-2))
+    known = peak_lr_bounds(cfg, wide, steps=CALIBRATION_STEPS, best_drop=KNOWN_DATA_DROP / 2)
+    assert known == pytest.approx((1e-3 / PROBE_HELD_OUT, 2e-2))
+    assert peak_lr_bounds(cfg, wide, best_drop=KNOWN_DATA_DROP) == pytest.approx((1e-4, 2e-2))
     assert peak_lr_bounds(tiny_config("search.peak_lr=[1e-5, 1e-3]"), None) == (1e-5, 1e-3)
     with pytest.raises(StudyError, match="search.peak_lr: the range test gave no"):
         peak_lr_bounds(cfg, _found(None, None))
@@ -314,12 +326,13 @@ def test_dry_run_creates_no_study(
     code, out, err = dry_run(tmp_path)
     assert code == 0 and "s/step" in out and "peak_lr in [" in out, out
     assert not (tmp_path / "study.journal").exists()
-    # Trials far longer than the ones the range test was saved for: its interval is carried
-    # to them again, and the bounds reach below a tenth of the number.
+    # Trials far longer than the ones the range test was saved for: the bounds reach below a
+    # tenth of the number as far as the interval reaches for them.
     found = load_find(tmp_path)
     assert found is not None and found.recommended_lr is not None
-    low, high = found.carried(2000).sweep_bounds()
-    assert low < found.recommended_lr / 10
+    low, high = found.sweep_bounds(2000)
+    below = PROBE_HELD_OUT if known_data(found.curve.best_drop) else 10  # the tiny model's is
+    assert low == pytest.approx(found.recommended_lr / below * lowest_factor(2000))
     code, out, err = dry_run(tmp_path, "--set", "sweep.steps=2000")
     assert code == 0 and f"peak_lr in [{low:.2e}, {high:.2e}]" in out, out
     # A sweep that would run a range test of its own refuses to replace a different one.
