@@ -41,7 +41,7 @@ from lrsweep.config import StudyConfig
 from lrsweep.context import Context
 from lrsweep.data import load_blocks
 from lrsweep.models import load_base_model
-from lrsweep.schedules import CosineSchedule
+from lrsweep.schedules import Schedule
 from lrsweep.sweep.space import first_trial
 from lrsweep.sweep.trial import run_trial
 from lrsweep.training import Precision, evaluate
@@ -338,7 +338,7 @@ def run_point(ctx: Context, point: Point, untrained: float) -> dict:
     cfg = ctx.config.replace(seed=point.seed)
     ctx = dataclasses.replace(ctx, config=cfg)
     params = first_trial(point.peak_lr, cfg, (point.peak_lr, point.peak_lr))
-    schedule = CosineSchedule(
+    schedule = Schedule(
         point.peak_lr, cfg.sweep.steps, params["warmup_fraction"], params["min_lr_ratio"]
     )
     trial = optuna.create_study(pruner=optuna.pruners.NopPruner()).ask()

@@ -26,7 +26,7 @@ from lrsweep import config as config_mod
 from lrsweep.context import Context, prepare
 from lrsweep.data import batches
 from lrsweep.models import attach_lora, detach_lora
-from lrsweep.schedules import CosineSchedule
+from lrsweep.schedules import Schedule
 from lrsweep.training import Loop, make_optimizer, train
 
 
@@ -81,8 +81,8 @@ class _InOrder(IterableDataset):  # type: ignore[type-arg]
                 yield {"input_ids": block, "labels": block}
 
 
-def _trainer(ctx: Context, lrs: list[float], schedule: CosineSchedule) -> None:
-    schedule = CosineSchedule(
+def _trainer(ctx: Context, lrs: list[float], schedule: Schedule) -> None:
+    schedule = Schedule(
         schedule.peak_lr, len(lrs), schedule.warmup_fraction, schedule.min_lr_ratio
     )
     model = attach_lora(ctx.base, ctx.config.lora, 0)
@@ -119,7 +119,7 @@ def compare(
 ) -> dict[str, list[float]]:
     """Tokens/s of each side (bare, lrsweep, trainer) in every round."""
     cfg = ctx.config
-    schedule = CosineSchedule(1e-3, steps, 0.1, 0.1)
+    schedule = Schedule(1e-3, steps, 0.1, 0.1)
     lrs = schedule.lrs()
     sides: dict[str, Callable[[list[float]], None]] = {
         "bare": lambda lrs: _bare(ctx, lrs),

@@ -57,7 +57,7 @@ def run_job(job: str, model: str, steps: int) -> dict[str, float]:
     from lrsweep import config as config_mod
     from lrsweep.context import prepare
     from lrsweep.find import run_find
-    from lrsweep.schedules import CosineSchedule
+    from lrsweep.schedules import Schedule
     from lrsweep.sweep.trial import run_trial
 
     study = "tiny.toml" if model == "tiny" else "default.toml"
@@ -77,7 +77,7 @@ def run_job(job: str, model: str, steps: int) -> dict[str, float]:
     with PeakRss() as rss:
         if job == "finetune":
             trial = optuna.create_study(pruner=optuna.pruners.NopPruner()).ask()
-            run_trial(ctx, trial, CosineSchedule(1e-4, steps, 0.05, 0.1), progress=False)
+            run_trial(ctx, trial, Schedule(1e-4, steps, 0.05, 0.1), progress=False)
         else:
             run_find(ctx, progress=False)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0

@@ -127,7 +127,3 @@ class Schedule:
             optimizer.step()
             scheduler.step()
         return out
-
-
-# The name from before there were schedule families (a cosine Schedule by default).
-CosineSchedule = Schedule

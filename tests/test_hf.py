@@ -17,7 +17,7 @@ from lrsweep.context import Context, prepare
 from lrsweep.data import batches
 from lrsweep.errors import ConfigError, StudyError
 from lrsweep.models import attach_lora, detach_lora, trainable_state
-from lrsweep.schedules import CosineSchedule
+from lrsweep.schedules import Schedule
 from lrsweep.sweep.collect import load_results
 from lrsweep.training import Loop, make_optimizer, train
 from tests.conftest import tiny_config
@@ -145,7 +145,7 @@ def test_find_lr_without_optimizer_leaves_none(ctx: Context, tmp_path: Path) -> 
 def test_native_loop_and_trainer_agree(ctx: Context, tmp_path: Path) -> None:
     """Same model, data order, seed and schedule for 20 optimizer steps: the same LR at every
     step, and losses within 1e-4 (float32; README states the tolerance)."""
-    schedule = CosineSchedule(3e-3, 20, 0.1, 0.1)
+    schedule = Schedule(3e-3, 20, 0.1, 0.1)
     model = attach_lora(ctx.base, ctx.config.lora, seed=0)
     try:
         native = train(
@@ -258,7 +258,7 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
     assert meta["config"]["lora"]["r"] == ctx.config.lora.r != LoraSettings().r
     assert meta["config"]["train"]["grad_accum"] == 2
     for _, t in trials.iterrows():
-        expected = CosineSchedule(t["peak_lr"], 12, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
+        expected = Schedule(t["peak_lr"], 12, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
         got = curves[curves["number"] == t["number"]]["lr"].tolist()
         assert len(got) >= 4 and got == expected[: len(got)]
         evals = curves[(curves["number"] == t["number"]) & curves["eval_loss"].notna()]
@@ -274,7 +274,7 @@ def test_a_diverging_trainer_trial_is_stopped_as_lrsweep_s_own_are() -> None:
     from lrsweep.config import SweepConfig
     from lrsweep.sweep.trial import TrialRun
 
-    run = TrialRun(CosineSchedule(1e-3, 10, 0.0, 0.1))
+    run = TrialRun(Schedule(1e-3, 10, 0.0, 0.1))
     watch = hf._Watch(None, None, run, SweepConfig(diverge_factor=2.0), prune=True)  # type: ignore[arg-type]
     state, control = TrainerState(), TrainerControl()
     for step, loss in enumerate([3.0, 3.5, 5.0, 9.0, 20.0, 40.0, 80.0], start=1):

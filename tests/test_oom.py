@@ -22,7 +22,7 @@ from lrsweep.oom import (
     split_batch,
     split_batches,
 )
-from lrsweep.schedules import CosineSchedule
+from lrsweep.schedules import Schedule
 from lrsweep.training import Loop, Precision, TrainResult, make_optimizer, train
 
 
@@ -251,7 +251,7 @@ def _run(
             model,
             make_optimizer(model, attempt.train),
             attempt.batches(drawn),
-            CosineSchedule(1e-2, 4, 0.25, 0.1).lrs(),
+            Schedule(1e-2, 4, 0.25, 0.1).lrs(),
             Loop(
                 Precision(CPU, torch.float32),
                 attempt.train.grad_accum,

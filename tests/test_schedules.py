@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lrsweep.schedules import CosineSchedule, ramp
+from lrsweep.schedules import Schedule, ramp
 
 
 def test_exp_ramp_is_geometric_from_start_to_end() -> None:
@@ -37,15 +37,15 @@ def _design_formula(s: int, peak: float, w: int, t: int, r: float) -> float:
     ],
 )
 def test_cosine_matches_the_documented_formula(total: int, fraction: float, ratio: float) -> None:
-    sched = CosineSchedule(3e-4, total, fraction, ratio)
+    sched = Schedule(3e-4, total, fraction, ratio)
     assert sched.warmup_steps == math.ceil(fraction * total)
     expected = [_design_formula(s, 3e-4, sched.warmup_steps, total, ratio) for s in range(total)]
     assert sched.lrs() == pytest.approx(expected, rel=1e-12, abs=1e-18)
 
 
 def test_transformers_quirks_are_kept() -> None:
-    lrs = CosineSchedule(1e-3, 50, 0.1, 0.2).lrs()
+    lrs = Schedule(1e-3, 50, 0.1, 0.2).lrs()
     assert lrs[0] == 0.0  # with warmup the first update uses LR 0
     assert lrs[5] == pytest.approx(1e-3)  # the peak is reached at step W
     assert min(lrs[5:]) > 0.2 * 1e-3  # the floor is approached, never reached
-    assert CosineSchedule(1e-3, 50, 0.0, 0.0).lrs()[0] == 1e-3  # no warmup: peak first
+    assert Schedule(1e-3, 50, 0.0, 0.0).lrs()[0] == 1e-3  # no warmup: peak first

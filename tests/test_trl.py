@@ -24,7 +24,7 @@ from trl import SFTConfig, SFTTrainer
 from lrsweep import hf
 from lrsweep.export import best_trial, training_arguments
 from lrsweep.models import trainable_state
-from lrsweep.schedules import CosineSchedule
+from lrsweep.schedules import Schedule
 from lrsweep.sweep.collect import load_results
 from lrsweep.training import Loop, train
 from tests.conftest import ROOT, chat_tokenizer, run_cli, tiny_llama
@@ -278,7 +278,7 @@ def test_sweep_and_export_on_sfttrainer(
     assert lora["target_modules"] == ["q_proj", "v_proj"]
     assert meta["config"]["train"]["grad_accum"] == 2
     for _, t in trials.iterrows():
-        expected = CosineSchedule(t["peak_lr"], 10, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
+        expected = Schedule(t["peak_lr"], 10, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
         got = curves[curves["number"] == t["number"]]["lr"].tolist()
         assert len(got) >= 5 and got == expected[: len(got)]
 
@@ -305,8 +305,7 @@ def test_sweep_and_export_on_sfttrainer(
         unload(trainer)
     best = best_trial(trials)
     assert (
-        lrs
-        == CosineSchedule(best["peak_lr"], 10, best["warmup_fraction"], best["min_lr_ratio"]).lrs()
+        lrs == Schedule(best["peak_lr"], 10, best["warmup_fraction"], best["min_lr_ratio"]).lrs()
     )
     recorded = curves[curves["number"] == best["number"]]["lr"].tolist()
     assert len(recorded) == 10 and lrs == recorded  # the best trial ran to the end

@@ -411,7 +411,7 @@ def test_a_worse_adapter_saved_meanwhile_never_replaces_a_better_one(tmp_path: P
 
     from lrsweep.context import prepare
     from lrsweep.models import attach_lora, detach_lora
-    from lrsweep.schedules import CosineSchedule
+    from lrsweep.schedules import Schedule
     from lrsweep.sweep import adapters
     from lrsweep.sweep.trial import TrialRun
     from lrsweep.training import StepRecord
@@ -421,7 +421,7 @@ def test_a_worse_adapter_saved_meanwhile_never_replaces_a_better_one(tmp_path: P
 
     def keeper_and_run(loss: float) -> tuple[adapters.AdapterKeeper, TrialRun]:
         keeper = adapters.AdapterKeeper(tmp_path, ctx.config, ctx.base.tokenizer)
-        run = TrialRun(CosineSchedule(1e-3, 1, 0.0, 0.1))
+        run = TrialRun(Schedule(1e-3, 1, 0.0, 0.1))
         run.records.append(StepRecord(0, 1e-3, 5.0, 1.0, 8, 0.1, 0.1, eval_loss=loss))
         keeper.start(study.ask(), run)
         return keeper, run

@@ -144,10 +144,10 @@ def test_trial_lrs_are_transformers_schedule(tmp_path: Path) -> None:
         progress=False,
     )
     trials, curves, _ = load_results(tmp_path)
-    from lrsweep.schedules import CosineSchedule
+    from lrsweep.schedules import Schedule
 
     for _, t in trials.iterrows():
-        expected = CosineSchedule(t["peak_lr"], 20, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
+        expected = Schedule(t["peak_lr"], 20, t["warmup_fraction"], t["min_lr_ratio"]).lrs()
         assert curves[curves["number"] == t["number"]]["lr"].tolist() == expected
         assert t["warmup_steps"] == -(-t["warmup_fraction"] * 20 // 1)  # ceil
 
