@@ -33,6 +33,14 @@ from lrsweep.record import BASELINE_ORIGIN, FIRST_ORIGIN
 from lrsweep.schedules import Schedule
 
 
+def best_trial(trials: pd.DataFrame) -> pd.Series:
+    """The COMPLETE trial with the lowest eval loss."""
+    done = trials[(trials["state"] == "COMPLETE") & trials["eval_loss"].notna()]
+    if done.empty:
+        raise StudyError("no complete trial yet; run or resume the sweep first")
+    return done.sort_values(["eval_loss", "number"]).iloc[0]
+
+
 def recommendation(trials: pd.DataFrame) -> Recommendation:
     """The configuration to use: the best mean over seeds (see :mod:`lrsweep.ranking`)."""
     found = recommend(trials, FIRST_ORIGIN, BASELINE_ORIGIN)

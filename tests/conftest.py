@@ -5,7 +5,6 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -16,13 +15,6 @@ from lrsweep.config import StudyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def best_trial(trials: pd.DataFrame) -> pd.Series:
-    """The COMPLETE trial with the lowest eval loss (one run, where export ranks means)."""
-    done = trials[(trials["state"] == "COMPLETE") & trials["eval_loss"].notna()]
-    assert not done.empty, "no complete trial"
-    return done.sort_values(["eval_loss", "number"]).iloc[0]
 
 
 def tiny_config(*overrides: str) -> StudyConfig:

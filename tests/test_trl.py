@@ -22,12 +22,12 @@ from transformers import LlamaForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from lrsweep import hf
-from lrsweep.export import training_arguments
+from lrsweep.export import best_trial, training_arguments
 from lrsweep.models import trainable_state
 from lrsweep.schedules import Schedule
 from lrsweep.sweep.collect import load_results
 from lrsweep.training import Loop, train
-from tests.conftest import ROOT, best_trial, chat_tokenizer, run_cli, tiny_llama
+from tests.conftest import ROOT, chat_tokenizer, run_cli, tiny_llama
 
 
 # ChatML with generation markers around each assistant answer and its end of turn, which

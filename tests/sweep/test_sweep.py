@@ -31,7 +31,7 @@ from lrsweep.sweep import worker as worker_mod
 from lrsweep.sweep.collect import load_results
 from lrsweep.sweep.plan import execute, prepare_sweep
 from lrsweep.sweep.space import peak_lr_bounds, worker_seed
-from tests.conftest import best_trial, run_cli, tiny_config
+from tests.conftest import run_cli, tiny_config
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -276,7 +276,7 @@ def test_trial_memory_is_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_export_reproduces_the_trial_in_a_trainer(tmp_path: Path) -> None:
     from transformers import Trainer, TrainingArguments
 
-    from lrsweep.export import training_arguments
+    from lrsweep.export import best_trial, training_arguments
 
     cfg = tiny_config(
         "search.peak_lr=[1e-3, 1e-2]", "search.warmup_fraction=[0.1, 0.3]", "sweep.steps=23"
@@ -502,7 +502,7 @@ def test_bad_storage_urls_are_one_line_without_the_password(
 
 
 def test_a_trial_out_of_memory_runs_again_with_half_the_micro_batch(tmp_path: Path) -> None:
-    from lrsweep.export import training_arguments
+    from lrsweep.export import best_trial, training_arguments
 
     cfg = tiny_config("search.peak_lr=[1e-3, 1e-2]", "sweep.steps=8", "sweep.eval_every=4")
     prepared = prepare_sweep(cfg, tmp_path, trials=1, progress=False)
