@@ -11,7 +11,7 @@ Example::
 
     result = hf.find_lr(trainer, out="runs/find")
     study = hf.sweep(lambda overrides: make_trainer(**overrides), "runs/sweep",
-                     max_steps=200, peak_lr=result.sweep_bounds())
+                     max_steps=200, peak_lr=result.sweep_bounds(200))
 """
 
 from __future__ import annotations
