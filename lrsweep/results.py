@@ -152,10 +152,14 @@ def read_parquet(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     damaged file is a one-line :class:`StudyError`."""
     try:
         table = pq.read_table(path)
-        raw = (table.schema.metadata or {}).get(META_KEY, b"{}")
-        return table.to_pandas(), json.loads(raw)
+        return table.to_pandas(), _schema_meta(table.schema)
     except (pa.ArrowException, OSError, ValueError) as err:
         raise StudyError(f"{path}: damaged or not an lrsweep file ({first_line(err)})") from None
+
+
+def _schema_meta(schema: pa.Schema) -> dict[str, Any]:
+    """lrsweep's metadata in a parquet schema ({} when there is none)."""
+    return json.loads((schema.metadata or {}).get(META_KEY, b"{}"))
 
 
 def write_json(data: Any, path: Path) -> None:
@@ -350,7 +354,7 @@ def results_study(out: Path) -> str | None:
     if any: their trial numbers, curves and adapters are that study's."""
     for path in [out / TRIALS_FILE, *sorted((out / PARTS_DIR).glob(f"*/{TRIALS_FILE}"))]:
         try:
-            meta = json.loads((pq.read_schema(path).metadata or {}).get(META_KEY, b"{}"))
+            meta = _schema_meta(pq.read_schema(path))
         except (pa.ArrowException, OSError, ValueError):
             continue  # missing or damaged: it names no study
         if meta.get("study"):
