@@ -21,7 +21,7 @@ from lrsweep.config import RANGETEST_KEYS, RangeTestConfig, StudyConfig
 from lrsweep.context import Context, prepare
 from lrsweep.horizon import CALIBRATION_STEPS, carry, planned_steps
 from lrsweep.rangetest import RangeTestCurve, combine_seeds, run_probes, run_range_test
-from lrsweep.results import read_find, write_find
+from lrsweep.results import check_writable, read_find, write_find
 from lrsweep.suggest import Suggestion, suggest, suggest_probe, suggest_probe_seeds
 from lrsweep.training import Batch, Loop
 from lrsweep.version import __version__
@@ -223,6 +223,8 @@ def find_lr(
     cfg = study if isinstance(study, StudyConfig) else config_mod.load(study, overrides)
     if isinstance(study, StudyConfig) and overrides:
         cfg = config_mod.from_dict(config_mod.apply_overrides(cfg.to_dict(), overrides))
+    if out is not None:  # before minutes of measuring, not after
+        check_writable(Path(out), "out=")
     result = run_find(prepare(cfg), progress=progress)
     if out is not None:
         save_and_draw(result, Path(out))

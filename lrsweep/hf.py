@@ -45,11 +45,12 @@ from lrsweep.config import (
     TrainConfig,
     check_mode_keys,
 )
-from lrsweep.errors import StudyError
+from lrsweep.errors import StudyError, first_line
 from lrsweep.find import FindResult, measure, save_and_draw
-from lrsweep.memory import free_memory
+from lrsweep.memory import free_memory, peak_memory_mb, reset_peak_memory
 from lrsweep.rangetest import RngState
 from lrsweep.record import StudyRecord, TrialRecord
+from lrsweep.results import check_writable
 from lrsweep.schedules import Schedule
 from lrsweep.sweep.trial import Runner, TrialRun, diverged, report_eval
 from lrsweep.training import Batch, Loop, Precision, StepRecord
@@ -131,7 +132,25 @@ def _planned_of(args: TrainingArguments) -> PlannedConfig:
 
 def _cycle(loader: Any) -> Iterator[Batch]:
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:  # else this would spin for ever
+            raise StudyError(
+                "the Trainer's train dataloader yields no batch (fewer rows than a batch, "
+                "with dataloader_drop_last?): give it more training rows"
+            )
+
+
+def _one_eval_set(trainer: Trainer) -> None:
+    """lrsweep scores on one eval loss; a dict of eval sets logs ``eval_<name>_loss`` each."""
+    if isinstance(trainer.eval_dataset, dict):
+        raise StudyError(
+            f"the Trainer has {len(trainer.eval_dataset)} eval datasets "
+            f"({', '.join(map(str, trainer.eval_dataset))}); lrsweep scores on one: pass "
+            "eval_dataset=<one of them>"
+        )
 
 
 def _rangetest_config(
@@ -142,6 +161,7 @@ def _rangetest_config(
             f"hf.find_lr() sets {sorted(taken)} itself: the signal from the Trainer's "
             "eval_dataset and mode=, the probe batches with probe_batches="
         )
+    _one_eval_set(trainer)
     signal = "eval" if trainer.eval_dataset is not None else "train"
     mode = mode or ("probe" if signal == "eval" else "ramp")
     if mode == "probe" and signal == "train":
@@ -176,6 +196,8 @@ def find_lr(
     """
     cfg = _rangetest_config(trainer, mode, settings)
     cfg = dataclasses.replace(cfg, probe_blocks=probe_batches)
+    if out is not None:  # before minutes of measuring, not after
+        check_writable(Path(out), "out=")
     args, model = trainer.args, trainer.model
     assert model is not None, "find_lr needs the Trainer's model"
     # A data loader's iterator draws its seed from the global generators: keep the RNG state
@@ -186,6 +208,8 @@ def find_lr(
     probe = None
     if cfg.signal == "eval":
         probe = list(itertools.islice(trainer.get_eval_dataloader(), probe_batches))
+        if not probe:
+            raise StudyError("the Trainer's eval dataloader yields no batch: give it eval rows")
     loop = Loop(
         precision_of(trainer),
         args.gradient_accumulation_steps,
@@ -216,12 +240,16 @@ def find_lr(
 def training_overrides(
     schedule: Schedule, eval_every: int, output_dir: Path, keep_checkpoints: bool
 ) -> dict[str, Any]:
-    """TrainingArguments keyword arguments that make a Trainer run ``schedule``."""
+    """TrainingArguments keyword arguments that make a Trainer run ``schedule`` and log what
+    a trial records: every step's loss and tokens, the eval loss every ``eval_every`` steps."""
     return {
         **schedule.trainer_kwargs(),
         "eval_strategy": "steps",
         "eval_steps": eval_every,
+        "logging_strategy": "steps",
         "logging_steps": 1,
+        # What lrsweep's own loop counts as a step's tokens.
+        "include_num_input_tokens_seen": "non_padding",
         "save_strategy": "steps" if keep_checkpoints else "no",
         "output_dir": str(output_dir),
         "disable_tqdm": True,
@@ -250,7 +278,11 @@ class _Watch(TrainerCallback):
         if logs and "loss" in logs:
             elapsed = time.perf_counter() - self.start
             step, loss = state.global_step - 1, float(logs["loss"])
-            self.run.records.append(StepRecord(step, self.lr, loss, math.nan, 0, elapsed, elapsed))
+            grad_norm = float(logs.get("grad_norm", math.nan))
+            tokens = int(state.num_input_tokens_seen)
+            self.run.records.append(
+                StepRecord(step, self.lr, loss, grad_norm, tokens, elapsed, elapsed)
+            )
             self.losses.append(loss)
             if reason := diverged(self.losses, self.sweep.diverge_factor):
                 self.run.reason = reason
@@ -289,12 +321,18 @@ def _trainer_runner(
         # Seeded before the Trainer is built: an adapter made in its constructor (TRL's
         # peft_config=) starts from the same weights in every trial and in the export's run.
         set_seed(trial_seed)
-        trainer = make_trainer(overrides)
+        try:
+            trainer = make_trainer(overrides)
+        except Exception as err:
+            # The user's code, before any training: it would fail every trial alike.
+            what = f"{type(err).__name__}: {first_line(err)}"
+            raise StudyError(f"make_trainer(overrides) raised {what}") from err
         if trainer.args.learning_rate != schedule.peak_lr:
             raise StudyError(
                 "make_trainer(overrides) must pass the overrides on to "
                 "TrainingArguments(**overrides)"
             )
+        _one_eval_set(trainer)
         on_trainer(trainer)
         result.dtype = precision_of(trainer).dtype_name
         if ratio is not None:
@@ -310,18 +348,34 @@ def _trainer_runner(
                 # here, a confirmation run gets its own data order and dropout.
                 trainer.args.seed = trial_seed
                 set_seed(trial_seed)
+            reset_peak_memory(device)
             trainer.train()
+            result.peak_memory_mb = peak_memory_mb(device)
         finally:
             trainer.model = None
             del trainer
             free_memory(device)
             if not keep_checkpoints:
                 shutil.rmtree(folder, ignore_errors=True)
-        if result.records:
-            result.seconds = result.records[-1].seconds
+        _check_logged(result)
+        result.seconds = result.records[-1].seconds
         return result
 
     return run
+
+
+def _check_logged(run: TrialRun) -> None:
+    """A trial records every step and is scored by its last eval loss: a Trainer that logged
+    less has had the overrides changed (by make_trainer, a callback, or eval_delay)."""
+    steps = [r.step for r in run.records]
+    last = run.records[-1].eval_loss if run.records else None
+    unscored = run.reason is None and (last is None or math.isnan(last))
+    if not steps or steps != list(range(len(steps))) or unscored:
+        raise StudyError(
+            "the Trainer did not log every step's loss and the eval loss after its last "
+            "step: make_trainer must pass the overrides on to TrainingArguments unchanged "
+            "(logging_strategy, logging_steps, eval_strategy, eval_steps; no eval_delay)"
+        )
 
 
 def loraplus_optimizer(trainer: Trainer, ratio: float) -> torch.optim.Optimizer:
@@ -400,6 +454,7 @@ def sweep(
     from lrsweep.sweep.worker import run_worker
 
     out = Path(out)
+    check_writable(out, "out=")
     config = _sweep_config(seed, max_steps, peak_lr, settings)
     plan, cfg = _plan(out, config, storage, study_name, settings.get("trials"))
     study = plan.study

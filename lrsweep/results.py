@@ -400,9 +400,27 @@ def merge_parts(out: Path) -> bool:
     if merged is None:
         return False
     trials, curves, meta = merged
+    _keeps_own_trials(out, trials)
     write_parquet(curves, out / CURVES_FILE, {**meta, "columns": CURVE_COLUMNS})
     write_parquet(trials, out / TRIALS_FILE, {**meta, "columns": TRIAL_COLUMNS})
     return True
+
+
+def _keeps_own_trials(out: Path, merged: pd.DataFrame) -> None:
+    """Refuse a merge that would replace ``out``'s own trials file with one that holds less:
+    :func:`merged_parts` skips ``out``'s files when either cannot be read."""
+    if not (out / TRIALS_FILE).exists():
+        return
+    hint = "give --storage to rebuild the files from the study, or move them aside"
+    try:
+        own, _ = read_parquet(out / TRIALS_FILE)
+    except StudyError as err:
+        raise StudyError(f"{err}; {hint}") from None
+    if lost := sorted(set(own["number"]) - set(merged["number"])):
+        raise StudyError(
+            f"{out}: merging the workers' parts would drop trials {lost} of {TRIALS_FILE} "
+            f"(its {CURVES_FILE} could not be read); {hint}"
+        )
 
 
 def sweep_frames(

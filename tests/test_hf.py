@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -195,9 +196,16 @@ def test_native_loop_and_trainer_agree(ctx: Context, tmp_path: Path) -> None:
         assert math.isclose(ours, theirs, abs_tol=1e-4), (ours, theirs)
 
 
-def _trainer_maker(ctx: Context, adapters: list[Any], *callbacks: TrainerCallback) -> Any:
+def _trainer_maker(
+    ctx: Context,
+    adapters: list[Any],
+    *callbacks: TrainerCallback,
+    eval_dataset: Any = "blocks",
+    **changed: Any,
+) -> Any:
     """hf.sweep's make_trainer on the tiny model: a fresh adapter on the shared base for every
-    trial, the last one taken off first (peft stacks adapters on a base that still has one)."""
+    trial, the last one taken off first (peft stacks adapters on a base that still has one).
+    ``changed``: TrainingArguments that a careless make_trainer puts over the overrides."""
 
     def make_trainer(overrides: dict[str, Any]) -> Trainer:
         if adapters:
@@ -210,13 +218,13 @@ def _trainer_maker(ctx: Context, adapters: list[Any], *callbacks: TrainerCallbac
             per_device_eval_batch_size=8,
             use_cpu=True,
             report_to="none",  # the user's own, next to the overrides
-            **overrides,
+            **{**overrides, **changed},
         )
         return Trainer(
             model=model,
             args=args,
             train_dataset=Blocks(ctx.blocks.train),
-            eval_dataset=Blocks(ctx.blocks.eval),
+            eval_dataset=Blocks(ctx.blocks.eval) if eval_dataset == "blocks" else eval_dataset,
             callbacks=list(callbacks),
         )
 
@@ -263,8 +271,78 @@ def test_sweep_runs_the_users_trainer(ctx: Context, tmp_path: Path) -> None:
         assert len(got) >= 4 and got == expected[: len(got)]
         evals = curves[(curves["number"] == t["number"]) & curves["eval_loss"].notna()]
         assert evals["step"].tolist()[0] == 3  # evaluated after 4 steps
+    # What a trial of lrsweep's own loop records: tokens (4 rows a step) and memory.
+    assert (trials["tokens"] >= 4 * ctx.config.train.seq_len).all()
+    assert (trials["peak_memory_mb"] > 0).all()
     # No checkpoints or trial folders left behind.
     assert not any((tmp_path / "trials").glob("*/*"))
+
+
+@pytest.mark.parametrize(
+    ("eval_dataset", "changed", "said"),
+    [
+        (None, {}, "make_trainer(overrides) raised ValueError"),
+        ({"a": 1, "b": 2}, {}, "2 eval datasets (a, b)"),
+        ("blocks", {"logging_strategy": "no"}, "did not log every step"),
+        ("blocks", {"logging_strategy": "epoch"}, "did not log every step"),
+        ("blocks", {"eval_delay": 100}, "did not log every step"),
+    ],
+)
+def test_a_trainer_that_cannot_score_a_trial_stops_the_sweep_at_its_first(
+    ctx: Context, tmp_path: Path, eval_dataset: Any, changed: dict[str, Any], said: str
+) -> None:
+    adapters: list[Any] = []
+    make_trainer = _trainer_maker(ctx, adapters, eval_dataset=eval_dataset, **changed)
+    try:
+        with pytest.raises(StudyError, match=re.escape(said)):
+            hf.sweep(
+                make_trainer,
+                tmp_path,
+                max_steps=12,
+                peak_lr=(1e-3, 1e-1),
+                eval_every=4,
+                trials=3,
+                progress=False,
+            )
+    finally:
+        for model in adapters:
+            detach_lora(model)
+    trials, _, _ = load_results(tmp_path)
+    assert trials["state"].tolist() == ["FAIL"]  # one trial, not five
+
+
+def test_find_lr_refuses_what_it_cannot_measure_or_save(ctx: Context, tmp_path: Path) -> None:
+    model = attach_lora(ctx.base, ctx.config.lora, seed=0)
+    train = Blocks(ctx.blocks.train[:3])
+    try:
+        two = Trainer(
+            model=model,
+            args=_args(tmp_path),
+            train_dataset=train,
+            eval_dataset={"a": Blocks(ctx.blocks.eval), "b": Blocks(ctx.blocks.eval)},
+        )
+        with pytest.raises(StudyError, match="2 eval datasets"):
+            hf.find_lr(two, progress=False)
+        # 3 rows, batches of 4 without the last one: no batch at all (it used to spin).
+        empty = Trainer(
+            model=model,
+            args=_args(tmp_path, dataloader_drop_last=True),
+            train_dataset=train,
+            eval_dataset=Blocks(ctx.blocks.eval),
+        )
+        with pytest.raises(StudyError, match="yields no batch"):
+            hf.find_lr(empty, mode="ramp", steps=10, progress=False)
+        (tmp_path / "afile").write_text("")
+        fine = Trainer(
+            model=model,
+            args=_args(tmp_path),
+            train_dataset=train,
+            eval_dataset=Blocks(ctx.blocks.eval),
+        )
+        with pytest.raises(StudyError, match="afile is a file"):
+            hf.find_lr(fine, out=tmp_path / "afile" / "find", progress=False)
+    finally:
+        detach_lora(model)
 
 
 def test_a_diverging_trainer_trial_is_stopped_as_lrsweep_s_own_are() -> None:

@@ -89,6 +89,18 @@ def test_result_files_are_never_replaced_by_fewer_trials(tmp_path: Path) -> None
     assert read_parquet(tmp_path / TRIALS_FILE)[0]["number"].tolist() == [0, 1, 2]
 
 
+def test_merging_parts_never_drops_trials_of_the_folder_s_own_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No journal (the study lived on a database): reap merges the workers' parts into OUT.
+    assert write_sweep([_Trial(n) for n in range(4)], tmp_path, {"study": "s"})
+    assert write_sweep([_Trial(0)], tmp_path / "parts" / "host-1", {"study": "s"})
+    (tmp_path / "curves.parquet").unlink()  # OUT's trials can no longer be merged
+    code, _, err = run_cli(capsys, monkeypatch, "reap", str(tmp_path))
+    assert code == 2 and "would drop trials [1, 2, 3]" in err and "--storage" in err
+    assert read_parquet(tmp_path / TRIALS_FILE)[0]["number"].tolist() == [0, 1, 2, 3]
+
+
 @pytest.mark.slow
 def test_a_worker_started_before_its_study_waits_for_it(tmp_path: Path) -> None:
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}

@@ -25,7 +25,7 @@ from lrsweep.errors import StudyError
 from lrsweep.find import load_find, run_find, save_find
 from lrsweep.memory import check_memory
 from lrsweep.record import StudyRecord, TrialRecord
-from lrsweep.results import results_study
+from lrsweep.results import check_writable, results_study
 from lrsweep.sweep.adapters import AdapterKeeper
 from lrsweep.sweep.confirm import runs_left
 from lrsweep.sweep.space import first_trial, peak_lr_bounds, total_steps
@@ -363,6 +363,7 @@ def run_sweep(
     ``overrides`` apply to whatever ``study`` is: a path, a config, or None (the study's
     stored config; for a new study, the defaults when ``overrides`` are given, else a
     StudyError, as ``lrsweep sweep`` without a study file)."""
+    check_writable(Path(out), "out=")
     if isinstance(study, StudyConfig):
         raw = config_mod.apply_overrides(study.to_dict(), overrides)
         cfg: StudyConfig | None = config_mod.from_dict(raw)
