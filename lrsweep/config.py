@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.path:
-            _fail("model.path", "must not be empty; use 'bundled', 'tiny' or a local path")
+            _fail(
+                "model.path", "must not be empty; use 'bundled', 'tiny', a local path or a Hub ID"
+            )
         if self.quantization not in QUANTIZATIONS:
             _fail(
                 "model.quantization",
@@ -76,8 +79,8 @@ class DataConfig:
     """Args:
     path: ``stdlib`` (the Python standard library's own modules, as text), ``stdlib-instruct``
         (its documented functions as "write this function" instructions, the body as the
-        answer), or a local .txt, .jsonl, .json, .parquet, .csv file, or a folder saved with
-        ``datasets.save_to_disk``.
+        answer), a local .txt, .jsonl, .json, .parquet, .csv file, a folder saved with
+        ``datasets.save_to_disk`` (its ``train`` split), or a Hub dataset ID (its train split).
     format: ``auto`` (from the file's columns, as TRL does: ``messages`` is chat, ``prompt`` +
         ``completion`` is prompt-completion, otherwise ``text_field`` is text), ``text``,
         ``chat`` or ``prompt_completion``.
@@ -105,6 +108,10 @@ class DataConfig:
     eval_blocks: int = 32
 
     def __post_init__(self) -> None:
+        if not self.path.strip():  # an unset variable in --set data.path=$DATA
+            _fail(
+                "data.path", "must not be empty; use 'stdlib', a local file or folder, or a Hub ID"
+            )
         if self.format not in FORMATS:
             _fail("data.format", f"must be {', '.join(FORMATS)}, got {self.format!r}")
         if self.train_on not in TRAIN_ON:
@@ -176,7 +183,9 @@ class TrainConfig:
         _at_least("train", self, seq_len=8, batch_size=1, grad_accum=1)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             _fail("train.dtype", f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+        if not (
+            self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device)
+        ):
             _fail("train.device", f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.max_grad_norm < 0:
             _fail("train.max_grad_norm", "must be >= 0 (0 turns clipping off)")

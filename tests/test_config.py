@@ -66,6 +66,8 @@ def test_int_accepted_for_float_but_not_the_reverse() -> None:
         ("train.seq_len=abc", "train.seq_len: must be an integer"),
         ("lora.rslora=1", "lora.rslora: must be true or false"),
         ("rangetest.steps", "expected section.key=value"),
+        ("train.device=cuda:x", "train.device: must be auto, cpu, cuda, cuda:N or mps"),
+        ("data.path=", "data.path: must not be empty"),  # --set data.path=$UNSET
     ],
 )
 def test_bad_values_name_the_key(override: str, message: str) -> None:

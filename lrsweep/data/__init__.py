@@ -105,7 +105,8 @@ def _example_blocks(
             break
         examples.append(example)
         total += len(example.input_ids)
-    if trimmed.truncated or trimmed.empty:
+    cut_off = trimmed.empty - renderer.stats.no_assistant
+    if trimmed.truncated or cut_off:
         logger.warning(
             "data %s: %d of %d rows are longer than train.seq_len = %d tokens and were cut; "
             "%d rows had no answer token left and were dropped",
@@ -113,7 +114,7 @@ def _example_blocks(
             trimmed.truncated,
             picked,
             train.seq_len,
-            trimmed.empty,
+            cut_off,
         )
     n_eval = min(config.eval_blocks, len(examples) - 1)
     held_out, rest = examples[:n_eval], examples[n_eval:]
@@ -123,10 +124,14 @@ def _example_blocks(
     need = train.batch_size * train.grad_accum
     if len(train_set) < need or len(eval_set) < 1:
         what = "packed sequences" if config.packing else "training examples"
+        why = (
+            renderer.no_assistant_note()
+            if renderer.stats.no_assistant
+            else ("add rows, raise train.seq_len or lower train.batch_size")
+        )
         raise DataError(
             f"data.path: too few examples with an answer: {len(train_set)} {what} and "
-            f"{len(eval_set)} held out, need at least {need} and 1 (one optimizer step); add "
-            "rows, raise train.seq_len or lower train.batch_size"
+            f"{len(eval_set)} held out, need at least {need} and 1 (one optimizer step); {why}"
         )
     logger.info(
         "data %s (%s): %d train %s, %d held-out examples, %d + %d answer tokens",
@@ -167,11 +172,13 @@ def _text_blocks(
     budget_chars = config.max_tokens * _CHARS_PER_TOKEN
     picked, chars = [], 0
     for i in order:
-        picked.append(i)
+        # The document that reaches the cap is cut at twice the guess (its tokens still
+        # reach the cap), so that a single 1 GB file is not tokenised whole.
+        picked.append(docs[i][: 2 * budget_chars - chars])
         chars += len(docs[i])
         if chars >= budget_chars:
             break
-    encoded = tokenizer.encode_batch([docs[i] for i in picked])
+    encoded = tokenizer.encode_batch(picked)
     kept, total = [], 0
     for ids in encoded:
         if total >= config.max_tokens:

@@ -9,14 +9,15 @@ naming the file, the row and the problem.
 
 from __future__ import annotations
 
+import csv
 import json
-import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lrsweep.errors import DataError
+from lrsweep.hub import is_hub_id
 
 
 if TYPE_CHECKING:
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 # Folders of the standard library that are not the library itself.
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "pydoc_data"}
 TEXT_SUFFIXES = (".txt", ".md", ".py", "")
-# A Hub dataset ID (org/name) that is no local path: read through datasets.
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 TABLE_SUFFIXES = (".parquet", ".csv")
 JSON_SUFFIXES = (".jsonl", ".json")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -89,13 +88,8 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
 
     try:
         if path.is_dir():
-            arrows = sorted(path.rglob("*.arrow"))
-            if not arrows:
-                raise DataError(
-                    f"{path}: a folder must be saved with datasets' save_to_disk (no .arrow files)"
-                )
             tables = []
-            for arrow in arrows:
+            for arrow in _arrow_files(path):
                 with pa.memory_map(str(arrow)) as source:
                     try:
                         tables.append(pa.ipc.open_stream(source).read_all())
@@ -105,7 +99,11 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
         elif path.suffix.lower() == ".parquet":
             table = pq.read_table(path)
         elif path.suffix.lower() == ".csv":
-            table = pyarrow.csv.read_csv(path)
+            # Every cell as text: pyarrow would make "4" an int, which no row may hold.
+            with path.open(encoding="utf-8-sig", errors="replace", newline="") as file:
+                header = next(csv.reader(file), [])
+            strings = pyarrow.csv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()))
+            table = pyarrow.csv.read_csv(path, convert_options=strings)
         else:
             raise AssertionError(path.suffix)
     except (pa.ArrowInvalid, OSError) as err:
@@ -113,9 +111,44 @@ def _read_table(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
     return table.column_names, table.to_pylist()
 
 
+def _arrow_files(folder: Path) -> list[Path]:
+    """The data files of a ``save_to_disk`` folder: a DatasetDict's train split, a Dataset's
+    own files (as its state.json lists them: map() caches may lie beside them)."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads(_read_text(folder / "dataset_dict.json")).get("splits", [])
+        if "train" not in splits:
+            raise DataError(
+                f"{folder}: a DatasetDict with splits {splits} and no 'train'; give "
+                f"data.path={folder}/<split>"
+            )
+        folder = folder / "train"
+    state = folder / "state.json"
+    if state.is_file():
+        names = [f["filename"] for f in json.loads(_read_text(state)).get("_data_files", [])]
+        arrows = [folder / name for name in names]
+    else:
+        arrows = sorted(folder.glob("*.arrow"))
+    if not arrows:
+        raise DataError(
+            f"{folder}: a folder must be saved with datasets' save_to_disk (no .arrow files)"
+        )
+    return arrows
+
+
+def _read_text(path: Path) -> str:
+    """A UTF-8 file (with or without a byte-order mark), or one line saying it is not."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); convert it, e.g. "
+            "iconv -f <its encoding> -t UTF-8"
+        ) from None
+
+
 def _read_json(path: Path) -> tuple[list[str], list[tuple[str, Any]]]:
     """(the first record's keys, [(where, record)]) of a .jsonl or .json file."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _read_text(path)
     if path.suffix.lower() == ".jsonl" or not text.lstrip().startswith("["):
         records = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -160,7 +193,7 @@ def read_data(config: DataConfig) -> Data:
     # A missing runs/train.jsonl is a mistyped file, not a Hub dataset: a data file's suffix.
     suffix = path.suffix.lower()
     local = bool(suffix) and suffix in (*TEXT_SUFFIXES, *TABLE_SUFFIXES, *JSON_SUFFIXES)
-    if not path.exists() and not local and HUB_ID.fullmatch(config.path):
+    if not path.exists() and not local and is_hub_id(config.path):
         columns, plain = _read_hub(config.path)
         return _from_records(
             config, path, columns, [(f"row {i}", r) for i, r in enumerate(plain, 1)], "columns are"
@@ -176,8 +209,7 @@ def read_data(config: DataConfig) -> Data:
                 f"data.format = {config.format} but {path.name} is plain text; give a .jsonl, "
                 ".json, .parquet, .csv file or a save_to_disk folder"
             )
-        docs = [path.read_text(encoding="utf-8", errors="replace")]
-        return Data("text", path.name, documents=_nonempty(docs, path))
+        return Data("text", path.name, documents=_nonempty([_read_text(path)], path))
     if path.is_dir() or suffix in TABLE_SUFFIXES:
         columns, plain = _read_table(path)
         records = [(f"row {i}", r) for i, r in enumerate(plain, 1)]
@@ -210,8 +242,15 @@ def _from_records(
             f"columns; {where} {sorted(columns)}; set data.text_field or data.format"
         )
     if fmt == "text":
-        values = [r.get(config.text_field) for _, r in records if isinstance(r, dict)]
-        docs = [d for d in values if isinstance(d, str)]
+        docs = []
+        for at, record in records:
+            value = record.get(config.text_field) if isinstance(record, dict) else record
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{path.name}: {at}: {config.text_field!r} is not text (got "
+                    f"{type(value).__name__}); give every record one, or set data.text_field"
+                )
+            docs.append(value)
         return Data("text", path.name, documents=_nonempty(docs, path))
     cells = suffix == ".csv"  # CSV cells hold message lists as JSON text
     rows = [parse_row(record, where, fmt, path.name, cells) for where, record in records]
@@ -315,12 +354,14 @@ def parse_row(record: Any, where: str, fmt: str, source: str, json_cells: bool =
 
 
 def _json_list(value: Any) -> Any:
+    """A CSV cell holding a JSON list of messages as that list; any other cell as it is."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             loaded = json.loads(value)
         except json.JSONDecodeError:
             return value
-        return loaded if isinstance(loaded, list) else value
+        if isinstance(loaded, list) and loaded and all(isinstance(m, dict) for m in loaded):
+            return loaded
     return value
 
 

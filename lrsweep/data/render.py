@@ -19,7 +19,7 @@ follows their common prefix.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,8 @@ class Encoded:
 class RenderStats:
     diverged: int = 0  # rows where a tokenised prompt was not a prefix of the whole
     unstable: int = 0  # rows where an earlier answer renders differently later (not trained)
+    no_assistant: int = 0  # chat rows with no assistant message (answers-only: dropped)
+    roles: set[str] = field(default_factory=set)  # the roles those rows have
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -185,6 +187,9 @@ class Renderer:
             texts.append(self._render(row, messages, source, gen=False))
             full = len(texts) - 1
             answers: list[tuple[int, int | None]] | None = None
+            if self._answers(row) and not turns:  # nothing to train on: dropped, counted
+                self.stats.no_assistant += 1
+                self.stats.roles.update(m["role"] for m in messages)
             if self._answers(row):
                 answers = []
                 for k in turns:
@@ -221,7 +226,17 @@ class Renderer:
             out.append(Encoded(ids, self._labels(ids, spans)))
         return out
 
+    def no_assistant_note(self) -> str:
+        roles = ", ".join(sorted(self.stats.roles))
+        return (
+            f"{self.stats.no_assistant} chat rows have no 'assistant' message to train on "
+            f"(their roles: {roles}) and were dropped; name the answers' role 'assistant', "
+            "or set data.train_on = 'all'"
+        )
+
     def warn(self, source: str) -> None:
+        if self.stats.no_assistant:
+            logger.warning("data %s: %s", source, self.no_assistant_note())
         if self.stats.diverged:
             logger.warning(
                 "data %s: in %d rows the tokenised prompt is not a prefix of the tokenised "

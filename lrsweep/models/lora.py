@@ -46,7 +46,17 @@ def attach_lora(base: BaseModel, lora: LoraSettings, seed: int) -> PeftModel:
         # peft still reads the deprecated is_gradient_checkpointing property
         warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
         torch.manual_seed(seed)
-        peft_model = get_peft_model(net, config)
+        try:
+            peft_model = get_peft_model(net, config)
+        except ValueError as err:
+            if "is not supported" not in str(err):
+                raise
+            # A module that is there but is no layer peft can adapt (a whole MLP block).
+            raise ModelError(
+                f"lora.target_modules: {', '.join(lora.target_modules)} are not all layers "
+                f"peft can adapt (Linear, Embedding, Conv); the model's Linear modules are "
+                f"{_linear_names(net)}"
+            ) from None
     if checkpointing and not getattr(net, "_require_grads_hooks", None):
         net.enable_input_require_grads()
     return peft_model
@@ -56,11 +66,15 @@ def _check_targets(net: nn.Module, targets: list[str]) -> None:
     modules = dict(net.named_modules())
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in modules)]
     if missing:
-        linear = {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, nn.Linear)}
         raise ModelError(
             f"lora.target_modules: no module named {', '.join(repr(t) for t in missing)} in the "
-            f"model; its Linear modules are {', '.join(sorted(linear)[:10])}"
+            f"model; its Linear modules are {_linear_names(net)}"
         )
+
+
+def _linear_names(net: nn.Module) -> str:
+    names = {n.rsplit(".", 1)[-1] for n, m in net.named_modules() if isinstance(m, nn.Linear)}
+    return ", ".join(sorted(names)[:10])
 
 
 def detach_lora(model: PeftModel) -> PreTrainedModel:

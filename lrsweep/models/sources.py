@@ -8,8 +8,8 @@ import hashlib
 import importlib.util
 import logging
 import os
-import re
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from lrsweep.errors import ModelError, first_line
+from lrsweep.hub import is_hub_id
 from lrsweep.models.tokenizers import BYTE_TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer
 
 
@@ -51,12 +52,11 @@ def model_folder(path: str) -> Path:
     """The folder of a saved model: ``path`` itself, or the Hub snapshot of an ``org/name``
     ID that is no local path."""
     folder = Path(path).expanduser()
-    if not folder.exists() and _HUB_ID.fullmatch(path):
+    if not folder.exists() and is_hub_id(path):
         return hub_snapshot(path)
     return folder
 
 
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # What from_pretrained reads of a Hub repository (not its other weight formats).
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
@@ -152,7 +152,7 @@ def _convert_gguf(file: Path) -> tuple[PreTrainedModel, Tokenizer]:
     try:
         net = AutoModelForCausalLM.from_pretrained(file.parent, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as err:
         raise ModelError(f"model.path: cannot load {file} as a GGUF causal LM ({first_line(err)})")
     # GGUF loads come back marked as quantized (they are not any more); Trainer and peft then
     # refuse or special-case them, and save_pretrained refuses outright.
@@ -200,8 +200,8 @@ def write_cache(net: PreTrainedModel, tokenizer: Tokenizer, dest: Path) -> None:
 def check_folder(folder: Path) -> None:
     if not folder.exists():
         raise ModelError(
-            f"model.path: {folder} does not exist; use 'bundled', 'tiny', a local model folder "
-            "or a .gguf file"
+            f"model.path: {folder} does not exist; use 'bundled', 'tiny', a local model folder, "
+            "a .gguf file or a Hub ID (org/name)"
         )
     if not (folder / "config.json").is_file():
         raise ModelError(

@@ -199,6 +199,27 @@ def test_a_bad_row_stops_the_cli_before_training(
     assert not (tmp_path / "out" / "rangetest.parquet").exists()
 
 
+def test_chat_rows_without_an_assistant_turn_are_named_not_blamed_on_length(
+    tmp_path: Path, tok: HFTokenizer
+) -> None:
+    # Every answer under a role the template renders but the loss mask does not know.
+    rows = [
+        {
+            "messages": [
+                {**m, "role": m["role"].replace("assistant", "model")} for m in r["messages"]
+            ]
+        }
+        for r in chat_rows()
+    ]
+    path = write(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(
+        DataError, match=r"40 chat rows have no 'assistant' message.*model, system, user"
+    ):
+        load_blocks(DataConfig(path=str(path), eval_blocks=2), TRAIN, tok, 0)
+    # Trained on every token, they need none.
+    assert load_blocks(DataConfig(path=str(path), eval_blocks=2, train_on="all"), TRAIN, tok, 0)
+
+
 def test_config_keys_are_checked() -> None:
     for key, value, message in [
         ("format", "yaml", "data.format: must be auto, text, chat, prompt_completion"),
@@ -346,10 +367,14 @@ def test_truncation_and_empty_rows_are_counted(
         )
     assert len(blocks.train) + len(blocks.eval) == 28
     assert max(len(ids) for ids in blocks.train.input_ids + blocks.eval.input_ids) <= 140
-    message = [r.getMessage() for r in caplog.records if "were cut" in r.getMessage()]
-    assert message == [
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if "were cut" in m] == [
         "data chat.jsonl: 2 of 30 rows are longer than train.seq_len = 140 tokens and were cut; "
-        "2 rows had no answer token left and were dropped"
+        "1 rows had no answer token left and were dropped"
+    ]
+    assert [m for m in said if "no 'assistant' message" in m] == [
+        "data chat.jsonl: 1 chat rows have no 'assistant' message to train on (their roles: "
+        "user) and were dropped; name the answers' role 'assistant', or set data.train_on = 'all'"
     ]
 
 

@@ -40,6 +40,23 @@ def test_stdlib_blocks_are_capped() -> None:
     assert blocks.train.numel() + blocks.eval.numel() <= 5000 + 16
 
 
+def test_one_huge_document_is_cut_before_it_is_tokenised(tmp_path: Path) -> None:
+    class Counting(ByteTokenizer):
+        chars = 0
+
+        def encode_batch(self, texts: list[str]) -> list[list[int]]:
+            Counting.chars += sum(map(len, texts))
+            return super().encode_batch(texts)
+
+    path = tmp_path / "big.txt"
+    path.write_text("0123456789 " * 1_000_000)  # 11 MB, one document
+    blocks = load_blocks(
+        DataConfig(path=str(path), max_tokens=5000, eval_blocks=4), TRAIN, Counting(), 0
+    )
+    assert blocks.train.numel() + blocks.eval.numel() >= 4000  # the cap is still reached
+    assert Counting.chars <= 2 * 3 * 5000  # not 11 million
+
+
 def test_split_is_by_document(tmp_path: Path) -> None:
     # Each document repeats its own tag, so a block tells which document it came from.
     docs = [f"<{i:03d}>" * 20 for i in range(30)]
@@ -117,6 +134,9 @@ def test_local_formats_give_the_same_text(tmp_path: Path, kind: str) -> None:
         ("tiny", "too little text"),
         ("suffix", "unsupported file type"),
         ("badjson", "not valid JSON"),
+        ("mixed", "x.jsonl: line 2: 'text' is not text (got NoneType)"),
+        ("utf16", "not UTF-8 text"),
+        ("dotted", "does not exist"),  # ./name is a local path, never a Hub ID
     ],
 )
 def test_bad_data_gives_one_clear_error(tmp_path: Path, kind: str, message: str) -> None:
@@ -138,7 +158,14 @@ def test_bad_data_gives_one_clear_error(tmp_path: Path, kind: str, message: str)
         path.write_text("[{oops")
     elif kind == "relative":
         path = Path("no-such-dir/x.jsonl")
-    with pytest.raises(DataError, match=message) as err:
+    elif kind == "mixed":  # the second record names its text otherwise: not dropped silently
+        path = tmp_path / "x.jsonl"
+        path.write_text(json.dumps({"text": "a " * 500}) + "\n" + json.dumps({"content": "b"}))
+    elif kind == "utf16":
+        path.write_text(" ".join(_docs()), encoding="utf-16")
+    elif kind == "dotted":
+        path = Path("./no-such-data")
+    with pytest.raises(DataError, match=re.escape(message)) as err:
         load_blocks(DataConfig(path=str(path), eval_blocks=2), TRAIN, TOK, seed=0)
     assert "\n" not in str(err.value)
 
@@ -151,3 +178,30 @@ def test_batches_cycle_epochs_in_a_seeded_order() -> None:
     # One epoch (3 batches of 3) never repeats a block.
     epoch = torch.cat(first[:3])[:, 0].tolist()
     assert len(set(epoch)) == 9
+
+
+def test_a_saved_dataset_dict_is_read_by_its_train_split(tmp_path: Path) -> None:
+    import datasets
+
+    train = datasets.Dataset.from_dict({"text": _docs()})
+    test = datasets.Dataset.from_dict({"text": ["held out " * 50] * 10})
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "dd")
+    # map() caches its output beside the saved files: they are not part of the data.
+    datasets.load_from_disk(tmp_path / "dd" / "train").map(lambda r: {"text": r["text"] * 2})
+    assert list((tmp_path / "dd" / "train").glob("cache-*.arrow"))
+    assert read_documents(DataConfig(path=str(tmp_path / "dd")))[0] == _docs()
+    datasets.DatasetDict({"test": test}).save_to_disk(tmp_path / "only")
+    with pytest.raises(DataError, match=r"splits \['test'\] and no 'train'"):
+        read_documents(DataConfig(path=str(tmp_path / "only")))
+
+
+def test_csv_cells_are_text_and_a_bom_is_no_error(tmp_path: Path) -> None:
+    from lrsweep.data.reading import read_data
+
+    rows = [{"prompt": "2+2=", "completion": 4}, {"prompt": "A list?", "completion": "[1, 2]"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "qa.csv", index=False)
+    read = read_data(DataConfig(path=str(tmp_path / "qa.csv")))
+    assert [(r.prompt, r.completion) for r in read.rows] == [("2+2=", "4"), ("A list?", "[1, 2]")]
+    bom = tmp_path / "qa.jsonl"
+    bom.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]), encoding="utf-8-sig")
+    assert read_data(DataConfig(path=str(bom))).rows[0].completion == "[1, 2]"

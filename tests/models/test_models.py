@@ -6,6 +6,7 @@ import gc
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 import weakref
@@ -103,6 +104,50 @@ def test_unknown_target_module() -> None:
     assert not hasattr(base.model, "peft_config"), "a failed attach leaves the base untouched"
 
 
+def test_a_target_that_is_no_layer_is_one_line() -> None:
+    base = tiny()
+    with pytest.raises(ModelError, match="mlp are not all layers peft can adapt.*q_proj"):
+        attach_lora(base, LoraSettings(target_modules=["mlp"]), seed=0)
+
+
+@pytest.mark.parametrize(
+    ("model", "seq_len", "said"),
+    [
+        # GPT-2 learns its 64 positions: 128 tokens would index past them.
+        ("gpt2", 128, "sequences of 128 tokens, but the model has learned positions for 64"),
+        ("gpt2", 64, None),
+        # A model whose 100 embeddings stop short of the bytes of the text.
+        ("llama", 128, "past the model's 100 embeddings"),
+    ],
+)
+def test_data_the_model_cannot_embed_is_one_line(
+    tmp_path: Path, model: str, seq_len: int, said: str | None
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from lrsweep.context import prepare
+    from tests.conftest import tiny_config
+
+    if model == "gpt2":
+        config = GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=1, n_head=2)
+        GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    else:
+        small = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2)
+        LlamaForCausalLM(
+            LlamaConfig(vocab_size=100, num_hidden_layers=1, **small)
+        ).save_pretrained(tmp_path)
+    ByteTokenizer().save_pretrained(tmp_path)
+    targets = '["c_attn"]' if model == "gpt2" else '["q_proj"]'
+    cfg = tiny_config(
+        f"model.path={tmp_path}", f"train.seq_len={seq_len}", f"lora.target_modules={targets}"
+    )
+    if said is None:
+        assert prepare(cfg).blocks.train.shape[1] == seq_len
+    else:
+        with pytest.raises(ModelError, match=re.escape(said)):
+            prepare(cfg)
+
+
 def test_detach_frees_adapter_and_keeps_base_bit_identical() -> None:
     base = tiny()
     before = {n: t.clone() for n, t in base.model.state_dict().items()}
@@ -167,6 +212,11 @@ def test_missing_paths(tmp_path: Path) -> None:
         load_base_model(ModelConfig(path=str(tmp_path / "nope.gguf")), CPU)
     with pytest.raises(ModelError, match="no config.json"):
         load_base_model(ModelConfig(path=str(tmp_path)), CPU)
+    with pytest.raises(ModelError, match="does not exist"):  # a local path, not a Hub ID
+        load_base_model(ModelConfig(path="./no-such-model"), CPU)
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00")  # shorter than its own header
+    with pytest.raises(ModelError, match="cannot load .*cut.gguf as a GGUF causal LM"):
+        load_base_model(ModelConfig(path=str(tmp_path / "cut.gguf")), CPU)
 
 
 def test_local_folder(tmp_path: Path) -> None:
