@@ -124,10 +124,12 @@ def _example_blocks(
     need = train.batch_size * train.grad_accum
     if len(train_set) < need or len(eval_set) < 1:
         what = "packed sequences" if config.packing else "training examples"
+        # Packed, a longer seq_len makes fewer sequences; unpacked, it cuts off fewer answers.
+        longer = "" if config.packing else ", raise train.seq_len"
         why = (
             renderer.no_assistant_note()
             if renderer.stats.no_assistant
-            else ("add rows, raise train.seq_len or lower train.batch_size")
+            else f"add rows{longer}, or lower train.batch_size or data.eval_blocks"
         )
         raise DataError(
             f"data.path: too few examples with an answer: {len(train_set)} {what} and "
@@ -208,7 +210,8 @@ def _text_blocks(
         raise DataError(
             f"data.path: too little text: {len(train_blocks)} training blocks of "
             f"{train.seq_len} tokens and {len(eval_blocks)} eval blocks, need at least {need} "
-            "and 1 (one optimizer step); add text or lower train.seq_len / train.batch_size"
+            "and 1 (one optimizer step); add text, or lower train.seq_len, train.batch_size "
+            "or data.eval_blocks"
         )
     logger.info(
         "corpus %s: %d train blocks, %d eval blocks of %d tokens",

@@ -233,6 +233,8 @@ def _from_records(
     where: str,
 ) -> Data:
     """Text documents or instruction rows out of a file's (or dataset's) records."""
+    if not records:
+        raise DataError(f"data.path: {path} holds no rows")
     suffix = path.suffix.lower()
     fmt = config.format if config.format != "auto" else detect_format(columns, config.text_field)
     if fmt is None or (fmt == "text" and config.text_field not in columns):
@@ -254,8 +256,6 @@ def _from_records(
         return Data("text", path.name, documents=_nonempty(docs, path))
     cells = suffix == ".csv"  # CSV cells hold message lists as JSON text
     rows = [parse_row(record, where, fmt, path.name, cells) for where, record in records]
-    if not rows:
-        raise DataError(f"data.path: {path} holds no rows")
     kinds = {row.conversational for row in rows}
     if fmt == "prompt_completion" and len(kinds) > 1:
         odd = next(r for r in rows if r.conversational != rows[0].conversational)

@@ -137,6 +137,7 @@ def test_local_formats_give_the_same_text(tmp_path: Path, kind: str) -> None:
         ("mixed", "x.jsonl: line 2: 'text' is not text (got NoneType)"),
         ("utf16", "not UTF-8 text"),
         ("dotted", "does not exist"),  # ./name is a local path, never a Hub ID
+        ("nothing", "x.jsonl holds no rows"),
     ],
 )
 def test_bad_data_gives_one_clear_error(tmp_path: Path, kind: str, message: str) -> None:
@@ -163,6 +164,9 @@ def test_bad_data_gives_one_clear_error(tmp_path: Path, kind: str, message: str)
         path.write_text(json.dumps({"text": "a " * 500}) + "\n" + json.dumps({"content": "b"}))
     elif kind == "utf16":
         path.write_text(" ".join(_docs()), encoding="utf-16")
+    elif kind == "nothing":
+        path = tmp_path / "x.jsonl"
+        path.write_text("\n")
     elif kind == "dotted":
         path = Path("./no-such-data")
     with pytest.raises(DataError, match=re.escape(message)) as err:
