@@ -436,10 +436,16 @@ def suggest_probe_seeds(
     the mean loss per LR (NaN where a seed did not finish); the interval also reaches each
     seed's own recommendation, so that it is at least as wide as their spread; those are
     under ``methods`` as "seed k". The divergence LR is the lowest that any seed diverged at
-    (the probe stopped every seed there), so that the sweep's bounds stay below it."""
+    (the probe stopped every seed there), so that the sweep's bounds stay below it; the mean
+    counts as diverged there too (a diverged run and a good one can average to the best)."""
     by_seed = np.asarray(seed_losses, dtype=float).T
-    combined = suggest_probe(lrs, by_seed.mean(axis=0), start_loss)
     own = [suggest_probe(lrs, losses, start_loss) for losses in by_seed]
+    mean = by_seed.mean(axis=0)
+    first = min((s.divergence_lr for s in own if s.divergence_lr is not None), default=None)
+    if first is not None:
+        past = np.asarray(lrs, dtype=float) >= first
+        mean[past] = np.maximum(by_seed[:, past].max(axis=0), start_loss)
+    combined = suggest_probe(lrs, mean, start_loss)
     diverged = [s.divergence_lr for s in (combined, *own) if s.divergence_lr is not None]
     divergence = min(diverged, default=None)
     warnings = tuple(w for w in combined.warnings if divergence is None or w != NEVER_DIVERGED)

@@ -338,6 +338,23 @@ def test_probe_over_seeds_diverges_where_the_first_seed_did() -> None:
     assert seeds.interval is not None and seeds.interval[1] <= lrs[7] / 2
 
 
+def test_the_number_over_seeds_stays_below_any_seed_s_divergence() -> None:
+    """A diverged run and a good one can average to the best: where one seed diverged, the
+    mean counts as diverged too."""
+    lrs = [1e-4, 10**-3.5, 1e-3, 10**-2.5, 1e-2]
+    for seed0, seed1 in [
+        ([2.9, 2.7, 2.5, 2.96, 3.1], [2.9, 2.7, 2.6, 1.9, 3.1]),  # seed 0 diverged at the best
+        ([2.9, 2.0, 2.95, 2.96, math.nan], [2.9, 2.8, 2.0, 0.5, math.nan]),  # and below it
+    ]:
+        seeds = suggest_probe_seeds(lrs, list(zip(seed0, seed1, strict=True)), 3.0)
+        assert seeds.divergence_lr is not None and seeds.recommended_lr is not None
+        assert seeds.recommended_lr < seeds.divergence_lr, (
+            seeds.recommended_lr,
+            seeds.divergence_lr,
+        )
+        assert seeds.interval is not None and seeds.interval[1] <= seeds.divergence_lr / 2
+
+
 def test_the_divergence_lr_is_where_the_ramp_stops_at_its_own_smoothing() -> None:
     """One spike of 40x: the ramp's default EMA (0.9) stops there, a slower one (0.98, as in
     fastai) rides it out, and the suggestion's divergence LR follows rangetest.smoothing."""

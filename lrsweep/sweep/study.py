@@ -170,7 +170,9 @@ def create_study(
     if first is not None:
         record.queue(study, first, TrialRecord(FIRST_ORIGIN))
     baseline = config.sweep.baseline_lr
-    if baseline and bounds[0] <= baseline <= bounds[1]:
+    # Not past a budget of one trial, where it would run as an extra one.
+    room = trials > 1 or first is None
+    if baseline and bounds[0] <= baseline <= bounds[1] and room:
         params = first_trial(baseline, config, bounds)
         if params != first:
             origin = f"{BASELINE_ORIGIN} {baseline:g}"

@@ -209,7 +209,11 @@ def _watch(
         for watcher in watchers:
             watcher.step(record)
         loss, done = record.eval_loss, record.step + 1
-        if loss is not None and (reason := report_eval(trial, loss, done, sweep.pruner, prune)):
+        # The last evaluation is the objective: pruning there would save nothing.
+        last = done == run.schedule.total_steps
+        if loss is not None and (
+            reason := report_eval(trial, loss, done, sweep.pruner, prune and not last)
+        ):
             return reason
         return diverged(losses, sweep.diverge_factor)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
 
@@ -187,11 +188,15 @@ def _one_trial(
             queued = retry(lambda: TrialRecord.of(asked), what="start a trial")
             seed = queued.seed_or(cfg.seed)
             heartbeat = Heartbeat(storage, storage.trial_id(study, trial.number), trial.number)
-            heartbeat.__enter__()
-        try:
+        # Started here, not in the held block: an interrupt held there is raised as it ends.
+        with heartbeat:
             return _run_and_tell(study, trial, run, runner, seed, worker, device)
-        finally:
-            heartbeat.__exit__()
+    except UpdateFinishedTrialError:
+        # Another worker failed this trial as stale (a storage outage longer than the grace
+        # period, clocks apart) and queued its retry: this one goes on with the next trial.
+        assert trial is not None
+        logger.warning("trial %d was failed by another worker as stale", trial.number)
+        return storage.backend.get_trial(storage.trial_id(study, trial.number))
     except BaseException as err:
         if trial is not None and run is not None:
             _abandon(study, storage, trial, run, seed, worker, err)
@@ -250,7 +255,8 @@ def _run_and_tell(
     except Exception as err:
         logger.exception("trial %d raised", trial.number)
         state, run.reason = TrialState.FAIL, f"{type(err).__name__}: {err}"[:500]
-        if isinstance(err, (torch.AcceleratorError, LrsweepError)):
+        # torch.AcceleratorError came with torch 2.8.
+        if isinstance(err, (getattr(torch, "AcceleratorError", ()), LrsweepError)):
             # A broken CUDA context or a user error: record the trial, then stop.
             _record(trial, run, seed, worker, run.reason)
             retry(lambda: study.tell(trial, state=TrialState.FAIL), what="record the trial")

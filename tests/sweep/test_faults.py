@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -244,7 +245,34 @@ def test_a_signal_right_after_ask_marks_the_trial_and_queues_it(
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["reason"] == "interrupted"
     assert [t.state for t in trials[1:]] == [TrialState.WAITING]
     assert trials[1].user_attrs["retry_of"] == 0
+    # The trial's heartbeat did not outlive it (a Python caller's process goes on).
+    assert not [t for t in threading.enumerate() if t.name == "lrsweep-heartbeat"]
     _agree(tmp_path)
+
+
+def test_a_trial_another_worker_reaped_as_stale_does_not_stop_this_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a storage outage longer than the grace period, another worker may fail a live
+    trial and queue its retry: its own worker notices and goes on."""
+    from lrsweep.sweep import plan as plan_mod
+    from lrsweep.sweep.storage import fail_trial
+
+    real = plan_mod.run_trial
+
+    def reaped_meanwhile(ctx, trial, schedule, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if trial.number == 0:
+            storage = open_storage(tmp_path)
+            frozen = storage.backend.get_trial(trial._trial_id)
+            fail_trial(trial.study, storage, frozen, "worker x died (no heartbeat)")
+        return real(ctx, trial, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(plan_mod, "run_trial", reaped_meanwhile)
+    prepared = prepare_sweep(tiny_config(*FAST[1::2]), tmp_path, trials=2, progress=False)
+    study = execute(prepared, progress=False)
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.FAIL and states.count(TrialState.COMPLETE) == 2
+    assert study.trials[1].user_attrs["retry_of"] == 0
 
 
 def _dead_pid() -> Liveness:
