@@ -214,8 +214,8 @@ def _one_study_per_folder(
         others |= set(optuna.get_all_study_names(backend.backend)) - {name}
     if others:
         raise StudyError(
-            f"{out} holds study {min(others)!r}: give study {name!r} its own --out (result "
-            "files and adapters there are numbered by trial)"
+            f"{out} holds study {min(others)!r}: give study {name!r} its own output folder "
+            "(--out; out= in Python): result files and adapters there are numbered by trial"
         )
 
 

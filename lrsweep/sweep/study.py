@@ -82,7 +82,7 @@ def _complete(study: optuna.Study, storage: StudyStorage, wait: float) -> optuna
         if time.time() >= deadline:
             raise StudyError(
                 f"study {study.study_name!r} is incomplete (its creation was interrupted); "
-                "remove its storage or use a new --out"
+                "remove its storage or use another output folder (--out; out= in Python)"
             )
         time.sleep(_POLL_SECONDS)
         study = optuna.load_study(study_name=study.study_name, storage=storage.backend)
@@ -107,8 +107,8 @@ def check_joinable(study: optuna.Study, config: StudyConfig | None) -> StudyConf
     if diff:
         raise StudyError(
             f"study {study.study_name!r} was made with a different {', '.join(diff)}; "
-            "use a new --out (or --study) for a new study, or leave out the study file and "
-            "the --set options to resume with the stored config"
+            "start a new study (another --out or --study; out= or study_name= in Python), or "
+            "resume this one with its stored config (no study file or --set options)"
         )
     if config.planned != stored.planned:
         logger.warning(
