@@ -187,10 +187,10 @@ class Renderer:
             texts.append(self._render(row, messages, source, gen=False))
             full = len(texts) - 1
             answers: list[tuple[int, int | None]] | None = None
-            if self._answers(row) and not turns:  # nothing to train on: dropped, counted
-                self.stats.no_assistant += 1
-                self.stats.roles.update(m["role"] for m in messages)
             if self._answers(row):
+                if not turns:  # nothing to train on: dropped, counted
+                    self.stats.no_assistant += 1
+                    self.stats.roles.update(m["role"] for m in messages)
                 answers = []
                 for k in turns:
                     texts.append(self._render(row, messages[:k], source, gen=True))
