@@ -296,9 +296,9 @@ class _Watch(TrainerCallback):
             self.run.records[-1].eval_loss = loss
         if self.run.reason:  # diverged: reported no further
             return
-        pruner, last = self.sweep.pruner, state.global_step >= state.max_steps
-        prune = self.prune and not last  # the last evaluation is the objective
-        self.run.reason = report_eval(self.trial, loss, state.global_step, pruner, prune)
+        self.run.reason = report_eval(
+            self.trial, loss, state.global_step, state.max_steps, self.sweep.pruner, self.prune
+        )
         if self.run.reason:
             control.should_training_stop = True
 

@@ -89,14 +89,16 @@ class TrialWatcher(Protocol):
 
 
 def report_eval(
-    trial: Trial, loss: float, steps_done: int, pruner: str, prune: bool = True
+    trial: Trial, loss: float, steps_done: int, total_steps: int, pruner: str, prune: bool = True
 ) -> str | None:
     """Report an eval loss to the pruner; the reason to stop the trial, or None.
-    ``prune`` False (a confirmation run) reports without ever stopping."""
+    ``prune`` False (a confirmation run) reports without ever stopping. The last evaluation
+    (after ``total_steps``) is the objective: pruning there would save nothing."""
     if not math.isfinite(loss):
         return f"non-finite eval loss at step {steps_done}"
     retry(lambda: trial.report(loss, steps_done), what="report")
-    if prune and retry(trial.should_prune, what="ask the pruner"):
+    last = steps_done >= total_steps
+    if prune and not last and retry(trial.should_prune, what="ask the pruner"):
         return f"pruned by the {pruner} pruner at step {steps_done}"
     return None
 
@@ -208,11 +210,9 @@ def _watch(
         losses.append(record.loss)
         for watcher in watchers:
             watcher.step(record)
-        loss, done = record.eval_loss, record.step + 1
-        # The last evaluation is the objective: pruning there would save nothing.
-        last = done == run.schedule.total_steps
+        loss, done, total = record.eval_loss, record.step + 1, run.schedule.total_steps
         if loss is not None and (
-            reason := report_eval(trial, loss, done, sweep.pruner, prune and not last)
+            reason := report_eval(trial, loss, done, total, sweep.pruner, prune)
         ):
             return reason
         return diverged(losses, sweep.diverge_factor)
